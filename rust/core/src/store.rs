@@ -1,0 +1,569 @@
+//! The state store: entries partitioned into the tree's buckets (each a small vector sorted by
+//! key, so a point lookup is one hash and a short binary search), an ordered key index for
+//! scans, the LtHash lattice and the bucket tree, all updated together by `apply`.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+
+use rayon::prelude::*;
+
+use crate::diff::{merge_sorted, Change, DiffRecord, StateDiff};
+use crate::hashing::{bucket_of, Lanes, Lattice};
+use crate::key::Key;
+use crate::tree::{check_bucket, BucketTree};
+use crate::{hex, CoreError, Digest, Result, BUCKETS};
+
+pub type Value = Box<[u8]>;
+
+/// One mutation of a batch: `value: None` deletes.
+pub struct Op {
+    pub key: Key,
+    pub value: Option<Value>,
+}
+
+impl Op {
+    pub fn put(key: &[u8], value: &[u8]) -> Op {
+        Op { key: Key::new(key), value: Some(value.into()) }
+    }
+    pub fn delete(key: &[u8]) -> Op {
+        Op { key: Key::new(key), value: None }
+    }
+}
+
+/// Below this many entries a batch is hashed on the calling thread: rayon's hand-off costs
+/// more than it saves.
+const PARALLEL_MIN: usize = 64;
+const CHUNK: usize = 32;
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to start loading a slice's cache lines; never faults, changes nothing.
+pub(crate) fn prefetch_slice<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = items.as_ptr() as *const i8;
+        let bytes = std::mem::size_of_val(items);
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetch is a hint; it does not dereference in the memory-safety sense
+            // and the addresses lie inside a live allocation.
+            unsafe { std::arch::x86_64::_mm_prefetch(start.add(off), std::arch::x86_64::_MM_HINT_T0) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
+}
+
+/// glibc's usable chunk size for a request of `n` bytes (16-byte granularity, 8-byte header).
+pub(crate) fn alloc_size(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        ((n + 8 + 15) / 16 * 16).max(32)
+    }
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    buckets: Vec<Vec<(Key, Value)>>,
+    order: BTreeSet<Key>,
+    lattice: Lattice,
+    tree: BucketTree,
+    len: usize,
+    key_bytes: usize,
+    value_bytes: usize,
+    heap_bytes: usize,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        StateStore {
+            buckets: vec![Vec::new(); BUCKETS],
+            order: BTreeSet::new(),
+            lattice: Lattice::default(),
+            tree: BucketTree::default(),
+            len: 0,
+            key_bytes: 0,
+            value_bytes: 0,
+            heap_bytes: 0,
+        }
+    }
+}
+
+/// Lattice contribution and element hash of a set of entries, computed on all cores.
+fn expand_all<'a, I>(entries: I) -> (Lattice, Vec<Digest>)
+where
+    I: IndexedParallelIterator<Item = (&'a [u8], &'a [u8])>,
+{
+    let parts: Vec<(Lattice, Vec<Digest>)> = entries
+        .chunks(CHUNK)
+        .map(|chunk| {
+            let mut lattice = Lattice::default();
+            let mut hasher = blake3::Hasher::new();
+            let hashes = chunk.into_iter().map(|(k, v)| lattice.mix_entry(&mut hasher, k, v, false)).collect();
+            (lattice, hashes)
+        })
+        .collect();
+    let mut total = Lattice::default();
+    let mut hashes = Vec::new();
+    for (l, h) in parts {
+        total.add(&l);
+        hashes.extend(h);
+    }
+    (total, hashes)
+}
+
+fn expand_seq<'a>(entries: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> (Lattice, Vec<Digest>) {
+    let mut lattice = Lattice::default();
+    let mut hasher = blake3::Hasher::new();
+    let hashes = entries.map(|(k, v)| lattice.mix_entry(&mut hasher, k, v, false)).collect();
+    (lattice, hashes)
+}
+
+fn expand(entries: &[(&[u8], &[u8])]) -> (Lattice, Vec<Digest>) {
+    if entries.len() >= PARALLEL_MIN {
+        expand_all(entries.par_iter().map(|&(k, v)| (k, v)))
+    } else {
+        expand_seq(entries.iter().copied())
+    }
+}
+
+impl StateStore {
+    pub fn new() -> StateStore {
+        StateStore::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.lattice.digest()
+    }
+
+    pub fn tree(&self) -> &BucketTree {
+        &self.tree
+    }
+
+    /// Applies a batch in order. Validation happens before the first mutation.
+    pub fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        for op in &ops {
+            check_len("key", op.key.as_slice().len())?;
+            if let Some(v) = &op.value {
+                check_len("value", v.len())?;
+            }
+        }
+        // A: hash the new entries (parallel) while they are still in the caller's order.
+        let puts: Vec<(&[u8], &[u8])> =
+            ops.iter().filter_map(|op| op.value.as_deref().map(|v| (op.key.as_slice(), v))).collect();
+        let (added, added_hashes) = expand(&puts);
+        drop(puts);
+        let buckets: Vec<usize> = if ops.len() >= PARALLEL_MIN {
+            ops.par_iter().map(|op| bucket_of(op.key.as_slice())).collect()
+        } else {
+            ops.iter().map(|op| bucket_of(op.key.as_slice())).collect()
+        };
+        // B: mutate the map sequentially, moving replaced and deleted values out. A random
+        // bucket is a cache miss (~0.5 µs here); prefetching a few ops ahead overlaps them.
+        let mut removed_entries: Vec<(usize, Key, Value)> = Vec::new();
+        let mut added_hashes = added_hashes.iter();
+        for (i, op) in ops.into_iter().enumerate() {
+            if let Some(&ahead) = buckets.get(i + PREFETCH_AHEAD) {
+                prefetch_slice(&self.buckets[ahead]);
+                self.tree.prefetch_bucket(ahead);
+            }
+            let bucket = buckets[i];
+            if op.value.is_some() {
+                let h = added_hashes.next().expect("one hash per put");
+                self.tree.update(bucket, &Lanes::from_digest(h), false);
+            }
+            if let Some((key, old)) = self.mutate(bucket, op) {
+                // Phase C hashes the old value: start loading it now.
+                prefetch_slice(&old);
+                removed_entries.push((bucket, key, old));
+            }
+        }
+        // C: hash what left the map (parallel), then fold both sides into lattice and tree.
+        let removed: Vec<(&[u8], &[u8])> =
+            removed_entries.iter().map(|(_, k, v)| (k.as_slice(), &v[..])).collect();
+        let (subtracted, removed_hashes) = expand(&removed);
+        self.lattice.add(&added);
+        self.lattice.sub(&subtracted);
+        for ((bucket, _, _), h) in removed_entries.iter().zip(&removed_hashes) {
+            self.tree.update(*bucket, &Lanes::from_digest(h), true);
+        }
+        Ok(())
+    }
+
+    /// Puts or deletes one entry in its bucket; returns the entry that left the map.
+    fn mutate(&mut self, bucket: usize, op: Op) -> Option<(Key, Value)> {
+        let entries = &mut self.buckets[bucket];
+        let found = entries.binary_search_by(|(k, _)| k.as_slice().cmp(op.key.as_slice()));
+        match (op.value, found) {
+            (Some(value), Ok(i)) => {
+                self.value_bytes = self.value_bytes + value.len() - entries[i].1.len();
+                self.heap_bytes = self.heap_bytes + alloc_size(value.len()) - alloc_size(entries[i].1.len());
+                let old = std::mem::replace(&mut entries[i].1, value);
+                Some((op.key, old))
+            }
+            (Some(value), Err(i)) => {
+                self.len += 1;
+                self.key_bytes += op.key.as_slice().len();
+                self.value_bytes += value.len();
+                self.heap_bytes += alloc_size(value.len()) + 2 * op.key.heap_bytes();
+                self.order.insert(op.key.clone());
+                entries.insert(i, (op.key, value));
+                None
+            }
+            (None, Ok(i)) => {
+                let (key, old) = entries.remove(i);
+                self.order.remove(key.as_slice());
+                self.len -= 1;
+                self.key_bytes -= key.as_slice().len();
+                self.value_bytes -= old.len();
+                self.heap_bytes -= alloc_size(old.len()) + 2 * key.heap_bytes();
+                Some((key, old))
+            }
+            (None, Err(_)) => None,
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let entries = &self.buckets[bucket_of(key)];
+        entries.binary_search_by(|(k, _)| k.as_slice().cmp(key)).ok().map(|i| &entries[i].1[..])
+    }
+
+    /// Entries with start <= key < end, in key order.
+    pub fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Vec<(&[u8], &[u8])> {
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+        self.order
+            .range::<[u8], _>((Bound::Included(start), upper))
+            .take(limit)
+            .map(|k| (k.as_slice(), self.get(k.as_slice()).expect("ordered index and buckets agree")))
+            .collect()
+    }
+
+    pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Vec<(&[u8], &[u8])> {
+        self.order
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|k| k.as_slice().starts_with(prefix))
+            .take(limit)
+            .map(|k| (k.as_slice(), self.get(k.as_slice()).expect("ordered index and buckets agree")))
+            .collect()
+    }
+
+    /// All entries in key order (for snapshots): gathered from the buckets, sorted on all cores.
+    pub fn sorted_entries(&self) -> Vec<(&[u8], &[u8])> {
+        let mut all: Vec<(&[u8], &[u8])> =
+            self.buckets.iter().flatten().map(|(k, v)| (k.as_slice(), &v[..])).collect();
+        all.par_sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
+    /// The digest recomputed from the contents alone, on all cores.
+    pub fn recompute_digest(&self) -> Digest {
+        let lattice = self
+            .buckets
+            .par_iter()
+            .fold(
+                || (Lattice::default(), blake3::Hasher::new()),
+                |(mut l, mut h), bucket| {
+                    for (k, v) in bucket {
+                        l.mix_entry(&mut h, k.as_slice(), v, false);
+                    }
+                    (l, h)
+                },
+            )
+            .map(|(l, _)| l)
+            .reduce(Lattice::default, |mut a, b| {
+                a.add(&b);
+                a
+            });
+        lattice.digest()
+    }
+
+    /// Estimated heap bytes: bucket vectors, ordered index nodes, value and long-key buffers,
+    /// and the tree. (The benchmark measures resident memory for real.)
+    pub fn memory_usage(&self) -> usize {
+        let slot = std::mem::size_of::<(Key, Value)>();
+        let bucket_bytes: usize = self.buckets.iter().map(|b| b.capacity() * slot).sum::<usize>()
+            + BUCKETS * std::mem::size_of::<Vec<(Key, Value)>>();
+        // BTreeSet leaves hold up to 11 keys and run about 2/3 full after random inserts.
+        let order_bytes = self.len * std::mem::size_of::<Key>() * 3 / 2;
+        let tree_bytes = (0..=crate::TREE_DEPTH).map(|l| crate::FANOUT.pow(l as u32) * 32).sum::<usize>();
+        bucket_bytes + order_bytes + tree_bytes + self.heap_bytes + 2048
+    }
+
+    pub fn key_bytes(&self) -> usize {
+        self.key_bytes
+    }
+
+    pub fn value_bytes(&self) -> usize {
+        self.value_bytes
+    }
+
+    /// Every entry of the given buckets, in key order.
+    pub fn bucket_entries(&self, buckets: &[usize]) -> Result<Vec<(&[u8], &[u8])>> {
+        let buckets = sorted_buckets(buckets)?;
+        let mut out: Vec<(&[u8], &[u8])> = buckets
+            .iter()
+            .flat_map(|&b| self.buckets[b].iter().map(|(k, v)| (k.as_slice(), &v[..])))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(out)
+    }
+
+    pub fn differing_buckets(&self, other: &StateStore) -> Vec<usize> {
+        self.tree.differing_buckets(&other.tree)
+    }
+
+    /// The diff that takes `self` to `other`, found through the bucket tree.
+    pub fn diff(&self, other: &StateStore) -> StateDiff {
+        let buckets = self.differing_buckets(other);
+        let mine = self.bucket_entries(&buckets).expect("buckets from the tree are valid");
+        let theirs = other.bucket_entries(&buckets).expect("buckets from the tree are valid");
+        let records = merge_sorted(mine.into_iter().map(Ok), theirs.into_iter().map(Ok))
+            .expect("in-memory entries cannot fail");
+        StateDiff { from_digest: self.digest(), to_digest: other.digest(), records }
+    }
+
+    /// The diff to a peer's state, given the peer's entries of exactly `buckets`.
+    pub fn diff_buckets(&self, buckets: &[usize], remote: Vec<(Vec<u8>, Vec<u8>)>) -> Result<StateDiff> {
+        let requested = sorted_buckets(buckets)?;
+        let mut remote = remote;
+        for (k, _) in &remote {
+            let b = bucket_of(k);
+            if requested.binary_search(&b).is_err() {
+                return Err(CoreError::InvalidArgument(format!(
+                    "remote entry {:?} belongs to bucket {b}, which was not requested; pass the \
+                     peer's bucket_entries() for exactly the same buckets",
+                    String::from_utf8_lossy(k)
+                )));
+            }
+        }
+        remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = remote.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(CoreError::InvalidArgument(format!(
+                "remote entries name key {:?} twice",
+                String::from_utf8_lossy(&w[0].0)
+            )));
+        }
+        let mine = self.bucket_entries(&requested)?;
+        let records = merge_sorted(
+            mine.into_iter().map(Ok),
+            remote.iter().map(|(k, v)| Ok((k.as_slice(), v.as_slice()))),
+        )?;
+        let mut lattice = self.lattice.clone();
+        let h = &mut blake3::Hasher::new();
+        for r in &records {
+            if let Some(old) = matches!(r.change, Change::Changed(_) | Change::Removed).then(|| self.get(&r.key)).flatten() {
+                lattice.mix_entry(h, &r.key, old, true);
+            }
+            if let Change::Added(v) | Change::Changed(v) = &r.change {
+                lattice.mix_entry(h, &r.key, v, false);
+            }
+        }
+        Ok(StateDiff { from_digest: self.digest(), to_digest: lattice.digest(), records })
+    }
+
+    /// Applies a diff atomically: refuses one that does not start from this state, and undoes
+    /// one that does not reach the digest it promises.
+    pub fn apply_diff(&mut self, diff: &StateDiff) -> Result<()> {
+        let here = self.digest();
+        if here != diff.from_digest {
+            return Err(CoreError::DigestMismatch(format!(
+                "the diff applies to state {} but this store is at {}",
+                hex(&diff.from_digest),
+                hex(&here)
+            )));
+        }
+        let mut undo = Vec::with_capacity(diff.records.len());
+        for r in &diff.records {
+            let current = self.get(&r.key);
+            match (&r.change, current) {
+                (Change::Added(_), None) => undo.push(Op::delete(&r.key)),
+                (Change::Changed(_) | Change::Removed, Some(old)) => undo.push(Op::put(&r.key, old)),
+                (change, _) => {
+                    return Err(CoreError::DigestMismatch(format!(
+                        "the diff says key {:?} was {} but this store {} it; the diff is inconsistent \
+                         with its from_digest",
+                        String::from_utf8_lossy(&r.key),
+                        change.verb(),
+                        if current.is_some() { "has" } else { "lacks" }
+                    )))
+                }
+            }
+        }
+        self.apply(diff.to_ops())?;
+        let reached = self.digest();
+        if reached != diff.to_digest {
+            self.apply(undo)?;
+            return Err(CoreError::DigestMismatch(format!(
+                "the diff promised state {} but applying it gave {}; nothing was changed",
+                hex(&diff.to_digest),
+                hex(&reached)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Builds a store from entries in strictly increasing key order (snapshot loading),
+    /// hashing on all cores. The caller has already checked the order.
+    pub fn from_sorted(entries: Vec<(Key, Value)>) -> StateStore {
+        let (lattice, hashes) = expand_all(entries.par_iter().map(|(k, v)| (k.as_slice(), &v[..])));
+        let mut store = StateStore { lattice, ..StateStore::default() };
+        store.order = entries.iter().map(|(k, _)| k.clone()).collect();
+        for ((key, value), h) in entries.into_iter().zip(hashes) {
+            let bucket = bucket_of(key.as_slice());
+            store.tree.update(bucket, &Lanes::from_digest(&h), false);
+            store.len += 1;
+            store.key_bytes += key.as_slice().len();
+            store.value_bytes += value.len();
+            store.heap_bytes += alloc_size(value.len()) + 2 * key.heap_bytes();
+            store.buckets[bucket].push((key, value));
+        }
+        store
+    }
+}
+
+impl Change {
+    fn verb(&self) -> &'static str {
+        match self {
+            Change::Added(_) => "added",
+            Change::Changed(_) => "changed",
+            Change::Removed => "removed",
+        }
+    }
+}
+
+impl DiffRecord {
+    fn to_op(&self) -> Op {
+        match &self.change {
+            Change::Added(v) | Change::Changed(v) => Op::put(&self.key, v),
+            Change::Removed => Op::delete(&self.key),
+        }
+    }
+}
+
+impl StateDiff {
+    pub fn to_ops(&self) -> Vec<Op> {
+        self.records.iter().map(DiffRecord::to_op).collect()
+    }
+}
+
+fn check_len(what: &str, len: usize) -> Result<()> {
+    if len > u32::MAX as usize {
+        return Err(CoreError::InvalidArgument(format!(
+            "a {what} of {len} bytes exceeds the 4 GiB limit of the snapshot format"
+        )));
+    }
+    Ok(())
+}
+
+fn sorted_buckets(buckets: &[usize]) -> Result<Vec<usize>> {
+    for &b in buckets {
+        check_bucket(b)?;
+    }
+    let mut v = buckets.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_of(pairs: &[(&[u8], &[u8])]) -> StateStore {
+        let mut s = StateStore::new();
+        s.apply(pairs.iter().map(|(k, v)| Op::put(k, v)).collect()).unwrap();
+        s
+    }
+
+    #[test]
+    fn incremental_equals_recomputed_over_history() {
+        let mut s = StateStore::new();
+        let mut ops = Vec::new();
+        for i in 0..500u32 {
+            ops.push(Op::put(&i.to_le_bytes(), &[i as u8; 7]));
+        }
+        s.apply(ops).unwrap();
+        let mut ops = Vec::new();
+        for i in (0..500u32).step_by(3) {
+            ops.push(Op::delete(&i.to_le_bytes()));
+            ops.push(Op::put(&(i + 1).to_le_bytes(), b"over"));
+            ops.push(Op::put(&(i + 1).to_le_bytes(), b"twice"));
+        }
+        s.apply(ops).unwrap();
+        assert_eq!(s.digest(), s.recompute_digest());
+        assert_eq!(s.len(), s.sorted_entries().len());
+    }
+
+    #[test]
+    fn same_contents_same_digest_whatever_the_history() {
+        let a = store_of(&[(b"a", b"1"), (b"b", b"2")]);
+        let mut b = store_of(&[(b"b", b"0"), (b"c", b"3")]);
+        b.apply(vec![Op::put(b"b", b"2"), Op::delete(b"c"), Op::put(b"a", b"1")]).unwrap();
+        assert_eq!(a.digest(), b.digest());
+        assert!(a.differing_buckets(&b).is_empty());
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_other_state() {
+        let a = store_of(&[(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]);
+        let b = store_of(&[(b"a", b"1"), (b"b", b"22"), (b"d", b"4")]);
+        let d = a.diff(&b);
+        assert_eq!(d.records.len(), 3);
+        let mut c = a.clone();
+        c.apply_diff(&d).unwrap();
+        assert_eq!(c.digest(), b.digest());
+        assert_eq!(c.sorted_entries(), b.sorted_entries());
+    }
+
+    #[test]
+    fn diff_from_another_state_is_refused_and_changes_nothing() {
+        let a = store_of(&[(b"a", b"1")]);
+        let b = store_of(&[(b"a", b"2")]);
+        let d = a.diff(&b);
+        let mut other = store_of(&[(b"z", b"9")]);
+        let before = other.digest();
+        assert!(matches!(other.apply_diff(&d), Err(CoreError::DigestMismatch(_))));
+        assert_eq!(other.digest(), before);
+    }
+
+    #[test]
+    fn tampered_diff_is_undone() {
+        let a = store_of(&[(b"a", b"1")]);
+        let b = store_of(&[(b"a", b"2")]);
+        let mut d = a.diff(&b);
+        d.records[0].change = Change::Changed(b"3".to_vec());
+        let mut c = a.clone();
+        assert!(matches!(c.apply_diff(&d), Err(CoreError::DigestMismatch(_))));
+        assert_eq!(c.digest(), a.digest());
+        assert_eq!(c.get(b"a"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn remote_bucket_protocol_matches_in_memory_diff() {
+        let a = store_of(&[(b"k1", b"1"), (b"k2", b"2"), (b"k3", b"3")]);
+        let b = store_of(&[(b"k1", b"1"), (b"k2", b"x"), (b"k4", b"4")]);
+        let buckets = a.differing_buckets(&b);
+        let remote: Vec<(Vec<u8>, Vec<u8>)> =
+            b.bucket_entries(&buckets).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let d = a.diff_buckets(&buckets, remote).unwrap();
+        assert_eq!(d, a.diff(&b));
+    }
+
+    #[test]
+    fn scans_are_ordered_and_bounded() {
+        let s = store_of(&[(b"b", b"2"), (b"a", b"1"), (b"ab", b"x"), (b"c", b"3")]);
+        let keys: Vec<&[u8]> = s.scan(b"a", Some(b"c"), usize::MAX).into_iter().map(|e| e.0).collect();
+        assert_eq!(keys, vec![&b"a"[..], b"ab", b"b"]);
+        let keys: Vec<&[u8]> = s.scan_prefix(b"a", 1).into_iter().map(|e| e.0).collect();
+        assert_eq!(keys, vec![&b"a"[..]]);
+    }
+}

@@ -1,0 +1,45 @@
+# Shared set-up steps for the scripts (sourced, not run). Idempotent: each step checks first.
+
+VENV="${SYNAPSE_VENV:-$PWD/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+# Python packages the scripts and tests need, beyond the project's own (pyproject.toml).
+PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "blake3>=1.0")
+
+ensure_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 || {
+        echo "error: cargo (the Rust toolchain) is required to build synapse._core; install it with rustup" >&2
+        exit 1
+    }
+}
+
+ensure_python_env() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "== creating the virtual environment in $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    # One pip call with a stamp, so a warm run costs nothing.
+    local stamp="$VENV/.synapse-packages"
+    local want
+    want="$(printf '%s\n' "${PY_PACKAGES[@]}")"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "== installing Python packages"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet "${PY_PACKAGES[@]}"
+        printf '%s' "$want" >"$stamp"
+    fi
+}
+
+# Builds the Rust extension into the venv (release: the tests and benchmarks time real code).
+build_core() {
+    ensure_cargo
+    echo "== building synapse._core (maturin, release)"
+    "$VENV/bin/maturin" develop --release --quiet 2>&1 | grep -vE '^(📦|🔗|🐍|📡|🛠|✏️|⚠️ Warning: You.*pip)' || true
+    "$VENV/bin/python" -c "import synapse._core" || {
+        echo "error: the extension synapse._core did not build; see the maturin output above" >&2
+        exit 1
+    }
+}

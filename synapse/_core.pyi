@@ -1,0 +1,116 @@
+"""Typed surface of the Rust state core (``rust/python``), built by maturin as ``synapse._core``.
+
+Formats and algorithms are specified in ``rust/DESIGN.md``. Every method that takes a batch
+crosses the Python/Rust boundary once; long work runs with the GIL released.
+"""
+
+from os import PathLike
+from typing import Sequence
+
+BUCKETS: int  # 65536 buckets at the tree's last level
+FANOUT: int  # 16 children per tree node
+TREE_DEPTH: int  # 4: levels 0 (root) .. 4 (buckets)
+DIGEST_SIZE: int  # 32
+SNAPSHOT_FORMAT: int  # 1
+
+class CoreError(ValueError):
+    """Base class of every error raised by the core."""
+
+class SnapshotError(CoreError):
+    """A snapshot or diff file (or buffer) is unusable; the message names the file and offset."""
+
+class CorruptSnapshotError(SnapshotError):
+    """A checksum, length, key order, entry count or final digest does not match."""
+
+class TruncatedSnapshotError(SnapshotError):
+    """The data ends before the end chunk."""
+
+class UnsupportedFormatError(SnapshotError):
+    """Wrong magic bytes or a format version this build does not read."""
+
+class DigestMismatchError(CoreError):
+    """A diff does not apply to this state, or does not reach the digest it promises."""
+
+class SnapshotInfo:
+    path: str
+    format: int
+    entry_count: int
+    log_index: int
+    state_digest: bytes
+    file_size: int
+
+class StateDiff:
+    """Changes that take a state with ``from_digest`` to the state with ``to_digest``."""
+
+    from_digest: bytes
+    to_digest: bytes
+    added: list[tuple[bytes, bytes]]  # keys absent before, with their new values
+    changed: list[tuple[bytes, bytes]]  # keys present before, with their new values
+    removed: list[bytes]
+    def __len__(self) -> int: ...  # number of records
+    def encode(self) -> bytes: ...  # the diff format of rust/DESIGN.md
+    @staticmethod
+    def decode(data: bytes) -> StateDiff: ...  # raises SnapshotError subclasses
+    def write(self, path: str | PathLike[str]) -> int: ...  # returns bytes written
+    @staticmethod
+    def read(path: str | PathLike[str]) -> StateDiff: ...
+
+class StateStore:
+    """Ordered map of byte keys to byte values with an incrementally maintained state digest."""
+
+    def __init__(self) -> None: ...
+    def apply(self, ops: Sequence[tuple[bytes, bytes | None]]) -> int:
+        """Apply a batch in order; a ``None`` value deletes. Returns the number of ops.
+
+        The batch is validated (types) before anything changes; a bad batch raises TypeError
+        and changes nothing."""
+    def get(self, key: bytes) -> bytes | None: ...
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
+    def scan(
+        self, start: bytes = b"", end: bytes | None = None, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """Entries with start <= key < end (end None: unbounded), in key order."""
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: bytes) -> bool: ...
+    def digest(self) -> bytes: ...  # 32 bytes, O(1)
+    def hexdigest(self) -> str: ...
+    def recompute_digest(self) -> bytes: ...  # from scratch over the contents (all cores)
+    def memory_usage(self) -> int: ...  # estimated heap bytes held by the store
+    def stats(self) -> dict[str, int]: ...  # entries, key_bytes, value_bytes, memory_usage
+    def clone(self) -> StateStore: ...
+    # --- bucket tree (levels 0..TREE_DEPTH) ---
+    @staticmethod
+    def bucket_of(key: bytes) -> int: ...
+    def node_digests(self, level: int) -> bytes: ...  # all digests of a level, 32 bytes each
+    def children_digests(self, level: int, parents: Sequence[int]) -> bytes:
+        """For each parent at ``level``, its FANOUT children's digests (level+1), concatenated."""
+    def compare_children(self, level: int, parents: Sequence[int], remote: bytes) -> list[int]:
+        """Indexes at level+1 of the children whose digests differ from ``remote``
+        (as returned by the peer's ``children_digests(level, parents)``), ascending."""
+    def bucket_entries(self, buckets: Sequence[int]) -> list[tuple[bytes, bytes]]:
+        """Every entry in the given buckets, in key order."""
+    def diff_buckets(
+        self, buckets: Sequence[int], remote_entries: Sequence[tuple[bytes, bytes]]
+    ) -> StateDiff:
+        """The diff that takes this store to the peer's state, given the peer's entries of
+        exactly these buckets (``peer.bucket_entries(buckets)``). ``to_digest`` is computed."""
+    def differing_buckets(self, other: StateStore) -> list[int]: ...
+    def diff(self, other: StateStore) -> StateDiff: ...  # takes self to other, via the tree
+    def apply_diff(self, diff: StateDiff) -> None:
+        """Raises DigestMismatchError (changing nothing) unless digest() == diff.from_digest
+        and the result's digest == diff.to_digest."""
+    # --- snapshots ---
+    def write_snapshot(self, path: str | PathLike[str], log_index: int) -> SnapshotInfo:
+        """Stream the state to ``path`` (written to ``path + '.tmp'``, fsynced, renamed)."""
+    @staticmethod
+    def load_snapshot(path: str | PathLike[str]) -> tuple[StateStore, SnapshotInfo]: ...
+    def diff_snapshot(self, path: str | PathLike[str]) -> StateDiff:
+        """The diff that takes this store to the snapshot's state (snapshot fully verified)."""
+
+def read_snapshot_info(path: str | PathLike[str]) -> SnapshotInfo: ...  # header only
+def diff_snapshots(old: str | PathLike[str], new: str | PathLike[str]) -> StateDiff: ...
+def chain(prev: bytes, index: int, entry: bytes) -> bytes: ...
+def chain_many(prev: bytes, entries: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """The chain digest after each entry, in order (one boundary crossing for a batch)."""
+def element_hash(key: bytes, value: bytes) -> bytes: ...
