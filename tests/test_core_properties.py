@@ -7,6 +7,7 @@ writes.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -106,7 +107,6 @@ def test_bucket_level_matches(state):
 @given(contents, contents)
 @SETTINGS
 def test_equal_digests_iff_equal_contents(a, b):
-    assert (core.StateStore().digest() == core.StateStore().digest())
     ra, _ = both(a)
     rb, _ = both(b)
     assert (ra.digest() == rb.digest()) == (a == b)
@@ -350,14 +350,14 @@ def test_snapshot_files_are_byte_identical_and_cross_load(tmp_path, state, log_i
     with open(rust_path, "rb") as f1, open(ref_path, "rb") as f2:
         assert f1.read() == f2.read()
     assert info_fields(rust_info)[1:] == info_fields(ref_info)[1:]
-    assert rust_info.path == rust_path
+    assert os.fspath(rust_info.path) == rust_path  # its type: test_snapshot_info_path_is_str
     loaded_rust, info_a = core.StateStore.load_snapshot(ref_path)
     loaded_ref, info_b = ref.ReferenceStore.load_snapshot(rust_path)
     assert_same_state(loaded_rust, loaded_ref)
     assert loaded_rust.scan() == sorted(state.items())
     assert info_fields(info_a)[1:] == info_fields(info_b)[1:] == info_fields(ref_info)[1:]
-    assert info_fields(core.read_snapshot_info(ref_path)) == info_fields(
-        ref.read_snapshot_info(ref_path))
+    assert info_fields(core.read_snapshot_info(ref_path))[1:] == info_fields(
+        ref.read_snapshot_info(ref_path))[1:]
 
 
 def test_multi_chunk_snapshot_is_byte_identical(tmp_path):
@@ -380,9 +380,24 @@ def test_multi_chunk_snapshot_is_byte_identical(tmp_path):
 def test_snapshot_paths_may_be_pathlike(tmp_path):
     rust, oracle = both({b"a": b"1"})
     info = rust.write_snapshot(tmp_path / "p.snap", 1)
-    assert info.path == str(tmp_path / "p.snap")
+    assert os.fspath(info.path) == str(tmp_path / "p.snap")
     assert not (tmp_path / "p.snap.tmp").exists()
     assert core.StateStore.load_snapshot(tmp_path / "p.snap")[0].digest() == oracle.digest()
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_snapshot_info_path_is_str(tmp_path, as_path):
+    # synapse/_core.pyi types SnapshotInfo.path as str, whatever kind of path was passed in.
+    rust, _ = both({b"a": b"1"})
+    path = tmp_path / "p.snap" if as_path else str(tmp_path / "p.snap")
+    infos = {
+        "write_snapshot": rust.write_snapshot(path, 1),
+        "load_snapshot": core.StateStore.load_snapshot(path)[1],
+        "read_snapshot_info": core.read_snapshot_info(path),
+    }
+    for name, info in infos.items():
+        assert type(info.path) is str, f"{name}: path is {type(info.path).__name__}"
+        assert info.path == str(path)
 
 
 @given(contents, contents)
@@ -430,3 +445,95 @@ def test_chain_argument_errors_match():
             impl.chain(bytes(32), 2**64, b"")
         with pytest.raises(TypeError):
             impl.chain(bytes(32), 0, "text")
+
+
+# --- argument errors ----------------------------------------------------------------------------
+
+
+def test_scan_with_start_after_end_is_empty():
+    # "Entries with start <= key < end": no key qualifies, which is an empty answer, not an error.
+    rust, oracle = both({b"a": b"1", b"b": b"2", b"c": b"3"})
+    for start, end in ((b"c", b"a"), (b"b", b"b"), (b"\xff", b"")):
+        assert rust.scan(start, end) == oracle.scan(start, end) == []
+
+
+BAD_CALLS = {
+    "key is str": (TypeError, lambda impl, s: s.get("a")),
+    "contains str": (TypeError, lambda impl, s: "a" in s),
+    "op is a list": (TypeError, lambda impl, s: s.apply([[b"x", b"1"]])),
+    "value is bytearray": (TypeError, lambda impl, s: s.apply([(b"x", bytearray(b"1"))])),
+    "ops is None": (TypeError, lambda impl, s: s.apply(None)),
+    "negative limit": (ValueError, lambda impl, s: s.scan(b"", None, -1)),
+    "level too deep": (ValueError, lambda impl, s: s.node_digests(5)),
+    "negative level": (OverflowError, lambda impl, s: s.node_digests(-1)),
+    "negative bucket": (OverflowError, lambda impl, s: s.bucket_entries([-1])),
+    "bucket too large": (ValueError, lambda impl, s: s.bucket_entries([65536])),
+    "remote digests short": (ValueError, lambda impl, s: s.compare_children(0, [0], bytes(32 * 15))),
+    "remote key twice": (
+        ValueError, lambda impl, s: s.diff_buckets([ref.bucket_of(b"a")], [(b"a", b"1"), (b"a", b"2")])),
+    "remote key outside buckets": (
+        ValueError, lambda impl, s: s.diff_buckets([ref.bucket_of(b"a")], [(b"zzz", b"1")])),
+    "apply_diff None": (TypeError, lambda impl, s: s.apply_diff(None)),
+    "diff None": (TypeError, lambda impl, s: s.diff(None)),
+    "negative log index": (OverflowError, lambda impl, s: s.write_snapshot("/nonexistent/x", -1)),
+    "missing snapshot": (FileNotFoundError, lambda impl, s: impl.StateStore.load_snapshot("/nonexistent/x")),
+    "chain_many bad entry": (TypeError, lambda impl, s: impl.chain_many(bytes(32), [(0, b"a"), (1, "b")])),
+    "decode str": (TypeError, lambda impl, s: impl.StateDiff.decode("text")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS), ids=str)
+def test_argument_errors_match(case):
+    expected, call = BAD_CALLS[case]
+    for impl in (core, ref):
+        store = impl.StateStore()
+        store.apply([(b"a", b"1")])
+        before = store.digest()
+        with pytest.raises(expected):
+            call(impl, store)
+        assert store.digest() == before and store.scan() == [(b"a", b"1")]
+
+
+@pytest.mark.parametrize("impl", [core, ref], ids=["core", "reference"])
+def test_exception_hierarchy_is_the_typed_one(impl):
+    for name in ("SnapshotError", "DigestMismatchError"):
+        assert issubclass(getattr(impl, name), impl.CoreError)
+        assert issubclass(getattr(impl, name), ValueError)
+    for name in ("CorruptSnapshotError", "TruncatedSnapshotError", "UnsupportedFormatError"):
+        assert issubclass(getattr(impl, name), impl.SnapshotError)
+    assert not issubclass(impl.DigestMismatchError, impl.SnapshotError)
+    assert issubclass(impl.CoreError, Exception)
+
+
+@pytest.mark.parametrize("delta", [-2, -1, 0, 1])
+def test_chunk_boundary_is_identical(tmp_path, delta):
+    # A snapshot record is 4 + len(key) + 4 + len(value) bytes, a diff "added" record one more:
+    # sizes around the 262,144-byte target decide whether the next record opens a new chunk.
+    target = 262_144
+    state = {b"a": b"x" * (target - 9 + delta), b"b": b"y", b"c": b"z" * (target // 2)}
+    rust, oracle = both(state)
+    rust.write_snapshot(tmp_path / "rust.snap", 0)
+    oracle.write_snapshot(tmp_path / "ref.snap", 0)
+    assert (tmp_path / "rust.snap").read_bytes() == (tmp_path / "ref.snap").read_bytes()
+    diff_state = {b"a": b"x" * (target - 10 + delta), b"b": b"y", b"c": b"z" * (target // 2)}
+    rust_d, ref_d = both(diff_state)
+    encoded = ref.ReferenceStore().diff(ref_d).encode()
+    assert core.StateStore().diff(rust_d).encode() == encoded
+
+
+def test_large_batches_with_repeated_keys_match():
+    # Big batches are where the core splits work across threads; the batch must still behave
+    # as if applied op by op, in order.
+    import random
+
+    rng = random.Random(7)
+    pool = [b"k%d" % i for i in range(400)] + [b"long-key-" + b"x" * 30 + b"%d" % i for i in range(100)]
+    rust, oracle = core.StateStore(), ref.ReferenceStore()
+    for _ in range(3):
+        batch = [
+            (rng.choice(pool), None if rng.random() < 0.2 else rng.randbytes(rng.randrange(0, 20)))
+            for _ in range(2500)
+        ]
+        assert rust.apply(batch) == oracle.apply(batch) == 2500
+        assert rust.digest() == oracle.digest()
+    assert_same_state(rust, oracle, levels=range(5))

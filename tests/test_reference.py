@@ -457,8 +457,9 @@ def test_snapshot_bytes_follow_the_layout_and_round_trip(tmp_path, state, log_in
 
 
 def test_empty_snapshot_is_header_plus_end_chunk(tmp_path):
-    data = ReferenceStore().write_snapshot(tmp_path / "e", 0) and (tmp_path / "e").read_bytes()
-    assert len(data) == 80 + 8 + 16
+    info = ReferenceStore().write_snapshot(tmp_path / "e", 0)
+    data = (tmp_path / "e").read_bytes()
+    assert len(data) == info.file_size == 80 + 8 + 16
     assert data == spec_snapshot({}, 0)
     loaded, info = ReferenceStore.load_snapshot(tmp_path / "e")
     assert len(loaded) == 0 and info.entry_count == 0

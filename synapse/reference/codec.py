@@ -222,6 +222,8 @@ def write_snapshot_file(
     path: object, entries: Sequence[tuple[bytes, bytes]], log_index: int, state_digest: bytes
 ) -> SnapshotInfo:
     entries = list(entries)
+    # The pieces are produced lazily, so check the arguments before a .tmp file exists.
+    u64(log_index, "log_index")
     final, size = _write_atomically(path, snapshot_pieces(entries, log_index, state_digest))
     return SnapshotInfo(final, SNAPSHOT_FORMAT, len(entries), log_index, state_digest, size)
 

@@ -18,11 +18,11 @@ __all__ = [
 ]
 
 
-class CoreError(Exception):
+class CoreError(ValueError):
     """Base class of every error raised by the reference implementation."""
 
 
-class SnapshotError(CoreError, ValueError):
+class SnapshotError(CoreError):
     """A snapshot or diff file (or buffer) is unusable; the message names the source and offset."""
 
 
@@ -38,5 +38,5 @@ class UnsupportedFormatError(SnapshotError):
     """Wrong magic bytes, or a format version (or flags) that format 1 readers do not read."""
 
 
-class DigestMismatchError(CoreError, ValueError):
+class DigestMismatchError(CoreError):
     """A diff does not apply to this state, or does not reach the digest it promises."""

@@ -233,7 +233,7 @@ def chain_many(prev: bytes, entries: Sequence[tuple[int, bytes]]) -> list[bytes]
     # Validate the whole batch first, like the core, so a bad entry raises before any work.
     pairs = list(entries)
     for position, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        if not isinstance(pair, tuple) or len(pair) != 2:
             raise TypeError(f"entries[{position}] must be an (index, entry) pair")
         u64(pair[0], f"entries[{position}] index")
         require_bytes(f"entries[{position}] entry", pair[1])

@@ -40,8 +40,9 @@ def _pairs(name: str, items: Iterable[object], *, deletes: bool) -> list[tuple[b
         ) from None
     out = []
     for position, item in enumerate(items):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"{name}[{position}] must be a (key, value) pair")
+        # Tuples only, as typed: the core rejects a list here, and the oracle must not be laxer.
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"{name}[{position}] must be a (key, value) tuple")
         key, value = item
         require_bytes(f"{name}[{position}] key", key)
         if not (deletes and value is None):
@@ -61,7 +62,9 @@ def _buckets(buckets: Iterable[object]) -> list[int]:
     for position, bucket in enumerate(buckets):
         if not isinstance(bucket, int) or isinstance(bucket, bool):
             raise TypeError(f"buckets[{position}] must be an int, not {type(bucket).__name__}")
-        if not 0 <= bucket < BUCKETS:
+        if bucket < 0:
+            raise OverflowError(f"buckets[{position}]={bucket} is negative")
+        if bucket >= BUCKETS:
             raise ValueError(f"buckets[{position}]={bucket} is outside 0..{BUCKETS - 1}")
         out.append(bucket)
     return out
@@ -73,7 +76,7 @@ def _limit(limit: object) -> int | None:
     if not isinstance(limit, int) or isinstance(limit, bool):
         raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
     if limit < 0:
-        raise OverflowError(f"limit must not be negative, got {limit}")
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
     return limit
 
 

@@ -36,7 +36,10 @@ def check_level(level: object, *, parent: bool = False) -> int:
     if not isinstance(level, int) or isinstance(level, bool):
         raise TypeError(f"level must be an int, not {type(level).__name__}")
     top = TREE_DEPTH - 1 if parent else TREE_DEPTH
-    if not 0 <= level <= top:
+    # Negative numbers fail the unsigned conversion at the core's boundary (OverflowError).
+    if level < 0:
+        raise OverflowError(f"level {level} is negative")
+    if level > top:
         raise ValueError(f"level {level} is outside 0..{top}")
     return level
 
@@ -46,7 +49,9 @@ def check_parents(level: int, parents: Sequence[int]) -> list[int]:
     for position, parent in enumerate(parents):
         if not isinstance(parent, int) or isinstance(parent, bool):
             raise TypeError(f"parents[{position}] must be an int, not {type(parent).__name__}")
-        if not 0 <= parent < LEVEL_SIZES[level]:
+        if parent < 0:
+            raise OverflowError(f"parents[{position}]={parent} is negative")
+        if parent >= LEVEL_SIZES[level]:
             raise ValueError(
                 f"parents[{position}]={parent} is not a node of level {level} "
                 f"(0..{LEVEL_SIZES[level] - 1})"

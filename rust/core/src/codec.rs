@@ -70,22 +70,26 @@ pub fn decode_header(format: &Format, input: &mut impl Read, source: &str) -> Re
             detail: format!("not a Synapse {} file (magic bytes {:?})", format.name, String::from_utf8_lossy(&h[..got.min(8)])),
         });
     }
+    // The version is read before the checksum: a newer format may lay its header out
+    // differently, and an old binary must say "unsupported", not call good data corrupt.
+    if got >= 12 {
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(CoreError::Unsupported {
+                source_name: source.to_string(),
+                detail: format!(
+                    "{} format version {version}; this build reads version {FORMAT_VERSION} (upgrade Synapse to read it)",
+                    format.name
+                ),
+            });
+        }
+    }
     if got < h.len() {
         return Err(truncated(source, got as u64, format!("the {}-byte header is incomplete", format.header_len)));
     }
     let body = format.header_len - CHECK_LEN;
     if check(format.header_tag, &[&h[..body]])[..] != h[body..] {
         return Err(corrupt(source, body as u64, "header checksum does not match".into()));
-    }
-    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(CoreError::Unsupported {
-            source_name: source.to_string(),
-            detail: format!(
-                "{} format version {version}; this build reads version {FORMAT_VERSION} (upgrade Synapse to read it)",
-                format.name
-            ),
-        });
     }
     let flags = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
     if flags != 0 {

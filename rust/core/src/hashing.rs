@@ -194,7 +194,7 @@ mod tests {
             h.update(KEY_TAG);
             h.update(&key);
             let b = h.finalize();
-            let want = u32::from_le_bytes(b.as_bytes()[..4].try_into().unwrap()) as usize % BUCKETS;
+            let want = u32::from_le_bytes(b.as_bytes()[..4].try_into().expect("the operation under test succeeds")) as usize % BUCKETS;
             assert_eq!(bucket_of(&key), want, "key length {len}");
         }
     }

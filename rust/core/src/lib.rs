@@ -9,6 +9,7 @@ pub mod key;
 pub mod snapshot;
 pub mod store;
 pub mod tree;
+mod shard;
 
 pub use diff::{merge_sorted, Change, DiffRecord, StateDiff};
 pub use error::{CoreError, Result};

@@ -223,55 +223,55 @@ mod tests {
 
     fn sample(n: u32, value_len: usize) -> StateStore {
         let mut s = StateStore::new();
-        s.apply((0..n).map(|i| Op::put(format!("key-{i:06}").as_bytes(), &vec![i as u8; value_len])).collect()).unwrap();
+        s.apply((0..n).map(|i| Op::put(format!("key-{i:06}").as_bytes(), &vec![i as u8; value_len])).collect()).expect("the operation under test succeeds");
         s
     }
 
     #[test]
     fn round_trip_multi_chunk() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let p = dir.path().join("s.snap");
         let s = sample(3000, 200);
-        let info = write_snapshot(&s, &p, 42).unwrap();
-        assert_eq!(info.file_size, std::fs::metadata(&p).unwrap().len());
-        let (t, linfo) = load_snapshot(&p).unwrap();
+        let info = write_snapshot(&s, &p, 42).expect("the operation under test succeeds");
+        assert_eq!(info.file_size, std::fs::metadata(&p).expect("the operation under test succeeds").len());
+        let (t, linfo) = load_snapshot(&p).expect("the operation under test succeeds");
         assert_eq!(t.digest(), s.digest());
         assert_eq!(linfo.log_index, 42);
         assert_eq!(t.sorted_entries(), s.sorted_entries());
-        assert_eq!(read_snapshot_info(&p).unwrap().entry_count, 3000);
-        let streamed: Vec<_> = SnapshotEntries::open(&p).unwrap().collect::<Result<_>>().unwrap();
+        assert_eq!(read_snapshot_info(&p).expect("the operation under test succeeds").entry_count, 3000);
+        let streamed: Vec<_> = SnapshotEntries::open(&p).expect("the operation under test succeeds").collect::<Result<_>>().expect("the operation under test succeeds");
         assert_eq!(streamed.len(), 3000);
     }
 
     #[test]
     fn every_truncation_and_flip_is_rejected() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let p = dir.path().join("s.snap");
-        write_snapshot(&sample(5, 3), &p, 1).unwrap();
-        let bytes = std::fs::read(&p).unwrap();
+        write_snapshot(&sample(5, 3), &p, 1).expect("the operation under test succeeds");
+        let bytes = std::fs::read(&p).expect("the snapshot just written");
         let q = dir.path().join("bad.snap");
         for cut in 0..bytes.len() {
-            std::fs::write(&q, &bytes[..cut]).unwrap();
+            std::fs::write(&q, &bytes[..cut]).expect("a scratch file");
             assert!(load_snapshot(&q).is_err(), "truncation at {cut} accepted");
         }
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x5a;
-            std::fs::write(&q, &b).unwrap();
+            std::fs::write(&q, &b).expect("a scratch file");
             assert!(load_snapshot(&q).is_err(), "flip at {i} accepted");
         }
         let mut b = bytes.clone();
         b.push(0);
-        std::fs::write(&q, &b).unwrap();
+        std::fs::write(&q, &b).expect("a scratch file");
         assert!(matches!(load_snapshot(&q), Err(CoreError::Corrupt { .. })));
     }
 
     #[test]
     fn empty_state_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let p = dir.path().join("e.snap");
-        let info = write_snapshot(&StateStore::new(), &p, 0).unwrap();
+        let info = write_snapshot(&StateStore::new(), &p, 0).expect("the operation under test succeeds");
         assert_eq!(info.file_size, 80 + 8 + 16);
-        assert_eq!(load_snapshot(&p).unwrap().0.digest(), StateStore::new().digest());
+        assert_eq!(load_snapshot(&p).expect("the operation under test succeeds").0.digest(), StateStore::new().digest());
     }
 }

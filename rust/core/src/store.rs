@@ -1,6 +1,7 @@
 //! The state store: entries partitioned into the tree's buckets (each a small vector sorted by
-//! key, so a point lookup is one hash and a short binary search), an ordered key index for
-//! scans, the LtHash lattice and the bucket tree, all updated together by `apply`.
+//! key, so a point lookup is one hash and a short binary search) and grouped into shards (one
+//! per level-1 tree node) that apply a batch in parallel; an ordered key index for scans; the
+//! LtHash lattice. All are updated together by `apply`.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -10,8 +11,9 @@ use rayon::prelude::*;
 use crate::diff::{merge_sorted, Change, DiffRecord, StateDiff};
 use crate::hashing::{bucket_of, Lanes, Lattice};
 use crate::key::Key;
-use crate::tree::{check_bucket, BucketTree};
-use crate::{hex, CoreError, Digest, Result, BUCKETS};
+use crate::shard::{shard_of, Shard, ShardDelta, SHARDS};
+use crate::tree::{check_bucket, Tree};
+use crate::{hex, CoreError, Digest, Result};
 
 pub type Value = Box<[u8]>;
 
@@ -30,11 +32,9 @@ impl Op {
     }
 }
 
-/// Below this many entries a batch is hashed on the calling thread: rayon's hand-off costs
+/// Below this many ops a batch is applied on the calling thread: rayon's hand-off costs
 /// more than it saves.
 const PARALLEL_MIN: usize = 64;
-const CHUNK: usize = 32;
-const PREFETCH_AHEAD: usize = 8;
 
 /// Asks the CPU to start loading a slice's cache lines; never faults, changes nothing.
 pub(crate) fn prefetch_slice<T>(items: &[T]) {
@@ -44,8 +44,8 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
         let bytes = std::mem::size_of_val(items);
         let mut off = 0;
         while off < bytes {
-            // SAFETY: prefetch is a hint; it does not dereference in the memory-safety sense
-            // and the addresses lie inside a live allocation.
+            // SAFETY: a prefetch is a hint that never faults, and the addresses lie inside a
+            // live allocation.
             unsafe { std::arch::x86_64::_mm_prefetch(start.add(off), std::arch::x86_64::_MM_HINT_T0) };
             off += 64;
         }
@@ -65,10 +65,10 @@ pub(crate) fn alloc_size(n: usize) -> usize {
 
 #[derive(Clone)]
 pub struct StateStore {
-    buckets: Vec<Vec<(Key, Value)>>,
+    shards: Vec<Shard>,
+    /// Every key, ordered, for scans; the shards hold the values.
     order: BTreeSet<Key>,
     lattice: Lattice,
-    tree: BucketTree,
     len: usize,
     key_bytes: usize,
     value_bytes: usize,
@@ -78,10 +78,9 @@ pub struct StateStore {
 impl Default for StateStore {
     fn default() -> Self {
         StateStore {
-            buckets: vec![Vec::new(); BUCKETS],
+            shards: vec![Shard::default(); SHARDS],
             order: BTreeSet::new(),
             lattice: Lattice::default(),
-            tree: BucketTree::default(),
             len: 0,
             key_bytes: 0,
             value_bytes: 0,
@@ -90,41 +89,17 @@ impl Default for StateStore {
     }
 }
 
-/// Lattice contribution and element hash of a set of entries, computed on all cores.
-fn expand_all<'a, I>(entries: I) -> (Lattice, Vec<Digest>)
-where
-    I: IndexedParallelIterator<Item = (&'a [u8], &'a [u8])>,
-{
-    let parts: Vec<(Lattice, Vec<Digest>)> = entries
-        .chunks(CHUNK)
-        .map(|chunk| {
-            let mut lattice = Lattice::default();
-            let mut hasher = blake3::Hasher::new();
-            let hashes = chunk.into_iter().map(|(k, v)| lattice.mix_entry(&mut hasher, k, v, false)).collect();
-            (lattice, hashes)
-        })
-        .collect();
-    let mut total = Lattice::default();
-    let mut hashes = Vec::new();
-    for (l, h) in parts {
-        total.add(&l);
-        hashes.extend(h);
-    }
-    (total, hashes)
-}
-
-fn expand_seq<'a>(entries: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> (Lattice, Vec<Digest>) {
-    let mut lattice = Lattice::default();
-    let mut hasher = blake3::Hasher::new();
-    let hashes = entries.map(|(k, v)| lattice.mix_entry(&mut hasher, k, v, false)).collect();
-    (lattice, hashes)
-}
-
-fn expand(entries: &[(&[u8], &[u8])]) -> (Lattice, Vec<Digest>) {
-    if entries.len() >= PARALLEL_MIN {
-        expand_all(entries.par_iter().map(|&(k, v)| (k, v)))
-    } else {
-        expand_seq(entries.iter().copied())
+impl Tree for StateStore {
+    fn node(&self, level: usize, index: usize) -> Lanes {
+        if level == 0 {
+            let mut root = Lanes::default();
+            for s in &self.shards {
+                root.add(&s.tree.root());
+            }
+            return root;
+        }
+        let per_shard = crate::tree::level_size(level - 1);
+        self.shards[index / per_shard].tree.level(level)[index % per_shard]
     }
 }
 
@@ -145,11 +120,8 @@ impl StateStore {
         self.lattice.digest()
     }
 
-    pub fn tree(&self) -> &BucketTree {
-        &self.tree
-    }
-
-    /// Applies a batch in order. Validation happens before the first mutation.
+    /// Applies a batch in order. Validation happens before the first mutation. Each shard
+    /// applies its share on its own (all cores); a key's ops all land in one shard, in order.
     pub fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
         for op in &ops {
             check_len("key", op.key.as_slice().len())?;
@@ -157,88 +129,54 @@ impl StateStore {
                 check_len("value", v.len())?;
             }
         }
-        // A: hash the new entries (parallel) while they are still in the caller's order.
-        let puts: Vec<(&[u8], &[u8])> =
-            ops.iter().filter_map(|op| op.value.as_deref().map(|v| (op.key.as_slice(), v))).collect();
-        let (added, added_hashes) = expand(&puts);
-        drop(puts);
-        let buckets: Vec<usize> = if ops.len() >= PARALLEL_MIN {
+        let parallel = ops.len() >= PARALLEL_MIN;
+        let buckets: Vec<usize> = if parallel {
             ops.par_iter().map(|op| bucket_of(op.key.as_slice())).collect()
         } else {
             ops.iter().map(|op| bucket_of(op.key.as_slice())).collect()
         };
-        // B: mutate the map sequentially, moving replaced and deleted values out. A random
-        // bucket is a cache miss (~0.5 µs here); prefetching a few ops ahead overlaps them.
-        let mut removed_entries: Vec<(usize, Key, Value)> = Vec::new();
-        let mut added_hashes = added_hashes.iter();
-        for (i, op) in ops.into_iter().enumerate() {
-            if let Some(&ahead) = buckets.get(i + PREFETCH_AHEAD) {
-                prefetch_slice(&self.buckets[ahead]);
-                self.tree.prefetch_bucket(ahead);
-            }
-            let bucket = buckets[i];
-            if op.value.is_some() {
-                let h = added_hashes.next().expect("one hash per put");
-                self.tree.update(bucket, &Lanes::from_digest(h), false);
-            }
-            if let Some((key, old)) = self.mutate(bucket, op) {
-                // Phase C hashes the old value: start loading it now.
-                prefetch_slice(&old);
-                removed_entries.push((bucket, key, old));
-            }
+        let mut per_shard: Vec<Vec<(usize, Op)>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        for (op, bucket) in ops.into_iter().zip(buckets) {
+            let (shard, local) = shard_of(bucket);
+            per_shard[shard].push((local, op));
         }
-        // C: hash what left the map (parallel), then fold both sides into lattice and tree.
-        let removed: Vec<(&[u8], &[u8])> =
-            removed_entries.iter().map(|(_, k, v)| (k.as_slice(), &v[..])).collect();
-        let (subtracted, removed_hashes) = expand(&removed);
-        self.lattice.add(&added);
-        self.lattice.sub(&subtracted);
-        for ((bucket, _, _), h) in removed_entries.iter().zip(&removed_hashes) {
-            self.tree.update(*bucket, &Lanes::from_digest(h), true);
+        let deltas: Vec<ShardDelta> = if parallel {
+            self.shards.par_iter_mut().zip(per_shard).map(|(s, ops)| s.apply(ops)).collect()
+        } else {
+            self.shards.iter_mut().zip(per_shard).filter(|(_, ops)| !ops.is_empty()).map(|(s, ops)| s.apply(ops)).collect()
+        };
+        for d in deltas {
+            self.fold(d);
         }
         Ok(())
     }
 
-    /// Puts or deletes one entry in its bucket; returns the entry that left the map.
-    fn mutate(&mut self, bucket: usize, op: Op) -> Option<(Key, Value)> {
-        let entries = &mut self.buckets[bucket];
-        let found = entries.binary_search_by(|(k, _)| k.as_slice().cmp(op.key.as_slice()));
-        match (op.value, found) {
-            (Some(value), Ok(i)) => {
-                self.value_bytes = self.value_bytes + value.len() - entries[i].1.len();
-                self.heap_bytes = self.heap_bytes + alloc_size(value.len()) - alloc_size(entries[i].1.len());
-                let old = std::mem::replace(&mut entries[i].1, value);
-                Some((op.key, old))
+    fn fold(&mut self, d: ShardDelta) {
+        self.lattice.add(&d.lattice);
+        for (key, entered) in d.key_events {
+            if entered {
+                self.order.insert(key);
+            } else {
+                self.order.remove(&key);
             }
-            (Some(value), Err(i)) => {
-                self.len += 1;
-                self.key_bytes += op.key.as_slice().len();
-                self.value_bytes += value.len();
-                self.heap_bytes += alloc_size(value.len()) + 2 * op.key.heap_bytes();
-                self.order.insert(op.key.clone());
-                entries.insert(i, (op.key, value));
-                None
-            }
-            (None, Ok(i)) => {
-                let (key, old) = entries.remove(i);
-                self.order.remove(key.as_slice());
-                self.len -= 1;
-                self.key_bytes -= key.as_slice().len();
-                self.value_bytes -= old.len();
-                self.heap_bytes -= alloc_size(old.len()) + 2 * key.heap_bytes();
-                Some((key, old))
-            }
-            (None, Err(_)) => None,
         }
+        self.len = (self.len as isize + d.len) as usize;
+        self.key_bytes = (self.key_bytes as isize + d.key_bytes) as usize;
+        self.value_bytes = (self.value_bytes as isize + d.value_bytes) as usize;
+        self.heap_bytes = (self.heap_bytes as isize + d.heap_bytes) as usize;
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let entries = &self.buckets[bucket_of(key)];
-        entries.binary_search_by(|(k, _)| k.as_slice().cmp(key)).ok().map(|i| &entries[i].1[..])
+        let (shard, local) = shard_of(bucket_of(key));
+        self.shards[shard].get(local, key)
     }
 
     /// Entries with start <= key < end, in key order.
     pub fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Vec<(&[u8], &[u8])> {
+        // No key satisfies start <= key < end when end <= start (and BTreeSet::range panics).
+        if end.is_some_and(|end| end <= start) {
+            return Vec::new();
+        }
         let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
         self.order
             .range::<[u8], _>((Bound::Included(start), upper))
@@ -256,42 +194,36 @@ impl StateStore {
             .collect()
     }
 
+    fn all_entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.shards.iter().flat_map(|s| s.buckets.iter().flatten()).map(|(k, v)| (k.as_slice(), &v[..]))
+    }
+
     /// All entries in key order (for snapshots): gathered from the buckets, sorted on all cores.
     pub fn sorted_entries(&self) -> Vec<(&[u8], &[u8])> {
-        let mut all: Vec<(&[u8], &[u8])> =
-            self.buckets.iter().flatten().map(|(k, v)| (k.as_slice(), &v[..])).collect();
+        let mut all: Vec<(&[u8], &[u8])> = self.all_entries().collect();
         all.par_sort_unstable_by(|a, b| a.0.cmp(b.0));
         all
     }
 
     /// The digest recomputed from the contents alone, on all cores.
     pub fn recompute_digest(&self) -> Digest {
-        let lattice = self
-            .buckets
-            .par_iter()
-            .fold(
-                || (Lattice::default(), blake3::Hasher::new()),
-                |(mut l, mut h), bucket| {
-                    for (k, v) in bucket {
-                        l.mix_entry(&mut h, k.as_slice(), v, false);
-                    }
-                    (l, h)
-                },
-            )
-            .map(|(l, _)| l)
-            .reduce(Lattice::default, |mut a, b| {
-                a.add(&b);
-                a
-            });
-        lattice.digest()
+        let mut total = Lattice::default();
+        for l in self.shards.par_iter().map(Shard::recompute).collect::<Vec<_>>() {
+            total.add(&l);
+        }
+        total.digest()
     }
 
     /// Estimated heap bytes: bucket vectors, ordered index nodes, value and long-key buffers,
     /// and the tree. (The benchmark measures resident memory for real.)
     pub fn memory_usage(&self) -> usize {
         let slot = std::mem::size_of::<(Key, Value)>();
-        let bucket_bytes: usize = self.buckets.iter().map(|b| b.capacity() * slot).sum::<usize>()
-            + BUCKETS * std::mem::size_of::<Vec<(Key, Value)>>();
+        let bucket_bytes: usize = self
+            .shards
+            .iter()
+            .flat_map(|s| s.buckets.iter())
+            .map(|b| b.capacity() * slot + std::mem::size_of::<Vec<(Key, Value)>>())
+            .sum();
         // BTreeSet leaves hold up to 11 keys and run about 2/3 full after random inserts.
         let order_bytes = self.len * std::mem::size_of::<Key>() * 3 / 2;
         let tree_bytes = (0..=crate::TREE_DEPTH).map(|l| crate::FANOUT.pow(l as u32) * 32).sum::<usize>();
@@ -311,14 +243,17 @@ impl StateStore {
         let buckets = sorted_buckets(buckets)?;
         let mut out: Vec<(&[u8], &[u8])> = buckets
             .iter()
-            .flat_map(|&b| self.buckets[b].iter().map(|(k, v)| (k.as_slice(), &v[..])))
+            .flat_map(|&b| {
+                let (shard, local) = shard_of(b);
+                self.shards[shard].buckets[local].iter().map(|(k, v)| (k.as_slice(), &v[..]))
+            })
             .collect();
         out.sort_unstable_by(|a, b| a.0.cmp(b.0));
         Ok(out)
     }
 
     pub fn differing_buckets(&self, other: &StateStore) -> Vec<usize> {
-        self.tree.differing_buckets(&other.tree)
+        crate::tree::differing_buckets(self, other)
     }
 
     /// The diff that takes `self` to `other`, found through the bucket tree.
@@ -360,7 +295,8 @@ impl StateStore {
         let mut lattice = self.lattice.clone();
         let h = &mut blake3::Hasher::new();
         for r in &records {
-            if let Some(old) = matches!(r.change, Change::Changed(_) | Change::Removed).then(|| self.get(&r.key)).flatten() {
+            if let Change::Changed(_) | Change::Removed = r.change {
+                let old = self.get(&r.key).expect("merge saw this key here");
                 lattice.mix_entry(h, &r.key, old, true);
             }
             if let Change::Added(v) | Change::Changed(v) = &r.change {
@@ -411,21 +347,27 @@ impl StateStore {
         Ok(())
     }
 
-    /// Builds a store from entries in strictly increasing key order (snapshot loading),
-    /// hashing on all cores. The caller has already checked the order.
+    /// Builds a store from entries in strictly increasing key order (snapshot loading), on
+    /// all cores. The caller has already checked the order.
     pub fn from_sorted(entries: Vec<(Key, Value)>) -> StateStore {
-        let (lattice, hashes) = expand_all(entries.par_iter().map(|(k, v)| (k.as_slice(), &v[..])));
-        let mut store = StateStore { lattice, ..StateStore::default() };
-        store.order = entries.iter().map(|(k, _)| k.clone()).collect();
-        for ((key, value), h) in entries.into_iter().zip(hashes) {
-            let bucket = bucket_of(key.as_slice());
-            store.tree.update(bucket, &Lanes::from_digest(&h), false);
-            store.len += 1;
-            store.key_bytes += key.as_slice().len();
-            store.value_bytes += value.len();
-            store.heap_bytes += alloc_size(value.len()) + 2 * key.heap_bytes();
-            store.buckets[bucket].push((key, value));
+        let mut store = StateStore::default();
+        let buckets: Vec<usize> = entries.par_iter().map(|(k, _)| bucket_of(k.as_slice())).collect();
+        let mut per_shard: Vec<Vec<(usize, Key, Value)>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        let mut keys = Vec::with_capacity(entries.len());
+        for ((key, value), bucket) in entries.into_iter().zip(buckets) {
+            let (shard, local) = shard_of(bucket);
+            keys.push(key.clone());
+            per_shard[shard].push((local, key, value));
         }
+        let (order, deltas) = rayon::join(
+            // Keys arrive sorted, so the set is bulk-built.
+            || keys.into_iter().collect::<BTreeSet<Key>>(),
+            || store.shards.par_iter_mut().zip(per_shard).map(|(s, e)| s.load(e)).collect::<Vec<_>>(),
+        );
+        for d in deltas {
+            store.fold(d);
+        }
+        store.order = order;
         store
     }
 }
@@ -480,7 +422,7 @@ mod tests {
 
     fn store_of(pairs: &[(&[u8], &[u8])]) -> StateStore {
         let mut s = StateStore::new();
-        s.apply(pairs.iter().map(|(k, v)| Op::put(k, v)).collect()).unwrap();
+        s.apply(pairs.iter().map(|(k, v)| Op::put(k, v)).collect()).expect("the operation under test succeeds");
         s
     }
 
@@ -491,14 +433,14 @@ mod tests {
         for i in 0..500u32 {
             ops.push(Op::put(&i.to_le_bytes(), &[i as u8; 7]));
         }
-        s.apply(ops).unwrap();
+        s.apply(ops).expect("the operation under test succeeds");
         let mut ops = Vec::new();
         for i in (0..500u32).step_by(3) {
             ops.push(Op::delete(&i.to_le_bytes()));
             ops.push(Op::put(&(i + 1).to_le_bytes(), b"over"));
             ops.push(Op::put(&(i + 1).to_le_bytes(), b"twice"));
         }
-        s.apply(ops).unwrap();
+        s.apply(ops).expect("the operation under test succeeds");
         assert_eq!(s.digest(), s.recompute_digest());
         assert_eq!(s.len(), s.sorted_entries().len());
     }
@@ -507,7 +449,7 @@ mod tests {
     fn same_contents_same_digest_whatever_the_history() {
         let a = store_of(&[(b"a", b"1"), (b"b", b"2")]);
         let mut b = store_of(&[(b"b", b"0"), (b"c", b"3")]);
-        b.apply(vec![Op::put(b"b", b"2"), Op::delete(b"c"), Op::put(b"a", b"1")]).unwrap();
+        b.apply(vec![Op::put(b"b", b"2"), Op::delete(b"c"), Op::put(b"a", b"1")]).expect("the operation under test succeeds");
         assert_eq!(a.digest(), b.digest());
         assert!(a.differing_buckets(&b).is_empty());
     }
@@ -519,7 +461,7 @@ mod tests {
         let d = a.diff(&b);
         assert_eq!(d.records.len(), 3);
         let mut c = a.clone();
-        c.apply_diff(&d).unwrap();
+        c.apply_diff(&d).expect("the operation under test succeeds");
         assert_eq!(c.digest(), b.digest());
         assert_eq!(c.sorted_entries(), b.sorted_entries());
     }
@@ -553,8 +495,8 @@ mod tests {
         let b = store_of(&[(b"k1", b"1"), (b"k2", b"x"), (b"k4", b"4")]);
         let buckets = a.differing_buckets(&b);
         let remote: Vec<(Vec<u8>, Vec<u8>)> =
-            b.bucket_entries(&buckets).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-        let d = a.diff_buckets(&buckets, remote).unwrap();
+            b.bucket_entries(&buckets).expect("the operation under test succeeds").into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let d = a.diff_buckets(&buckets, remote).expect("the operation under test succeeds");
         assert_eq!(d, a.diff(&b));
     }
 
@@ -565,5 +507,7 @@ mod tests {
         assert_eq!(keys, vec![&b"a"[..], b"ab", b"b"]);
         let keys: Vec<&[u8]> = s.scan_prefix(b"a", 1).into_iter().map(|e| e.0).collect();
         assert_eq!(keys, vec![&b"a"[..]]);
+        assert!(s.scan(b"c", Some(b"a"), usize::MAX).is_empty());
+        assert!(s.scan(b"b", Some(b"b"), usize::MAX).is_empty());
     }
 }

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use synapse_core as core;
+use synapse_core::tree::{self, Tree};
 use synapse_core::{Change, CoreError as Error, Op};
 
 // Every core error is a ValueError: each one reports bad data or a bad argument.
@@ -58,7 +59,7 @@ fn limit_arg(limit: Option<i64>) -> PyResult<usize> {
 
 #[pyclass(module = "synapse._core", name = "SnapshotInfo", frozen, get_all)]
 struct SnapshotInfo {
-    path: PathBuf,
+    path: String,
     format: u32,
     entry_count: u64,
     log_index: u64,
@@ -71,7 +72,7 @@ impl SnapshotInfo {
     fn __repr__(&self) -> String {
         format!(
             "SnapshotInfo(path={:?}, entry_count={}, log_index={}, state_digest={}, file_size={})",
-            self.path.display().to_string(),
+            self.path,
             self.entry_count,
             self.log_index,
             self.state_digest.iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -83,7 +84,7 @@ impl SnapshotInfo {
 impl From<core::SnapshotInfo> for SnapshotInfo {
     fn from(i: core::SnapshotInfo) -> Self {
         SnapshotInfo {
-            path: i.path,
+            path: i.path.display().to_string(),
             format: i.format,
             entry_count: i.entry_count,
             log_index: i.log_index,
@@ -280,21 +281,22 @@ impl StateStore {
     }
 
     fn node_digests<'py>(&self, py: Python<'py>, level: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let nodes = self.0.tree().level(level).map_err(to_py)?;
-        let mut out = Vec::with_capacity(nodes.len() * 32);
-        for n in nodes {
-            out.extend_from_slice(&n.to_bytes());
+        tree::check_level(level).map_err(to_py)?;
+        let size = tree::level_size(level);
+        let mut out = Vec::with_capacity(size * 32);
+        for i in 0..size {
+            out.extend_from_slice(&self.0.node(level, i).to_bytes());
         }
         Ok(bytes(py, &out))
     }
 
     fn children_digests<'py>(&self, py: Python<'py>, level: usize, parents: Vec<usize>) -> PyResult<Bound<'py, PyBytes>> {
-        let out = self.0.tree().children_digests(level, &parents).map_err(to_py)?;
+        let out = tree::children_digests(&self.0, level, &parents).map_err(to_py)?;
         Ok(bytes(py, &out))
     }
 
     fn compare_children(&self, level: usize, parents: Vec<usize>, remote: &[u8]) -> PyResult<Vec<usize>> {
-        self.0.tree().compare_children(level, &parents, remote).map_err(to_py)
+        tree::compare_children(&self.0, level, &parents, remote).map_err(to_py)
     }
 
     fn bucket_entries<'py>(&self, py: Python<'py>, buckets: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
