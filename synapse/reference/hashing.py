@@ -54,6 +54,7 @@ BUCKETS = 65536
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 
 TAG_ELEMENT = b"SYNELEM1"
+TAG_LANES = b"SYNLANE1"
 TAG_STATE = b"SYNSTAT1"
 TAG_KEY = b"SYNKEY01"
 TAG_CHAIN = b"SYNCHAIN"
@@ -109,20 +110,24 @@ def element_bytes(key: bytes, value: bytes) -> bytes:
     return TAG_ELEMENT + u32(len(key), "key length") + key + value
 
 
-def element_expansion(key: bytes, value: bytes) -> bytes:
-    """The 2048-byte XOF of the element: 1024 little-endian u16 lanes."""
-    return b3x(element_bytes(key, value), EXPANSION_SIZE)
-
-
 def element_hash(key: bytes, value: bytes) -> bytes:
-    """``B3(elem)``, which is also the first 32 bytes of the expansion."""
+    """``B3(elem)``: what buckets add up, and the seed of the lattice expansion."""
     return b3(element_bytes(key, value))
 
 
+def expansion_of(element: bytes) -> bytes:
+    """The 2048-byte lattice expansion of an element hash: 1024 little-endian u16 lanes."""
+    return b3x(TAG_LANES + element, EXPANSION_SIZE)
+
+
+def element_expansion(key: bytes, value: bytes) -> bytes:
+    return expansion_of(element_hash(key, value))
+
+
 def element_parts(key: bytes, value: bytes) -> tuple[bytes, bytes]:
-    """(expansion, element_hash) from one XOF call, since the hash is the expansion's prefix."""
-    expansion = element_expansion(key, value)
-    return expansion, expansion[:DIGEST_SIZE]
+    """(expansion, element_hash) of one entry."""
+    element = element_hash(key, value)
+    return expansion_of(element), element
 
 
 def _expansion_lanes(expansion: bytes) -> array:

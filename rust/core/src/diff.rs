@@ -182,7 +182,7 @@ mod tests {
             ],
         };
         let bytes = d.encode();
-        assert_eq!(StateDiff::decode(&bytes).unwrap(), d);
+        assert_eq!(StateDiff::decode(&bytes).expect("a freshly encoded diff decodes"), d);
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 1;

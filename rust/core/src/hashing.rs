@@ -6,6 +6,7 @@ pub const LANES: usize = 1024;
 const EXPANSION_BYTES: usize = LANES * 2;
 
 const ELEMENT_TAG: &[u8; 8] = b"SYNELEM1";
+const LANES_TAG: &[u8; 8] = b"SYNLANE1";
 const STATE_TAG: &[u8; 8] = b"SYNSTAT1";
 const KEY_TAG: &[u8; 8] = b"SYNKEY01";
 const CHAIN_TAG: &[u8; 8] = b"SYNCHAIN";
@@ -39,13 +40,16 @@ impl Lattice {
         }
     }
 
-    /// Adds (or subtracts) the expansion of one entry and returns its element hash.
-    /// `hasher` is scratch space reused across calls: a fresh `blake3::Hasher` is ~1.9 KB,
-    /// and building and moving one per entry showed up as 15% of a batch in `perf`.
-    pub fn mix_entry(&mut self, hasher: &mut blake3::Hasher, key: &[u8], value: &[u8], subtract: bool) -> Digest {
+    /// Adds (or subtracts) the expansion of an element hash. `hasher` is scratch space reused
+    /// across calls: a fresh `blake3::Hasher` is ~1.9 KB, and building and moving one per
+    /// entry showed up as 15% of a batch in `perf`.
+    pub fn mix_element(&mut self, hasher: &mut blake3::Hasher, element: &Digest, subtract: bool) {
+        let mut seed = [0u8; 8 + DIGEST_SIZE];
+        seed[..8].copy_from_slice(LANES_TAG);
+        seed[8..].copy_from_slice(element);
         let mut expansion = [0u8; EXPANSION_BYTES];
         hasher.reset();
-        feed_element(hasher, key, value);
+        hasher.update(&seed);
         hasher.finalize_xof().fill(&mut expansion);
         let lanes = expansion.chunks_exact(2).map(|p| u16::from_le_bytes([p[0], p[1]]));
         // Two loops rather than a branch per lane, so each one vectorizes.
@@ -54,8 +58,12 @@ impl Lattice {
         } else {
             self.0.iter_mut().zip(lanes).for_each(|(a, x)| *a = a.wrapping_add(x));
         }
-        let mut element = [0u8; DIGEST_SIZE];
-        element.copy_from_slice(&expansion[..DIGEST_SIZE]);
+    }
+
+    /// Hashes an entry, mixes its expansion in (or out) and returns its element hash.
+    pub fn mix_entry(&mut self, hasher: &mut blake3::Hasher, key: &[u8], value: &[u8], subtract: bool) -> Digest {
+        let element = element_hash_with(hasher, key, value);
+        self.mix_element(hasher, &element, subtract);
         element
     }
 
@@ -71,18 +79,19 @@ impl Lattice {
     }
 }
 
-fn feed_element(h: &mut blake3::Hasher, key: &[u8], value: &[u8]) {
+/// `B3(elem)`, with a caller's scratch hasher.
+pub fn element_hash_with(h: &mut blake3::Hasher, key: &[u8], value: &[u8]) -> Digest {
+    h.reset();
     h.update(ELEMENT_TAG);
     h.update(&(key.len() as u32).to_le_bytes());
     h.update(key);
     h.update(value);
+    *h.finalize().as_bytes()
 }
 
-/// `B3(elem)`: the first 32 bytes of the entry's expansion; what buckets add up.
+/// `B3(elem)`: what buckets add up, and the seed of the entry's lattice expansion.
 pub fn element_hash(key: &[u8], value: &[u8]) -> Digest {
-    let mut h = blake3::Hasher::new();
-    feed_element(&mut h, key, value);
-    *h.finalize().as_bytes()
+    element_hash_with(&mut blake3::Hasher::new(), key, value)
 }
 
 /// The bucket (tree leaf) of a key: depends on the key alone, so a key never moves.
@@ -175,10 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn element_hash_is_expansion_prefix() {
-        let mut l = Lattice::default();
-        let e = l.mix_entry(&mut blake3::Hasher::new(), b"key", b"value", false);
+    fn mixing_an_entry_is_mixing_its_element_hash() {
+        let h = &mut blake3::Hasher::new();
+        let (mut a, mut b) = (Lattice::default(), Lattice::default());
+        let e = a.mix_entry(h, b"key", b"value", false);
         assert_eq!(e, element_hash(b"key", b"value"));
+        b.mix_element(h, &e, false);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! and the code that applies a shard's share of a batch. Shards own disjoint keys, so a batch
 //! is applied by all shards at once (rayon), each in the batch's order.
 
-use crate::hashing::{Lanes, Lattice};
+use crate::hashing::{element_hash_with, Lanes, Lattice};
 use crate::key::Key;
 use crate::store::{alloc_size, prefetch_slice, Op, Value};
 use crate::tree::SubTree;
-use crate::{BUCKETS, FANOUT};
+use crate::{Digest, BUCKETS, FANOUT};
 
 pub const SHARDS: usize = FANOUT;
 pub const SHARD_BUCKETS: usize = BUCKETS / SHARDS;
@@ -21,10 +21,19 @@ pub fn shard_of(bucket: usize) -> (usize, usize) {
     (bucket / SHARD_BUCKETS, bucket % SHARD_BUCKETS)
 }
 
+/// An entry with its element hash, kept so that removing it needs neither its value's bytes
+/// (a cache miss) nor rehashing them (rust/DESIGN.md, "Element").
+#[derive(Clone)]
+pub struct Entry {
+    pub key: Key,
+    pub value: Value,
+    pub element: Digest,
+}
+
 #[derive(Clone)]
 pub struct Shard {
     /// Each bucket's entries, sorted by key.
-    pub buckets: Vec<Vec<(Key, Value)>>,
+    pub buckets: Vec<Vec<Entry>>,
     pub tree: SubTree,
 }
 
@@ -58,53 +67,55 @@ impl Shard {
                 prefetch_slice(&self.buckets[*ahead]);
                 self.tree.prefetch_bucket(*ahead);
             }
+            // The replaced value is freed below, and free() reads its chunk header.
             if let Some(Some((ahead, op))) = ops.get(i + PREFETCH_AHEAD) {
                 if let Some(old) = self.get(*ahead, op.key.as_slice()) {
-                    prefetch_slice(old);
+                    prefetch_slice(&old[..old.len().min(1)]);
                 }
             }
             let (local, op) = ops[i].take().expect("each op is taken once");
-            if let Some(value) = &op.value {
-                let e = delta.lattice.mix_entry(&mut hasher, op.key.as_slice(), value, false);
-                self.tree.update(local, &Lanes::from_digest(&e), false);
+            let new_element = op.value.as_ref().map(|v| element_hash_with(&mut hasher, op.key.as_slice(), v));
+            if let Some(e) = &new_element {
+                delta.lattice.mix_element(&mut hasher, e, false);
+                self.tree.update(local, &Lanes::from_digest(e), false);
             }
-            if let Some((key, old)) = self.mutate(local, op, &mut delta) {
-                let e = delta.lattice.mix_entry(&mut hasher, key.as_slice(), &old, true);
-                self.tree.update(local, &Lanes::from_digest(&e), true);
+            if let Some(old) = self.mutate(local, op, new_element, &mut delta) {
+                delta.lattice.mix_element(&mut hasher, &old, true);
+                self.tree.update(local, &Lanes::from_digest(&old), true);
             }
         }
         delta
     }
 
-    /// Puts or deletes one entry in its bucket; returns the entry that left the map.
-    fn mutate(&mut self, local: usize, op: Op, delta: &mut ShardDelta) -> Option<(Key, Value)> {
+    /// Puts or deletes one entry in its bucket; returns the element hash of the entry that left.
+    fn mutate(&mut self, local: usize, op: Op, element: Option<Digest>, delta: &mut ShardDelta) -> Option<Digest> {
         let entries = &mut self.buckets[local];
-        let found = entries.binary_search_by(|(k, _)| k.as_slice().cmp(op.key.as_slice()));
-        match (op.value, found) {
-            (Some(value), Ok(i)) => {
-                let old_len = entries[i].1.len();
+        let found = entries.binary_search_by(|e| e.key.as_slice().cmp(op.key.as_slice()));
+        match (op.value.zip(element), found) {
+            (Some((value, element)), Ok(i)) => {
+                let old_len = entries[i].value.len();
                 delta.value_bytes += value.len() as isize - old_len as isize;
                 delta.heap_bytes += alloc_size(value.len()) as isize - alloc_size(old_len) as isize;
-                let old = std::mem::replace(&mut entries[i].1, value);
-                Some((op.key, old))
+                entries[i].value = value;
+                Some(std::mem::replace(&mut entries[i].element, element))
             }
-            (Some(value), Err(i)) => {
+            (Some((value, element)), Err(i)) => {
                 delta.len += 1;
                 delta.key_bytes += op.key.as_slice().len() as isize;
                 delta.value_bytes += value.len() as isize;
                 delta.heap_bytes += (alloc_size(value.len()) + 2 * op.key.heap_bytes()) as isize;
                 delta.key_events.push((op.key.clone(), true));
-                entries.insert(i, (op.key, value));
+                entries.insert(i, Entry { key: op.key, value, element });
                 None
             }
             (None, Ok(i)) => {
-                let (key, old) = entries.remove(i);
+                let old = entries.remove(i);
                 delta.len -= 1;
-                delta.key_bytes -= key.as_slice().len() as isize;
-                delta.value_bytes -= old.len() as isize;
-                delta.heap_bytes -= (alloc_size(old.len()) + 2 * key.heap_bytes()) as isize;
-                delta.key_events.push((key.clone(), false));
-                Some((key, old))
+                delta.key_bytes -= old.key.as_slice().len() as isize;
+                delta.value_bytes -= old.value.len() as isize;
+                delta.heap_bytes -= (alloc_size(old.value.len()) + 2 * old.key.heap_bytes()) as isize;
+                delta.key_events.push((old.key, false));
+                Some(old.element)
             }
             (None, Err(_)) => None,
         }
@@ -112,31 +123,37 @@ impl Shard {
 
     pub fn get(&self, local: usize, key: &[u8]) -> Option<&[u8]> {
         let entries = &self.buckets[local];
-        entries.binary_search_by(|(k, _)| k.as_slice().cmp(key)).ok().map(|i| &entries[i].1[..])
+        entries.binary_search_by(|e| e.key.as_slice().cmp(key)).ok().map(|i| &entries[i].value[..])
     }
 
-    /// This shard's lattice recomputed from its contents.
+    /// This shard's lattice recomputed from its keys and values (not from the stored element
+    /// hashes, so a value changed behind the store's back shows). Values are scattered over
+    /// the heap, so the next ones are prefetched while one is hashed.
     pub fn recompute(&self) -> Lattice {
         let mut lattice = Lattice::default();
         let mut hasher = blake3::Hasher::new();
-        for (k, v) in self.buckets.iter().flatten() {
-            lattice.mix_entry(&mut hasher, k.as_slice(), v, false);
+        let entries: Vec<&Entry> = self.buckets.iter().flatten().collect();
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(ahead) = entries.get(i + 4) {
+                prefetch_slice(&ahead.value);
+            }
+            lattice.mix_entry(&mut hasher, e.key.as_slice(), &e.value, false);
         }
         lattice
     }
 
-    /// Fills an empty shard from (local bucket, entry) pairs in key order.
+    /// Fills an empty shard from (local bucket, key, value) in key order.
     pub fn load(&mut self, entries: Vec<(usize, Key, Value)>) -> ShardDelta {
         let mut delta = ShardDelta::default();
         let mut hasher = blake3::Hasher::new();
         for (local, key, value) in entries {
-            let e = delta.lattice.mix_entry(&mut hasher, key.as_slice(), &value, false);
-            self.tree.update(local, &Lanes::from_digest(&e), false);
+            let element = delta.lattice.mix_entry(&mut hasher, key.as_slice(), &value, false);
+            self.tree.update(local, &Lanes::from_digest(&element), false);
             delta.len += 1;
             delta.key_bytes += key.as_slice().len() as isize;
             delta.value_bytes += value.len() as isize;
             delta.heap_bytes += (alloc_size(value.len()) + 2 * key.heap_bytes()) as isize;
-            self.buckets[local].push((key, value));
+            self.buckets[local].push(Entry { key, value, element });
         }
         delta
     }
