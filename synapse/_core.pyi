@@ -101,10 +101,14 @@ class StateStore:
         """Raises DigestMismatchError (changing nothing) unless digest() == diff.from_digest
         and the result's digest == diff.to_digest."""
     # --- snapshots ---
-    def write_snapshot(self, path: str | PathLike[str], log_index: int) -> SnapshotInfo:
-        """Stream the state to ``path`` (written to ``path + '.tmp'``, fsynced, renamed)."""
+    def write_snapshot(self, path: str | PathLike[str], log_index: int, prefix: bytes = b"") -> SnapshotInfo:
+        """Stream the state to ``path`` (written to ``path + '.tmp'``, fsynced, renamed).
+
+        ``prefix`` is written before the snapshot (a container's own metadata); load such a
+        file with ``load_snapshot(path, offset=len(prefix))``."""
     @staticmethod
-    def load_snapshot(path: str | PathLike[str]) -> tuple[StateStore, SnapshotInfo]: ...
+    def load_snapshot(path: str | PathLike[str], offset: int = 0) -> tuple[StateStore, SnapshotInfo]:
+        """Load and fully verify a snapshot starting ``offset`` bytes into the file."""
     def diff_snapshot(self, path: str | PathLike[str]) -> StateDiff:
         """The diff that takes this store to the snapshot's state (snapshot fully verified)."""
 

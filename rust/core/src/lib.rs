@@ -15,7 +15,9 @@ pub use diff::{merge_sorted, Change, DiffRecord, StateDiff};
 pub use error::{CoreError, Result};
 pub(crate) use error::hex;
 pub use hashing::{bucket_of, chain, element_hash};
-pub use snapshot::{load_snapshot, read_snapshot_info, write_snapshot, SnapshotEntries, SnapshotInfo};
+pub use snapshot::{
+    load_snapshot, load_snapshot_at, read_snapshot_info, write_snapshot, write_snapshot_with_prefix, SnapshotEntries, SnapshotInfo,
+};
 pub use store::{Op, StateStore};
 
 pub type Digest = [u8; DIGEST_SIZE];

@@ -29,11 +29,19 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CoreError + '_ {
 /// Writes `path + ".tmp"`, fsyncs it, renames it over `path` and fsyncs the directory, so a
 /// crash leaves either the old snapshot or the new one, never a torn file.
 pub fn write_snapshot(store: &StateStore, path: &Path, log_index: u64) -> Result<SnapshotInfo> {
+    write_snapshot_with_prefix(store, path, log_index, &[])
+}
+
+/// As `write_snapshot`, with `prefix` written before the snapshot's first byte: a container
+/// (the Raft dump file) can carry its own metadata and the snapshot in one atomic file. Load
+/// it back with `load_snapshot_at(path, prefix.len())`.
+pub fn write_snapshot_with_prefix(store: &StateStore, path: &Path, log_index: u64, prefix: &[u8]) -> Result<SnapshotInfo> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let mut out = BufWriter::with_capacity(IO_BUFFER, file);
+    out.write_all(prefix).map_err(io(&tmp))?;
     let digest = store.digest();
     let mut fields = Vec::with_capacity(48);
     fields.extend_from_slice(&(store.len() as u64).to_le_bytes());
@@ -56,7 +64,8 @@ pub fn write_snapshot(store: &StateStore, path: &Path, log_index: u64) -> Result
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     }
-    Ok(SnapshotInfo { path: path.to_path_buf(), format: FORMAT_VERSION, entry_count: store.len() as u64, log_index, state_digest: digest, file_size: size })
+    let file_size = size + prefix.len() as u64;
+    Ok(SnapshotInfo { path: path.to_path_buf(), format: FORMAT_VERSION, entry_count: store.len() as u64, log_index, state_digest: digest, file_size })
 }
 
 struct Header {
@@ -74,15 +83,19 @@ fn read_header(input: &mut impl Read, source: &str) -> Result<Header> {
     })
 }
 
-fn open(path: &Path) -> Result<(BufReader<File>, u64, String)> {
-    let file = File::open(path).map_err(io(path))?;
+/// Opens a snapshot that starts `offset` bytes into the file. Error offsets count from the
+/// snapshot's first byte.
+fn open(path: &Path, offset: u64) -> Result<(BufReader<File>, u64, String)> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).map_err(io(path))?;
     let size = file.metadata().map_err(io(path))?.len();
+    file.seek(SeekFrom::Start(offset)).map_err(io(path))?;
     Ok((BufReader::with_capacity(IO_BUFFER, file), size, path.display().to_string()))
 }
 
 /// Verifies the header checksum only: cheap, for listing snapshots.
 pub fn read_snapshot_info(path: &Path) -> Result<SnapshotInfo> {
-    let (mut input, size, source) = open(path)?;
+    let (mut input, size, source) = open(path, 0)?;
     let h = read_header(&mut input, &source)?;
     Ok(SnapshotInfo { path: path.to_path_buf(), format: FORMAT_VERSION, entry_count: h.entry_count, log_index: h.log_index, state_digest: h.state_digest, file_size: size })
 }
@@ -124,7 +137,12 @@ fn check_totals(source: &str, h: &Header, count: u64, digest: &Digest) -> Result
 
 /// Loads a snapshot, verifying every chunk, the key order, the count and the state digest.
 pub fn load_snapshot(path: &Path) -> Result<(StateStore, SnapshotInfo)> {
-    let (mut input, size, source) = open(path)?;
+    load_snapshot_at(path, 0)
+}
+
+/// Loads a snapshot that starts `offset` bytes into the file (see `write_snapshot_with_prefix`).
+pub fn load_snapshot_at(path: &Path, offset: u64) -> Result<(StateStore, SnapshotInfo)> {
+    let (mut input, size, source) = open(path, offset)?;
     let h = read_header(&mut input, &source)?;
     let mut reader = ChunkReader::new(input, &SNAPSHOT, &source);
     // Capacity from the header is only a hint: a corrupt count must not allocate.
@@ -155,7 +173,7 @@ pub struct SnapshotEntries {
 
 impl SnapshotEntries {
     pub fn open(path: &Path) -> Result<SnapshotEntries> {
-        let (mut input, _, source) = open(path)?;
+        let (mut input, _, source) = open(path, 0)?;
         let header = read_header(&mut input, &source)?;
         Ok(SnapshotEntries {
             reader: ChunkReader::new(input, &SNAPSHOT, &source),
@@ -264,6 +282,18 @@ mod tests {
         b.push(0);
         std::fs::write(&q, &b).expect("a scratch file");
         assert!(matches!(load_snapshot(&q), Err(CoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn prefixed_container_round_trips() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let p = dir.path().join("dump");
+        let s = sample(10, 5);
+        let info = write_snapshot_with_prefix(&s, &p, 9, b"meta!").expect("the operation under test succeeds");
+        assert_eq!(info.file_size, std::fs::metadata(&p).expect("the operation under test succeeds").len());
+        let (t, i) = load_snapshot_at(&p, 5).expect("the operation under test succeeds");
+        assert_eq!((t.digest(), i.log_index), (s.digest(), 9));
+        assert!(load_snapshot_at(&p, 4).is_err());
     }
 
     #[test]

@@ -322,14 +322,16 @@ impl StateStore {
         py.allow_threads(|| store.apply_diff(d)).map_err(to_py)
     }
 
-    fn write_snapshot(&self, py: Python<'_>, path: PathBuf, log_index: u64) -> PyResult<SnapshotInfo> {
+    #[pyo3(signature = (path, log_index, prefix = b"".as_slice()))]
+    fn write_snapshot(&self, py: Python<'_>, path: PathBuf, log_index: u64, prefix: &[u8]) -> PyResult<SnapshotInfo> {
         let store = &self.0;
-        py.allow_threads(|| core::write_snapshot(store, &path, log_index)).map(Into::into).map_err(to_py)
+        py.allow_threads(|| core::write_snapshot_with_prefix(store, &path, log_index, prefix)).map(Into::into).map_err(to_py)
     }
 
     #[staticmethod]
-    fn load_snapshot(py: Python<'_>, path: PathBuf) -> PyResult<(StateStore, SnapshotInfo)> {
-        let (store, info) = py.allow_threads(|| core::load_snapshot(&path)).map_err(to_py)?;
+    #[pyo3(signature = (path, offset = 0))]
+    fn load_snapshot(py: Python<'_>, path: PathBuf, offset: u64) -> PyResult<(StateStore, SnapshotInfo)> {
+        let (store, info) = py.allow_threads(|| core::load_snapshot_at(&path, offset)).map_err(to_py)?;
         Ok((StateStore(store), info.into()))
     }
 

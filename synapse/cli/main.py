@@ -1,0 +1,241 @@
+"""The ``synapse`` command: ``node start`` runs a daemon; ``kv`` and ``cluster`` talk to one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from synapse.client import Client, ConflictError, SynapseError
+from synapse.config import ConfigError, load_config
+
+
+@click.group()
+def main() -> None:
+    """Synapse: replicated, hash-verified state for an agent platform."""
+
+
+# --- node ---
+
+
+@main.group()
+def node() -> None:
+    """Run a node."""
+
+
+@node.command("start")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML settings file (flags and SYNAPSE_* variables override it).")
+@click.option("--id", "node_id", help="This node's id (default node1).")
+@click.option("--data-dir", help="Where the Raft log, snapshots, SQLite file and tokens live (default ./synapse-data).")
+@click.option("--api", help="HOST:PORT for the HTTP API (default 127.0.0.1:7070).")
+@click.option("--raft", help="HOST:PORT for Raft traffic (default 127.0.0.1:7071).")
+@click.option("--peers", help="The other voters: ID=HOST:PORT,... (their Raft addresses).")
+@click.option("--secret-file", help="Cluster secret (same file on every node); required with --peers.")
+@click.option("--insecure-no-cluster-secret", is_flag=True, default=None, help="Run a multi-node cluster with NO authentication or encryption of Raft traffic (anyone who reaches the Raft port can run code here). Test clusters only.")
+@click.option("--storage", help="'sqlite' (default) or a postgresql:// DSN.")
+@click.option("--root-token-file", help="File holding the API root token (default: generated, or derived from the cluster secret).")
+@click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def node_start(config_file, log_level, **flags) -> None:
+    """Start a node in the foreground; Ctrl-C stops it cleanly."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        config = load_config(flags, os.environ, config_file)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    from synapse.node import Node, NodeError, _new_loop
+
+    async def run() -> None:
+        node = Node(config)
+        try:
+            await node.start()
+        except (NodeError, ConfigError) as e:
+            raise click.ClickException(str(e)) from None
+        _announce(node)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        click.echo(f"synapse: stopping node {config.node_id} ...", err=True)
+        await node.stop()
+        click.echo("synapse: stopped", err=True)
+
+    # The Raft tick thread dies with the thread that created it: run in the main thread.
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
+def _announce(node) -> None:
+    cfg = node.config
+    click.echo(f"synapse: node {cfg.node_id} serving http://{cfg.api} (Raft {cfg.raft}, data {cfg.data_dir})")
+    token_file = cfg.root_token_file or cfg.data_dir / "root.token"
+    if node.token_was_created:
+        click.echo(f"synapse: root token (shown once; also in {token_file}): {node.root_token}")
+    click.echo(f"synapse: authenticate with: Authorization: Bearer $(cat {token_file})")
+    sys.stdout.flush()
+
+
+# --- clients ---
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.find_root().params
+    url = obj.get("url") or os.environ.get("SYNAPSE_URL") or "http://127.0.0.1:7070"
+    token = obj.get("token") or os.environ.get("SYNAPSE_TOKEN")
+    if not token:
+        token_file = Path(obj.get("token_file") or os.environ.get("SYNAPSE_TOKEN_FILE") or "synapse-data/root.token")
+        try:
+            token = token_file.read_text().strip()
+        except OSError:
+            raise click.UsageError(
+                f"no token: pass --token, set SYNAPSE_TOKEN, or --token-file (tried {token_file})"
+            ) from None
+    return Client(url, token)
+
+
+def _client_options(f):
+    f = click.option("--url", help="A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070).")(f)
+    f = click.option("--token", help="API token (default $SYNAPSE_TOKEN).")(f)
+    f = click.option("--token-file", help="File holding the API token (default ./synapse-data/root.token).")(f)
+    return f
+
+
+def _run(fn):
+    try:
+        return fn()
+    except ConflictError as e:
+        raise click.ClickException(f"conflict: {e.body.get('message')} (current version {e.current_version})") from None
+    except SynapseError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _print(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+@main.group()
+@_client_options
+def kv(url, token, token_file) -> None:
+    """Read and write keys."""
+
+
+@kv.command("get")
+@click.argument("key")
+@click.option("--stale", is_flag=True, help="Read this node's local state (may lag).")
+@click.pass_context
+def kv_get(ctx, key, stale) -> None:
+    with _client(ctx) as c:
+        r = _run(lambda: c.get(key, "stale" if stale else "linearizable"))
+    if r is None:
+        raise click.ClickException(f"key {key!r} does not exist")
+    _print(r)
+
+
+@kv.command("put")
+@click.argument("key")
+@click.argument("value")
+@click.option("--if-version", type=int, help="Only if the key's version is this (0: only if absent).")
+@click.option("--string", is_flag=True, help="Store VALUE as a JSON string instead of parsing it as JSON.")
+@click.pass_context
+def kv_put(ctx, key, value, if_version, string) -> None:
+    """Set KEY to VALUE (JSON, e.g. '{"a": 1}' or '"text"'; see --string)."""
+    if not string:
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise click.UsageError(f"VALUE {value!r} is not JSON; quote it as '\"...\"' or pass --string") from None
+    with _client(ctx) as c:
+        _print(_run(lambda: c.put(key, value, if_version)))
+
+
+@kv.command("delete")
+@click.argument("key")
+@click.option("--if-version", type=int)
+@click.pass_context
+def kv_delete(ctx, key, if_version) -> None:
+    with _client(ctx) as c:
+        _print(_run(lambda: c.delete(key, if_version)))
+
+
+@kv.command("scan")
+@click.option("--prefix", default="")
+@click.option("--limit", type=int, default=100)
+@click.pass_context
+def kv_scan(ctx, prefix, limit) -> None:
+    with _client(ctx) as c:
+        r = _run(lambda: c.scan(prefix, limit))
+    for item in r["items"]:
+        click.echo(f"{item['key']}\t{json.dumps(item['value'], ensure_ascii=False)}\tv{item['version']}")
+
+
+@main.group()
+@_client_options
+def cluster(url, token, token_file) -> None:
+    """Inspect and change the cluster."""
+
+
+@cluster.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cluster_status(ctx, as_json) -> None:
+    with _client(ctx) as c:
+        s = _run(c.status)
+    if as_json:
+        _print(s)
+        return
+    click.echo(f"node {s['node_id']}  leader {s['leader']}  term {s['term']}  "
+               f"commit {s['commit_index']}  applied {s['applied_index']}")
+    click.echo(f"state hash {s['state_hash']}")
+    rows = [("NODE", "RAFT", "API", "ROLE", "CONNECTED")]
+    for m in s["members"]:
+        role = "leader" if m["leader"] else "follower"
+        rows.append((m["node_id"] or "?", m["raft"], m["api"] or "?", role + (" (this)" if m["self"] else ""), "yes" if m["connected"] else "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+@cluster.command("add")
+@click.argument("node_id")
+@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
+@click.option("--api", required=True, help="The new node's API HOST:PORT.")
+@click.pass_context
+def cluster_add(ctx, node_id, raft, api) -> None:
+    """Add a voter (start it with --peers listing the current voters first)."""
+    with _client(ctx) as c:
+        _print(_run(lambda: c.request("POST", "/v1/cluster/members", {"node_id": node_id, "raft": raft, "api": api})))
+
+
+@cluster.command("remove")
+@click.argument("node_id")
+@click.pass_context
+def cluster_remove(ctx, node_id) -> None:
+    with _client(ctx) as c:
+        _print(_run(lambda: c.request("DELETE", f"/v1/cluster/members/{node_id}")))
+
+
+@cluster.command("transfer-leader")
+@click.argument("node_id", required=False)
+@click.pass_context
+def cluster_transfer(ctx, node_id) -> None:
+    """Hand leadership to NODE_ID (default: the most caught-up follower)."""
+    with _client(ctx) as c:
+        s = _run(c.status)
+        leader = Client(f"http://{s['leader_api']}", c._token) if s.get("leader_api") else c
+        with leader:
+            _print(_run(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
+
+
+if __name__ == "__main__":
+    main()

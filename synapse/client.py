@@ -1,0 +1,333 @@
+"""HTTP clients for a Synapse cluster: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both follow leader changes and retry safely: every write carries a request id that stays the
+same across retries, and the cluster applies a request id at most once, so a retry after a
+timeout, a dropped connection or a leader change never applies a write twice. Requests go to
+the leader when it is known (a write sent to a follower costs an extra hop) and move to the
+next node when one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_RETRY_STATUSES = {502, 503, 504}
+
+
+class SynapseError(Exception):
+    """The cluster answered with an error. ``status`` is the HTTP status, ``error`` the code."""
+
+    def __init__(self, status: int, error: str, message: str, body: dict | None = None) -> None:
+        super().__init__(f"{status} {error}: {message}")
+        self.status, self.error, self.body = status, error, body or {}
+
+
+class ConflictError(SynapseError):
+    """A condition (if_version) failed; ``current_version`` is the key's version (0: absent)."""
+
+    @property
+    def current_version(self) -> int:
+        return int(self.body.get("current_version", 0))
+
+
+class UnavailableError(SynapseError):
+    """No node gave an answer before the deadline. ``outcome_unknown``: a write may have been
+    applied — retrying it with the same request id is safe."""
+
+    @property
+    def outcome_unknown(self) -> bool:
+        return bool(self.body.get("outcome_unknown", True))
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Endpoints:
+    """The nodes' base URLs, the leader's first; learned from /v1/cluster/status."""
+
+    urls: list[str]
+    refreshed: float = 0.0
+
+    def rotate(self) -> None:
+        self.urls.append(self.urls.pop(0))
+
+    def learn(self, status: dict) -> None:
+        seen = {m["api"] for m in status.get("members", []) if m.get("api")}
+        known = [u for u in self.urls if urlsplit(u).netloc not in seen]
+        found = sorted(f"http://{a}" for a in seen)
+        leader = status.get("leader_api")
+        if leader:
+            found.sort(key=lambda u: u != f"http://{leader}")
+        self.urls = found + known
+        self.refreshed = time.monotonic()
+
+
+def _normalize(urls: str | list[str]) -> list[str]:
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = []
+    for u in items:
+        for part in u.split(","):
+            part = part.strip().rstrip("/")
+            if part:
+                out.append(part if "://" in part else f"http://{part}")
+    if not out:
+        raise ValueError("give at least one node URL, e.g. http://127.0.0.1:7070")
+    return out
+
+
+def _kv_path(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError("key must be a non-empty string")
+    return "/v1/kv/" + quote(key, safe="")
+
+
+def _interpret(status: int, payload: bytes) -> Any:
+    try:
+        body = json.loads(payload) if payload else {}
+    except ValueError:
+        body = {"error": "bad_response", "message": payload[:200].decode(errors="replace")}
+    if 200 <= status < 300:
+        return body
+    error, message = body.get("error", "error"), body.get("message", "")
+    if status == 409 and error == "conflict":
+        raise ConflictError(status, error, message, body)
+    raise SynapseError(status, error, message, body)
+
+
+class _Calls:
+    """The API calls, written once over an abstract ``_call`` (blocking or async)."""
+
+    def _put(self, key: str, value: Any, if_version: int | None) -> _Request:
+        body: dict[str, Any] = {"value": value}
+        if if_version is not None:
+            body["if_version"] = if_version
+        return _Request("PUT", _kv_path(key), json.dumps(body).encode(), {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+    def _get(self, key: str, consistency: str) -> _Request:
+        return _Request("GET", _kv_path(key) + "?" + urlencode({"consistency": consistency}))
+
+    def _delete(self, key: str, if_version: int | None) -> _Request:
+        q = "" if if_version is None else "?" + urlencode({"if_version": if_version})
+        return _Request("DELETE", _kv_path(key) + q, None, {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+    def _scan(self, prefix: str, limit: int | None, start_after: str | None, consistency: str) -> _Request:
+        q = {"prefix": prefix, "consistency": consistency}
+        if limit is not None:
+            q["limit"] = str(limit)
+        if start_after is not None:
+            q["start_after"] = start_after
+        return _Request("GET", "/v1/kv?" + urlencode(q))
+
+    def _txn(self, if_: list, then: list, else_: list) -> _Request:
+        body = json.dumps({"if": if_, "then": then, "else": else_}).encode()
+        return _Request("POST", "/v1/txn", body, {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+
+class Client(_Calls):
+    """Blocking client. ``Client("http://127.0.0.1:7070", token=...)``; several URLs may be
+    given (a list or comma-separated); the rest are learned from the cluster."""
+
+    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0) -> None:
+        self._endpoints = _Endpoints(_normalize(urls))
+        self._token = token
+        self._timeout = timeout
+        self._conns: dict[str, http.client.HTTPConnection] = {}
+
+    def close(self) -> None:
+        for c in self._conns.values():
+            c.close()
+        self._conns.clear()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def put(self, key: str, value: Any, if_version: int | None = None) -> dict:
+        return self._call(self._put(key, value, if_version))
+
+    def get(self, key: str, consistency: str = "linearizable") -> dict | None:
+        try:
+            return self._call(self._get(key, consistency))
+        except SynapseError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def delete(self, key: str, if_version: int | None = None) -> dict:
+        return self._call(self._delete(key, if_version))
+
+    def scan(self, prefix: str = "", limit: int | None = None, start_after: str | None = None,
+             consistency: str = "linearizable") -> dict:
+        return self._call(self._scan(prefix, limit, start_after, consistency))
+
+    def txn(self, if_: list | None = None, then: list | None = None, else_: list | None = None) -> dict:
+        return self._call(self._txn(if_ or [], then or [], else_ or []))
+
+    def status(self) -> dict:
+        return self._call(_Request("GET", "/v1/cluster/status"))
+
+    def request(self, method: str, path: str, body: dict | None = None) -> Any:
+        """Any other API call (e.g. membership), with the same retry policy."""
+        headers = {REQUEST_ID_HEADER: uuid.uuid4().hex} if method != "GET" else {}
+        return self._call(_Request(method, path, json.dumps(body).encode() if body is not None else None, headers))
+
+    def _call(self, req: _Request) -> Any:
+        deadline = time.monotonic() + self._timeout
+        attempt, last = 0, None
+        while True:
+            url = self._endpoints.urls[0]
+            try:
+                status, payload = self._send(url, req, max(0.1, deadline - time.monotonic()))
+                if status not in _RETRY_STATUSES:
+                    return _interpret(status, payload)
+                last = _interpret_quiet(status, payload)
+            except (OSError, http.client.HTTPException) as e:
+                self._conns.pop(url, None)
+                last = SynapseError(503, "unreachable", f"{url}: {e}", {"outcome_unknown": True})
+            self._endpoints.rotate()
+            attempt += 1
+            pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
+            if time.monotonic() + pause > deadline:
+                raise UnavailableError(last.status, last.error, str(last), last.body)
+            time.sleep(pause)
+            if attempt % len(self._endpoints.urls) == 0:
+                self._refresh(deadline)
+
+    def _refresh(self, deadline: float) -> None:
+        for url in list(self._endpoints.urls):
+            try:
+                status, payload = self._send(url, _Request("GET", "/v1/cluster/status"), max(0.1, min(1.0, deadline - time.monotonic())))
+                if status == 200:
+                    self._endpoints.learn(json.loads(payload))
+                    return
+            except (OSError, http.client.HTTPException, ValueError):
+                self._conns.pop(url, None)
+
+    def _send(self, url: str, req: _Request, timeout: float) -> tuple[int, bytes]:
+        conn = self._conns.get(url)
+        if conn is None:
+            parts = urlsplit(url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+            self._conns[url] = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json", **req.headers}
+        conn.request(req.method, req.path, body=req.body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+
+
+class AsyncClient(_Calls):
+    """asyncio client with the same calls and retry policy as ``Client``."""
+
+    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0) -> None:
+        self._endpoints = _Endpoints(_normalize(urls))
+        self._token = token
+        self._timeout = timeout
+        self._session = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def put(self, key: str, value: Any, if_version: int | None = None) -> dict:
+        return await self._call(self._put(key, value, if_version))
+
+    async def get(self, key: str, consistency: str = "linearizable") -> dict | None:
+        try:
+            return await self._call(self._get(key, consistency))
+        except SynapseError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def delete(self, key: str, if_version: int | None = None) -> dict:
+        return await self._call(self._delete(key, if_version))
+
+    async def scan(self, prefix: str = "", limit: int | None = None, start_after: str | None = None,
+                   consistency: str = "linearizable") -> dict:
+        return await self._call(self._scan(prefix, limit, start_after, consistency))
+
+    async def txn(self, if_: list | None = None, then: list | None = None, else_: list | None = None) -> dict:
+        return await self._call(self._txn(if_ or [], then or [], else_ or []))
+
+    async def status(self) -> dict:
+        return await self._call(_Request("GET", "/v1/cluster/status"))
+
+    async def _call(self, req: _Request) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._token}"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        attempt, last = 0, None
+        while True:
+            url = self._endpoints.urls[0]
+            try:
+                timeout = aiohttp.ClientTimeout(total=max(0.1, deadline - loop.time()))
+                async with self._session.request(
+                    req.method, url + req.path, data=req.body, timeout=timeout,
+                    headers={"Content-Type": "application/json", **req.headers},
+                ) as resp:
+                    payload = await resp.read()
+                    if resp.status not in _RETRY_STATUSES:
+                        return _interpret(resp.status, payload)
+                    last = _interpret_quiet(resp.status, payload)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                last = SynapseError(503, "unreachable", f"{url}: {e!r}", {"outcome_unknown": True})
+            self._endpoints.rotate()
+            attempt += 1
+            pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
+            if loop.time() + pause > deadline:
+                raise UnavailableError(last.status, last.error, str(last), last.body)
+            await asyncio.sleep(pause)
+            if attempt % len(self._endpoints.urls) == 0:
+                await self._refresh(deadline)
+
+    async def _refresh(self, deadline: float) -> None:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        for url in list(self._endpoints.urls):
+            try:
+                timeout = aiohttp.ClientTimeout(total=max(0.1, min(1.0, deadline - loop.time())))
+                async with self._session.get(url + "/v1/cluster/status", timeout=timeout) as resp:
+                    if resp.status == 200:
+                        self._endpoints.learn(await resp.json())
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                continue
+
+
+def _interpret_quiet(status: int, payload: bytes) -> SynapseError:
+    try:
+        _interpret(status, payload)
+    except SynapseError as e:
+        return e
+    return SynapseError(status, "error", "unexpected success status in retry path")

@@ -1,0 +1,210 @@
+"""Node settings: command-line flags over ``SYNAPSE_*`` environment variables over a TOML file
+over defaults. Every bad setting is refused with a message naming it and the fix."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from synapse.cluster.raft import RaftTuning
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str = "node1"
+    data_dir: Path = Path("synapse-data")
+    api: str = "127.0.0.1:7070"
+    raft: str = "127.0.0.1:7071"
+    # The other voters' Raft addresses, by node id.
+    peers: dict[str, str] = field(default_factory=dict)
+    secret_file: Path | None = None
+    # Multi-node without a cluster secret lets anyone who reaches the Raft port run code in
+    # the node (PySyncObj unpickles every frame; FIELD-NOTES.md). Refused unless asked for
+    # by this deliberately alarming name.
+    insecure_no_cluster_secret: bool = False
+    storage: str = "sqlite"
+    root_token_file: Path | None = None
+    request_timeout: float = 5.0
+    tuning: RaftTuning = field(default_factory=RaftTuning)
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.peers)
+
+    def api_host_port(self) -> tuple[str, int]:
+        return split_address("api", self.api)
+
+    def raft_host_port(self) -> tuple[str, int]:
+        return split_address("raft", self.raft)
+
+    def read_secret(self) -> str | None:
+        if self.secret_file is None:
+            return None
+        try:
+            secret = self.secret_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError("secret_file", f"cannot read {self.secret_file}: {e.strerror}") from e
+        if len(secret) < 16:
+            raise ConfigError(
+                "secret_file",
+                f"{self.secret_file} holds {len(secret)} characters; use at least 16 "
+                "(e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+            )
+        return secret
+
+
+def split_address(setting: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(setting, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:7070)")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::"):
+        # Binding every interface is a choice to make explicitly, not a default to inherit.
+        return host, int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]+$", host):
+            raise ConfigError(setting, f"{host!r} is not an IP address or host name") from None
+    return host, int(port)
+
+
+def parse_peers(value: str | Mapping[str, str]) -> dict[str, str]:
+    """``ID=HOST:PORT,ID=HOST:PORT`` (flags, env) or a TOML table ``{id = "host:port"}``."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            node_id, sep, addr = item.partition("=")
+            if not sep:
+                raise ConfigError("peers", f"{item!r} is not ID=HOST:PORT (e.g. node2=10.0.0.2:7071)")
+            pairs.append((node_id.strip(), addr.strip()))
+    peers: dict[str, str] = {}
+    for node_id, addr in pairs:
+        if not isinstance(addr, str):
+            raise ConfigError("peers", f"the address of {node_id!r} must be a string HOST:PORT")
+        check_node_id("peers", node_id)
+        split_address("peers", addr)
+        if node_id in peers:
+            raise ConfigError("peers", f"{node_id!r} is listed twice")
+        peers[node_id] = addr
+    return peers
+
+
+def check_node_id(setting: str, node_id: str) -> str:
+    if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
+        raise ConfigError(
+            setting, f"{node_id!r} is not a valid node id: 1-63 letters, digits, '.', '_' or '-'"
+        )
+    return node_id
+
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Turns a flag/env/TOML value into the field's type, or raises ConfigError naming it."""
+    try:
+        if name in ("data_dir", "secret_file", "root_token_file"):
+            return None if raw in (None, "") else Path(raw)
+        if name == "peers":
+            return parse_peers(raw)
+        if name == "insecure_no_cluster_secret":
+            if isinstance(raw, bool):
+                return raw
+            return _BOOL[str(raw).strip().lower()]
+        if name == "request_timeout":
+            v = float(raw)
+            if not 0.1 <= v <= 300:
+                raise ConfigError(name, f"{v} s is out of range; use 0.1 to 300 seconds")
+            return v
+        if name == "node_id":
+            return check_node_id(name, str(raw))
+        if name in ("api", "raft"):
+            split_address(name, str(raw))
+            return str(raw)
+        if name == "storage":
+            s = str(raw)
+            if s != "sqlite" and not s.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(name, f"{s!r} is not 'sqlite' or a postgresql:// DSN")
+            return s
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError):
+        raise ConfigError(name, f"{raw!r} is not a valid value") from None
+    raise ConfigError(name, "is not a known setting")
+
+
+SETTINGS = tuple(f.name for f in fields(NodeConfig) if f.name != "tuning")
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> NodeConfig:
+    """Merges defaults < TOML file < environment (SYNAPSE_<NAME>) < flags, then validates."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {config_file}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{config_file} is not valid TOML: {e}") from e
+        for key, raw in doc.items():
+            name = key.replace("-", "_")
+            if name not in SETTINGS:
+                raise ConfigError(key, f"unknown setting in {config_file}; known: {', '.join(SETTINGS)}")
+            values[name] = _coerce(name, raw)
+    for name in SETTINGS:
+        raw = (env or {}).get("SYNAPSE_" + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        if name not in SETTINGS:
+            raise ConfigError(name, f"unknown setting; known: {', '.join(SETTINGS)}")
+        values[name] = _coerce(name, raw)
+    config = replace(NodeConfig(), **values)
+    validate(config)
+    return config
+
+
+def validate(config: NodeConfig) -> None:
+    config.api_host_port()
+    config.raft_host_port()
+    if config.node_id in config.peers:
+        raise ConfigError("peers", f"lists this node's own id {config.node_id!r}; list only the other voters")
+    if config.raft in config.peers.values():
+        raise ConfigError("peers", f"lists this node's own Raft address {config.raft}")
+    if config.api == config.raft:
+        raise ConfigError("api", "the API and Raft addresses must differ")
+    if config.multi_node and config.secret_file is None and not config.insecure_no_cluster_secret:
+        raise ConfigError(
+            "secret_file",
+            "a multi-node cluster needs a cluster secret: without one, anyone who can reach the "
+            "Raft port can run code in this node. Give --secret-file FILE (the same file on every "
+            "node), or --insecure-no-cluster-secret for a throwaway test cluster",
+        )
+    config.read_secret()
+
+
+def environment() -> Mapping[str, str]:
+    return os.environ

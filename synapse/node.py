@@ -1,0 +1,299 @@
+"""A Synapse node: the Raft voter, its group committer, storage materializer and HTTP API,
+wired together. ``synapse node start`` runs one; Python programs embed one with ``Node``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from synapse import _core
+from synapse.cluster.committer import GroupCommitter, ProposalError
+from synapse.cluster.raft import ReplicatedLog
+from synapse.config import ConfigError, NodeConfig
+from synapse.state import keys
+from synapse.state.processor import CommandProcessor, EntryOutcome
+from synapse.state.records import KvRecord
+from synapse.storage import open_storage
+from synapse.storage.materializer import Materializer
+
+log = logging.getLogger("synapse.node")
+
+_IDENTITY = "node.json"
+_TOKEN_FILE = "root.token"
+
+
+class NodeError(RuntimeError):
+    """The node cannot start; the message says why and what to do."""
+
+
+class Node:
+    """One Synapse node in this process.
+
+    From asyncio: ``async with Node(config) as node: ...`` (or ``await node.start()`` /
+    ``await node.stop()``) runs it on the running loop. From plain code: ``with Node(config)
+    as node: ...`` (or ``node.run_in_background()`` / ``node.close()``) runs it on its own
+    loop in a background thread. Either way the Raft tick thread lives as long as the thread
+    that started the node.
+    """
+
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config or NodeConfig()
+        self.raft: ReplicatedLog | None = None
+        self.committer: GroupCommitter | None = None
+        self.materializer: Materializer | None = None
+        self.root_token: str = ""
+        self.token_was_created = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._storage = None
+        self._api_runner = None
+        self._thread: threading.Thread | None = None
+        self._register_task: asyncio.Task | None = None
+        self._materializer_task: asyncio.Task | None = None
+        self.started = False
+
+    # --- lifecycle (asyncio) ---
+
+    async def start(self) -> None:
+        if self.started:
+            raise NodeError("the node is already running")
+        from synapse.api.http import start_api  # the API imports Node's types
+
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        data_dir = cfg.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._check_identity(data_dir)
+        secret = cfg.read_secret()
+        self.root_token, self.token_was_created = self._root_token(data_dir, secret)
+        self._storage = open_storage(cfg.storage, data_dir, cfg.node_id)
+        await self._storage.open()
+        self.materializer = Materializer(self._storage)
+        self._materializer_task = self._loop.create_task(self.materializer.run(), name="materializer")
+        raft_host, _ = cfg.raft_host_port()
+        self.raft = ReplicatedLog(
+            raft_addr=cfg.raft,
+            peers=sorted(cfg.peers.values()),
+            data_dir=data_dir,
+            processor_factory=CommandProcessor,
+            listener=self,
+            secret=secret,
+            tuning=cfg.tuning,
+            bind_address=cfg.raft,
+        )
+        try:
+            await self._loop.run_in_executor(None, self.raft.waitBinded)
+        except Exception as e:
+            self.raft.close()
+            raise NodeError(f"cannot listen on the Raft address {cfg.raft}: {e} (is it in use?)") from e
+        self.committer = GroupCommitter(self.raft)
+        self.committer.start()
+        try:
+            self._api_runner = await start_api(self)
+        except OSError as e:
+            await self.stop()
+            raise NodeError(f"cannot listen on the API address {cfg.api}: {e.strerror}") from e
+        self._register_task = self._loop.create_task(self._register_self(), name="register")
+        self.started = True
+        log.info("node %s: API on http://%s, Raft on %s, data in %s", cfg.node_id, cfg.api, cfg.raft, data_dir)
+
+    async def stop(self) -> None:
+        """Stops serving, then Raft, then writes out what the materializer still holds."""
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
+            self._api_runner = None
+        if self._register_task is not None:
+            self._register_task.cancel()
+            await asyncio.gather(self._register_task, return_exceptions=True)
+        if self.committer is not None:
+            await self.committer.close()
+        if self.raft is not None:
+            self.raft.close()
+        if self.materializer is not None:
+            await self.materializer.stop()
+        if self._materializer_task is not None:
+            await asyncio.gather(self._materializer_task, return_exceptions=True)
+        if self._storage is not None:
+            await self._storage.close()
+        self.started = False
+
+    async def __aenter__(self) -> "Node":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # --- lifecycle (blocking, own loop in a thread) ---
+
+    def run_in_background(self, timeout: float = 30.0) -> "Node":
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def main() -> None:
+            loop = _new_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:
+                failure.append(e)
+                started.set()
+                loop.close()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name=f"synapse-node-{self.config.node_id}", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise NodeError(f"the node did not start within {timeout:g} s")
+        if failure:
+            raise failure[0]
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._thread = None
+
+    def __enter__(self) -> "Node":
+        return self.run_in_background()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- what the API needs ---
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.api}"
+
+    def check_token(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.root_token.encode())
+
+    async def propose(self, command: dict, size_hint: int) -> dict:
+        assert self.committer is not None
+        return await self.committer.submit(command, size_hint, self.config.request_timeout)
+
+    async def read_barrier(self) -> None:
+        assert self.committer is not None
+        await self.committer.barrier(self.config.request_timeout)
+
+    def read(self, fn):
+        """Runs ``fn(processor)`` under the state lock (the applier holds it per entry)."""
+        assert self.raft is not None
+        with self.raft.state_lock:
+            return fn(self.raft.processor)
+
+    # --- ApplyListener (PySyncObj's tick thread: hand off, return at once) ---
+
+    def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None:
+        if self.materializer is not None and outcome.changes:
+            self.materializer.submit(index, outcome.changes)
+
+    def state_replaced(self, index: int, store: _core.StateStore) -> None:
+        if self.materializer is not None:
+            frozen = store.clone()
+            self.materializer.submit_snapshot(index, _kv_records(frozen))
+
+    def role_changed(self, leader: str | None, is_leader: bool) -> None:
+        log.info("node %s: leader is now %s%s", self.config.node_id, leader, " (this node)" if is_leader else "")
+
+    # --- internals ---
+
+    async def _register_self(self) -> None:
+        """Publishes this node's API address in the replicated state, so any node can tell
+        clients where the others (and the leader) are. Retries until it lands."""
+        cfg = self.config
+        command = {"op": "register_node", "node_id": cfg.node_id, "api": cfg.api, "raft": cfg.raft}
+        while True:
+            known = self.read(lambda p: p.nodes().get(cfg.node_id))
+            if known and known.get("api") == cfg.api and known.get("raft") == cfg.raft:
+                return
+            try:
+                await self.propose(dict(command, rid=f"register/{cfg.node_id}/{secrets.token_hex(8)}"), 256)
+                return
+            except ProposalError:
+                await asyncio.sleep(0.5)
+
+    def _check_identity(self, data_dir: Path) -> None:
+        path = data_dir / _IDENTITY
+        me = {"node_id": self.config.node_id, "raft": self.config.raft}
+        if path.exists():
+            try:
+                recorded = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise NodeError(f"{path} is unreadable ({e}); it records which node owns {data_dir}") from e
+            if recorded.get("node_id") != me["node_id"]:
+                raise ConfigError(
+                    "data_dir",
+                    f"{data_dir} belongs to node {recorded.get('node_id')!r}, not {me['node_id']!r}; "
+                    "give each node its own data directory",
+                )
+        else:
+            _write_private(path, json.dumps(me) + "\n")
+
+    def _root_token(self, data_dir: Path, secret: str | None) -> tuple[str, bool]:
+        """The root token: from --root-token-file; else, in a cluster, derived from the cluster
+        secret (so every node accepts the same token); else generated once and kept in the
+        data dir. Returns (token, whether it was just created and should be shown)."""
+        cfg = self.config
+        if cfg.root_token_file is not None:
+            try:
+                token = cfg.root_token_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError("root_token_file", f"cannot read {cfg.root_token_file}: {e.strerror}") from e
+            if len(token) < 16:
+                raise ConfigError("root_token_file", "the token must be at least 16 characters")
+            return token, False
+        path = data_dir / _TOKEN_FILE
+        if secret is not None:
+            token = hmac.new(secret.encode(), b"synapse root token v1", hashlib.sha256).hexdigest()
+            created = not path.exists()
+            if created:
+                _write_private(path, token + "\n")
+            return token, created
+        if cfg.multi_node:
+            raise ConfigError(
+                "root_token_file",
+                "a cluster without a secret needs --root-token-file (the same file on every node)",
+            )
+        if path.exists():
+            return path.read_text().strip(), False
+        token = secrets.token_urlsafe(32)
+        _write_private(path, token + "\n")
+        return token, True
+
+
+def _kv_records(store: _core.StateStore):
+    for key, value in store.scan_prefix(keys.KV):
+        yield keys.decode_kv(keys.kv_name(key), value)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+__all__ = ["Node", "NodeError", "KvRecord"]

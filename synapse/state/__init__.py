@@ -1,0 +1,1 @@
+"""Commands, their encoding and the pure, deterministic command processor (see DESIGN.md)."""

@@ -1,0 +1,316 @@
+"""The replicated command schema (version 1): log-entry encoding and command validation.
+
+DESIGN.md has the table of ops and their results. Validation is shared: the API layer calls
+``validate_command`` before proposing, so a user gets a 400 naming the field instead of a
+failed log entry, and the ``CommandProcessor`` calls it again on every applied command, so a
+forged or corrupted entry cannot bypass a limit. It is a pure function of the command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+MAX_KEY_BYTES = 1024
+MAX_VALUE_BYTES = 1 << 20  # 1 MiB
+MAX_TXN_OPS = 128  # per branch (then / else)
+MAX_TXN_CONDS = 64
+MAX_RID_CHARS = 128
+MAX_NODE_ID_CHARS = 128
+MAX_ADDRESS_CHARS = 255
+MAX_UINT64 = (1 << 64) - 1  # msgpack's integer range; versions and indexes stay inside it
+
+OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node")
+TXN_OPS = ("put", "delete", "get")
+
+# op -> (required fields, optional fields); "op" itself is implied.
+_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "put": (("key", "value"), ("if_version", "rid")),
+    "delete": (("key",), ("if_version", "rid")),
+    "txn": ((), ("if", "then", "else", "rid")),
+    "noop": ((), ("rid",)),
+    "register_node": (("node_id", "api", "raft"), ("rid",)),
+    "unregister_node": (("node_id",), ("rid",)),
+}
+_TXN_FIELDS: dict[str, tuple[str, ...]] = {
+    "put": ("key", "value"),
+    "delete": ("key",),
+    "get": ("key",),
+}
+_COND_TESTS = ("version", "value", "exists")
+
+
+class CommandError(ValueError):
+    """A command is malformed.
+
+    ``field`` is the path of the offending field (``key``, ``then[2].value``, ``if[0]``);
+    ``message`` is the whole human-readable text, which starts with that path and says how to
+    fix it. ``str(error) == error.message``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class EntryError(ValueError):
+    """A log entry is not a schema-1 entry (bad msgpack, wrong shape or another version)."""
+
+
+def encode_entry(commands: Iterable[Mapping[str, Any]]) -> bytes:
+    """The log-entry bytes for ``commands`` (validate each with ``validate_command`` first)."""
+    return msgpack.packb([SCHEMA_VERSION, [dict(c) for c in commands]], use_bin_type=True)
+
+
+def decode_entry(payload: bytes) -> list[Any]:
+    """The entry's commands, not yet validated; raises ``EntryError`` for anything else."""
+    try:
+        entry = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        # Only the type name: the message must not depend on anything but the bytes.
+        raise EntryError(
+            f"entry: not a msgpack document ({type(exc).__name__}); build entries with encode_entry"
+        ) from None
+    if not isinstance(entry, list) or len(entry) != 2:
+        raise EntryError(
+            f"entry: expected a 2-element array [schema_version, [command, ...]], "
+            f"got {_kind(entry)}; build entries with encode_entry"
+        )
+    version, commands = entry
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise EntryError(
+            f"entry: schema version {_short(version)} is not supported (this node reads version "
+            f"{SCHEMA_VERSION}); upgrade the node or re-encode the entry"
+        )
+    if not isinstance(commands, list):
+        raise EntryError(
+            f"entry: expected an array of commands, got {_kind(commands)}; build entries with encode_entry"
+        )
+    return commands
+
+
+def validate_command(command: Any, *, check_json: bool = True) -> None:
+    """Raise ``CommandError`` unless ``command`` is a valid schema-1 command.
+
+    ``check_json`` also parses each value as JSON. The processor turns it off: how deeply
+    nested a document Python's parser accepts depends on the caller's stack depth, which is
+    not the same on every node, and apply must be deterministic. Sizes and types are always
+    checked."""
+    if not isinstance(command, dict):
+        raise CommandError(
+            "command",
+            f'command: expected a map with an "op" field, got {_kind(command)}; '
+            'send a map such as {"op": "put", "key": ..., "value": ...}',
+        )
+    if "op" not in command:
+        raise CommandError("op", f'op: missing; set "op" to one of {_names(OPS)}')
+    op = command["op"]
+    if not isinstance(op, str) or op not in _FIELDS:
+        raise CommandError("op", f"op: unknown op {_short(op)}; use one of {_names(OPS)}")
+    required, optional = _FIELDS[op]
+    _check_fields(command, "", op, required, ("op", *optional))
+
+    if "rid" in command:
+        check_rid(command["rid"])
+    if op in ("put", "delete"):
+        check_key(command["key"])
+        if "if_version" in command:
+            _check_uint(command["if_version"], "if_version", 'use 0 for "must not exist" or the version you read')
+    if op == "put":
+        check_value(command["value"], "value", check_json=check_json)
+    elif op == "txn":
+        _check_txn(command, check_json)
+    elif op == "register_node":
+        check_node_id(command["node_id"])
+        _check_address(command["api"], "api")
+        _check_address(command["raft"], "raft")
+    elif op == "unregister_node":
+        check_node_id(command["node_id"])
+
+
+def check_key(key: Any, field: str = "key") -> None:
+    """A kv key: a string of 1 to MAX_KEY_BYTES bytes of UTF-8, with no NUL."""
+    if not isinstance(key, str):
+        raise CommandError(field, f"{field}: expected a string, got {_kind(key)}; send the key as text")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        raise CommandError(
+            field, f"{field}: not encodable as UTF-8 (it has a lone surrogate); use valid Unicode text"
+        ) from None
+    if size == 0:
+        raise CommandError(field, f"{field}: empty; use a key of 1 to {MAX_KEY_BYTES} bytes")
+    if size > MAX_KEY_BYTES:
+        raise CommandError(
+            field, f"{field}: {size} bytes exceeds the {MAX_KEY_BYTES}-byte limit; use a shorter key"
+        )
+    if "\x00" in key:
+        raise CommandError(field, f"{field}: contains a NUL character; remove it from the key")
+
+
+def check_value(value: Any, field: str = "value", *, check_json: bool = True) -> None:
+    """A value: JSON text as bytes, at most MAX_VALUE_BYTES."""
+    if not isinstance(value, bytes):
+        raise CommandError(
+            field, f"{field}: expected bytes holding JSON text, got {_kind(value)}; encode the JSON text as UTF-8 bytes"
+        )
+    if len(value) > MAX_VALUE_BYTES:
+        raise CommandError(
+            field,
+            f"{field}: {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte (1 MiB) limit; store a smaller value",
+        )
+    if check_json:
+        try:
+            json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CommandError(field, f"{field}: not valid JSON text ({exc}); send a JSON document") from None
+        except RecursionError:
+            raise CommandError(field, f"{field}: JSON nested too deeply; flatten the document") from None
+
+
+def check_rid(rid: Any, field: str = "rid") -> None:
+    """A request id: a string of 1 to MAX_RID_CHARS characters, encodable as UTF-8."""
+    if not isinstance(rid, str):
+        raise CommandError(field, f"{field}: expected a string, got {_kind(rid)}; send the request id as text")
+    if not 1 <= len(rid) <= MAX_RID_CHARS:
+        raise CommandError(
+            field,
+            f"{field}: {len(rid)} characters is outside 1 to {MAX_RID_CHARS}; "
+            f"use a request id of at most {MAX_RID_CHARS} characters, such as a UUID",
+        )
+    _check_utf8(rid, field)
+
+
+def check_node_id(node_id: Any, field: str = "node_id") -> None:
+    if not isinstance(node_id, str):
+        raise CommandError(field, f"{field}: expected a string, got {_kind(node_id)}; send the node id as text")
+    if not 1 <= len(node_id) <= MAX_NODE_ID_CHARS:
+        raise CommandError(
+            field,
+            f"{field}: {len(node_id)} characters is outside 1 to {MAX_NODE_ID_CHARS}; use a shorter node id",
+        )
+    _check_utf8(node_id, field)
+
+
+def _check_txn(command: dict[str, Any], check_json: bool) -> None:
+    conds = _check_list(command.get("if", []), "if", MAX_TXN_CONDS, "condition")
+    for i, cond in enumerate(conds):
+        path = f"if[{i}]"
+        if not isinstance(cond, dict):
+            raise CommandError(
+                path, f'{path}: expected a map, got {_kind(cond)}; write a condition as {{"key": ..., "exists": true}}'
+            )
+        tests = [name for name in _COND_TESTS if name in cond]
+        if len(tests) != 1:
+            raise CommandError(
+                path, f'{path}: has {len(tests)} tests; give exactly one of "version", "value" or "exists" besides "key"'
+            )
+        _check_fields(cond, f"{path}.", "condition", ("key", tests[0]), ())
+        check_key(cond["key"], f"{path}.key")
+        test = tests[0]
+        if test == "version":
+            _check_uint(cond["version"], f"{path}.version", 'use 0 for "absent" or the version you read')
+        elif test == "value":
+            check_value(cond["value"], f"{path}.value", check_json=check_json)
+        elif not isinstance(cond["exists"], bool):
+            raise CommandError(
+                f"{path}.exists", f"{path}.exists: expected true or false, got {_kind(cond['exists'])}; send a boolean"
+            )
+    for branch in ("then", "else"):
+        ops = _check_list(command.get(branch, []), branch, MAX_TXN_OPS, "operation")
+        for i, txop in enumerate(ops):
+            path = f"{branch}[{i}]"
+            if not isinstance(txop, dict):
+                raise CommandError(
+                    path, f'{path}: expected a map, got {_kind(txop)}; write an operation as {{"op": "get", "key": ...}}'
+                )
+            op = txop.get("op")
+            if not isinstance(op, str) or op not in _TXN_FIELDS:
+                raise CommandError(
+                    f"{path}.op", f"{path}.op: unknown transaction op {_short(op)}; use one of {_names(TXN_OPS)}"
+                )
+            _check_fields(txop, f"{path}.", f"transaction {op}", _TXN_FIELDS[op], ("op",))
+            check_key(txop["key"], f"{path}.key")
+            if op == "put":
+                check_value(txop["value"], f"{path}.value", check_json=check_json)
+
+
+def _check_fields(
+    item: dict[Any, Any], prefix: str, what: str, required: tuple[str, ...], optional: tuple[str, ...]
+) -> None:
+    allowed = (*required, *optional)
+    for name in item:  # a dict iterates in insertion order: the first unknown field is reported
+        if name not in allowed:
+            label = prefix + (name if isinstance(name, str) and len(name) <= 60 else _short(name))
+            raise CommandError(
+                label, f'{label}: unknown field for "{what}"; allowed fields are {_names(allowed)}'
+            )
+    for name in required:
+        if name not in item:
+            raise CommandError(
+                f"{prefix}{name}", f'{prefix}{name}: missing; "{what}" requires {_names(required)}'
+            )
+
+
+def _check_list(items: Any, field: str, limit: int, noun: str) -> list[Any]:
+    if not isinstance(items, list):
+        raise CommandError(field, f"{field}: expected a list of {noun}s, got {_kind(items)}; send a list, even of one")
+    if len(items) > limit:
+        raise CommandError(
+            field, f"{field}: {len(items)} {noun}s exceeds the {limit}-{noun} limit; split the transaction"
+        )
+    return items
+
+
+def _check_uint(number: Any, field: str, fix: str) -> None:
+    if not _is_int(number) or not 0 <= number <= MAX_UINT64:
+        raise CommandError(field, f"{field}: expected an integer >= 0, got {_short(number)}; {fix}")
+
+
+def _check_address(address: Any, field: str) -> None:
+    fix = 'use "host:port" with a port from 1 to 65535, e.g. "10.0.0.5:7400"'
+    if not isinstance(address, str) or len(address) > MAX_ADDRESS_CHARS:
+        raise CommandError(field, f"{field}: expected a string of at most {MAX_ADDRESS_CHARS} characters; {fix}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CommandError(field, f"{field}: {_short(address)} is not host:port; {fix}")
+    _check_utf8(address, field)
+
+
+def _check_utf8(text: str, field: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise CommandError(
+            field, f"{field}: not encodable as UTF-8 (it has a lone surrogate); use valid Unicode text"
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KINDS = {dict: "a map", list: "a list", str: "a string", bytes: "bytes", bool: "a boolean", int: "an integer"}
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    """A bounded repr: messages are returned to clients and must stay small."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(names)

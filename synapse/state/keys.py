@@ -1,0 +1,121 @@
+"""The layout of the replicated state in the Rust ``StateStore``: key prefixes and the msgpack
+values stored under them (the table in DESIGN.md).
+
+Everything here is part of the state digest, of snapshots and of diffs, so changing an
+encoding is a schema change: every node must agree on it byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from synapse.state.records import KvRecord
+
+KV = b"kv/"
+NODE = b"node/"
+RID = b"rid/"
+RIDX = b"ridx/"
+RID_COUNT = b"meta/rid_count"
+
+_INDEX_BYTES = 8  # ridx/ keys sort by big-endian log index, so key order is eviction order
+
+
+def kv_key(key: str) -> bytes:
+    return KV + key.encode()
+
+
+def kv_name(store_key: bytes) -> str:
+    return store_key[len(KV) :].decode()
+
+
+def node_key(node_id: str) -> bytes:
+    return NODE + node_id.encode()
+
+
+def node_name(store_key: bytes) -> str:
+    return store_key[len(NODE) :].decode()
+
+
+def rid_key(rid: str) -> bytes:
+    return RID + rid.encode()
+
+
+def ridx_key(index: int, rid: str) -> bytes:
+    return RIDX + index.to_bytes(_INDEX_BYTES, "big") + rid.encode()
+
+
+def split_ridx(store_key: bytes) -> tuple[int, str]:
+    """The (log index, rid) of a ``ridx/`` key."""
+    body = store_key[len(RIDX) :]
+    return int.from_bytes(body[:_INDEX_BYTES], "big"), body[_INDEX_BYTES:].decode()
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: no such key)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def encode_kv(value: bytes, version: int, create_index: int, mod_index: int) -> bytes:
+    return _pack([value, version, create_index, mod_index])
+
+
+def decode_kv(key: str, raw: bytes) -> KvRecord:
+    """Raises ValueError if the stored bytes are not a kv record."""
+    record = _unpack(raw)
+    if (
+        not isinstance(record, list)
+        or len(record) != 4
+        or not isinstance(record[0], bytes)
+        or not all(type(n) is int for n in record[1:])
+    ):
+        raise ValueError(f"state key kv/{key}: stored value is not [value, version, create_index, mod_index]")
+    return KvRecord(key, record[0], record[1], record[2], record[3])
+
+
+def encode_node(api: str, raft: str, index: int) -> bytes:
+    return _pack({"api": api, "raft": raft, "index": index})
+
+
+def decode_node(raw: bytes) -> dict[str, Any]:
+    node = _unpack(raw)
+    if not isinstance(node, dict):
+        raise ValueError("state node/ entry: stored value is not a map")
+    return node
+
+
+def encode_rid(index: int, result: dict[str, Any]) -> bytes:
+    return _pack([index, result])
+
+
+def decode_rid(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """The (log index, result) of a request id's first application."""
+    record = _unpack(raw)
+    if not isinstance(record, list) or len(record) != 2 or not isinstance(record[1], dict):
+        raise ValueError("state rid/ entry: stored value is not [index, result]")
+    return record[0], record[1]
+
+
+def encode_count(count: int) -> bytes:
+    return _pack(count)
+
+
+def decode_count(raw: bytes | None) -> int:
+    if raw is None:
+        return 0
+    count = _unpack(raw)
+    if type(count) is not int or count < 0:
+        raise ValueError("state meta/rid_count: stored value is not a non-negative integer")
+    return count

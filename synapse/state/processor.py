@@ -1,0 +1,321 @@
+"""The command processor: applies one log entry to the state store, purely and deterministically.
+
+The same processor runs in Raft apply, log replay, snapshot install and offline audit, so the
+result and the new state depend only on (state, log index, entry bytes); DESIGN.md lists the
+invariants. The shape of one ``apply_entry``:
+
+1. decode the entry (a bad entry is one ``bad_entry`` result and changes nothing);
+2. run each command against an overlay of pending writes, in order, each one inside a
+   savepoint, so a command that fails midway leaves no trace and later commands still run;
+3. bound the dedup table, then hand the overlay to Rust as one ``store.apply`` batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from synapse.state import keys
+from synapse.state.commands import (
+    MAX_UINT64,
+    CommandError,
+    EntryError,
+    check_key,
+    check_rid,
+    decode_entry,
+    validate_command,
+)
+from synapse.state.records import KvChange, KvRecord
+
+if TYPE_CHECKING:
+    from synapse._core import StateStore
+
+DEDUP_CAPACITY = 100_000
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EntryOutcome:
+    """What applying one entry produced: one result per command (or a single ``bad_entry``),
+    and the kv changes in apply order, for storage materialization."""
+
+    results: list[Result]
+    changes: list[KvChange]
+
+
+class CommandProcessor:
+    """Applies entries to a ``synapse._core.StateStore`` and serves local reads from it.
+
+    ``dedup_capacity`` is part of the replicated behaviour: every node must use the same one."""
+
+    def __init__(self, store: StateStore, dedup_capacity: int = DEDUP_CAPACITY) -> None:
+        if type(dedup_capacity) is not int or dedup_capacity < 0:
+            raise ValueError(f"dedup_capacity: expected an integer >= 0, got {dedup_capacity!r}")
+        self.store = store
+        self.dedup_capacity = dedup_capacity
+
+    def apply_entry(self, index: int, payload: bytes) -> EntryOutcome:
+        """Apply the entry at log ``index``. Never raises (an exception here would make
+        PySyncObj re-apply the entry forever); every failure is a result."""
+        count = 1
+        try:
+            if type(index) is not int or not 0 <= index <= MAX_UINT64:
+                return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
+            try:
+                commands = decode_entry(payload)
+            except EntryError as exc:
+                return EntryOutcome([_error("bad_entry", str(exc))], [])
+            count = len(commands)
+            run = _EntryRun(self.store, index)
+            results = [run.apply(command) for command in commands]
+            self._bound_dedup(run.writes)
+            ops = run.writes.ops()
+            if ops:
+                self.store.apply(ops)
+            return EntryOutcome(results, run.changes)
+        except Exception as exc:
+            # Nothing reached the store: store.apply validates its whole batch before changing
+            # anything, and it is the last step.
+            return EntryOutcome([_internal(exc) for _ in range(count)], [])
+
+    def get(self, key: str) -> KvRecord | None:
+        """The key's record in this node's state (stale on a follower). Raises CommandError
+        for a key that no command could have written."""
+        check_key(key)
+        raw = self.store.get(keys.kv_key(key))
+        return None if raw is None else keys.decode_kv(key, raw)
+
+    def scan(self, prefix: str, limit: int | None, start_after: str | None = None) -> list[KvRecord]:
+        """Records whose key starts with ``prefix``, in key (UTF-8 byte) order, after
+        ``start_after`` if given, at most ``limit`` of them (None: all)."""
+        if not isinstance(prefix, str):
+            raise CommandError("prefix", f"prefix: expected a string, got {type(prefix).__name__}")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise CommandError("limit", f"limit: expected an integer >= 0, got {limit!r}")
+        if start_after is not None and not isinstance(start_after, str):
+            raise CommandError("start_after", f"start_after: expected a string, got {type(start_after).__name__}")
+        try:
+            start = keys.kv_key(prefix)
+            if start_after is not None:
+                # k + b"\0" is the smallest key greater than k.
+                start = max(start, keys.kv_key(start_after) + b"\x00")
+        except UnicodeEncodeError:
+            raise CommandError("prefix", "prefix/start_after: not encodable as UTF-8; use valid Unicode text") from None
+        end = keys.prefix_end(keys.kv_key(prefix))
+        if limit == 0 or (end is not None and start >= end):
+            return []
+        rows = self.store.scan(start, end, limit)
+        return [keys.decode_kv(keys.kv_name(k), v) for k, v in rows]
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """Registered nodes in node-id order: ``{node_id: {"api", "raft", "index"}}``."""
+        return {keys.node_name(k): keys.decode_node(v) for k, v in self.store.scan_prefix(keys.NODE)}
+
+    def _bound_dedup(self, writes: _Overlay) -> None:
+        """Keep at most ``dedup_capacity`` request ids, evicting the oldest in ridx/ key order
+        (log index, then rid bytes) — the same victims on every node."""
+        added = sorted(k for k, v in writes.ops() if k.startswith(keys.RIDX) and v is not None)
+        if not added:
+            return
+        count = keys.decode_count(self.store.get(keys.RID_COUNT)) + len(added)
+        excess = count - self.dedup_capacity
+        if excess > 0:
+            # Before eviction the overlay deletes no ridx/ key, so the store's oldest are live.
+            oldest = [k for k, _ in self.store.scan_prefix(keys.RIDX, excess)]
+            for victim in sorted(oldest + added)[-excess:]:
+                writes.set(victim, None)
+                writes.set(keys.rid_key(keys.split_ridx(victim)[1]), None)
+            count -= excess
+        writes.set(keys.RID_COUNT, keys.encode_count(count))
+        writes.commit()
+
+
+class _Overlay:
+    """An entry's pending writes over the store (None deletes); reads see them first.
+
+    Insertion order of ``_writes`` is first-write order, so the final batch is deterministic.
+    ``_undo`` journals each write since the last ``commit`` so a command can be undone."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._writes: dict[bytes, bytes | None] = {}
+        self._undo: list[tuple[bytes, bool, bytes | None]] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self._writes:
+            return self._writes[key]
+        return self._store.get(key)
+
+    def set(self, key: bytes, value: bytes | None) -> None:
+        had = key in self._writes
+        self._undo.append((key, had, self._writes.get(key)))
+        self._writes[key] = value
+
+    def commit(self) -> None:
+        self._undo.clear()
+
+    def rollback(self) -> None:
+        while self._undo:
+            key, had, old = self._undo.pop()
+            if had:
+                self._writes[key] = old
+            else:
+                del self._writes[key]
+
+    def ops(self) -> list[tuple[bytes, bytes | None]]:
+        return list(self._writes.items())
+
+
+class _EntryRun:
+    """The application of one entry: its overlay, its index and its kv changes."""
+
+    def __init__(self, store: StateStore, index: int) -> None:
+        self.index = index
+        self.writes = _Overlay(store)
+        self.changes: list[KvChange] = []
+
+    def apply(self, command: Any) -> Result:
+        """One command, atomically: all its writes (and its dedup record) or none."""
+        changes_before = len(self.changes)
+        try:
+            rid = _rid_of(command)
+            if rid is not None:
+                prior = self.writes.get(keys.rid_key(rid))
+                if prior is not None:
+                    return keys.decode_rid(prior)[1]
+            try:
+                validate_command(command, check_json=False)
+            except CommandError as exc:
+                # A malformed command changes nothing, not even the dedup table: validation is
+                # a pure function of the command, so a retry gets the same answer anyway.
+                return _error("bad_command", exc.message)
+            result = getattr(self, "_op_" + command["op"])(command)
+            if rid is not None:
+                self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result))
+                self.writes.set(keys.ridx_key(self.index, rid), b"")
+            self.writes.commit()
+            return result
+        except Exception as exc:
+            self.writes.rollback()
+            del self.changes[changes_before:]
+            return _internal(exc)
+
+    # --- ops --------------------------------------------------------------------------------
+
+    def _op_put(self, command: dict[str, Any]) -> Result:
+        key = command["key"]
+        record = self._read(key)
+        if "if_version" in command and (conflict := _version_conflict(key, record, command["if_version"])):
+            return conflict
+        return {"ok": True, "key": key, "version": self._put(key, record, command["value"]), "index": self.index}
+
+    def _op_delete(self, command: dict[str, Any]) -> Result:
+        key = command["key"]
+        record = self._read(key)
+        if "if_version" in command and (conflict := _version_conflict(key, record, command["if_version"])):
+            return conflict
+        return {"ok": True, "key": key, "deleted": self._delete(key, record), "index": self.index}
+
+    def _op_txn(self, command: dict[str, Any]) -> Result:
+        succeeded = all(self._holds(cond) for cond in command.get("if", []))
+        results = [self._txop(txop) for txop in command.get("then" if succeeded else "else", [])]
+        return {"ok": True, "succeeded": succeeded, "results": results, "index": self.index}
+
+    def _op_noop(self, command: dict[str, Any]) -> Result:
+        return {"ok": True, "index": self.index}
+
+    def _op_register_node(self, command: dict[str, Any]) -> Result:
+        node = keys.encode_node(command["api"], command["raft"], self.index)
+        self.writes.set(keys.node_key(command["node_id"]), node)
+        return {"ok": True, "index": self.index}
+
+    def _op_unregister_node(self, command: dict[str, Any]) -> Result:
+        node_key = keys.node_key(command["node_id"])
+        if self.writes.get(node_key) is not None:
+            self.writes.set(node_key, None)
+        return {"ok": True, "index": self.index}
+
+    # --- transaction parts ------------------------------------------------------------------
+
+    def _holds(self, cond: dict[str, Any]) -> bool:
+        record = self._read(cond["key"])
+        if "version" in cond:
+            return (record.version if record else 0) == cond["version"]
+        if "value" in cond:
+            return record is not None and record.value == cond["value"]
+        return (record is not None) == cond["exists"]
+
+    def _txop(self, txop: dict[str, Any]) -> Result:
+        op, key = txop["op"], txop["key"]
+        record = self._read(key)
+        if op == "put":
+            return {"op": "put", "key": key, "version": self._put(key, record, txop["value"])}
+        if op == "delete":
+            return {"op": "delete", "key": key, "deleted": self._delete(key, record)}
+        return {
+            "op": "get",
+            "key": key,
+            "value": record.value if record else None,
+            "version": record.version if record else 0,
+        }
+
+    # --- kv access through the overlay ------------------------------------------------------
+
+    def _read(self, key: str) -> KvRecord | None:
+        raw = self.writes.get(keys.kv_key(key))
+        return None if raw is None else keys.decode_kv(key, raw)
+
+    def _put(self, key: str, record: KvRecord | None, value: bytes) -> int:
+        version = record.version + 1 if record else 1
+        created = record.create_index if record else self.index
+        self.writes.set(keys.kv_key(key), keys.encode_kv(value, version, created, self.index))
+        self.changes.append(KvChange(key, value, version, created, self.index, self.index))
+        return version
+
+    def _delete(self, key: str, record: KvRecord | None) -> bool:
+        if record is None:
+            return False
+        self.writes.set(keys.kv_key(key), None)
+        self.changes.append(KvChange(key, None, 0, 0, 0, self.index))
+        return True
+
+
+def _rid_of(command: Any) -> str | None:
+    """The command's request id, or None if it has none or an invalid one (then validation
+    reports it and the command is not deduplicated)."""
+    if not isinstance(command, dict) or "rid" not in command:
+        return None
+    try:
+        check_rid(command["rid"])
+    except CommandError:
+        return None
+    return command["rid"]
+
+
+def _version_conflict(key: str, record: KvRecord | None, expected: int) -> Result | None:
+    current = record.version if record else 0
+    if current == expected:
+        return None
+    state = f"is at version {current}" if current else "does not exist"
+    wanted = "to be absent" if expected == 0 else f"at version {expected}"
+    return {
+        "ok": False,
+        "error": "conflict",
+        "key": key,
+        "current_version": current,
+        "message": f"if_version: expected key {key!r} {wanted} but it {state}; read it again and retry",
+    }
+
+
+def _error(code: str, message: str) -> Result:
+    return {"ok": False, "error": code, "message": message}
+
+
+def _internal(exc: Exception) -> Result:
+    # Only the exception's type: its text may hold memory addresses, which differ per process.
+    return _error(
+        "internal",
+        f"command: internal error ({type(exc).__name__}) while applying it; it changed nothing. "
+        "This is a bug in Synapse or a damaged state: report it with the node's log",
+    )
