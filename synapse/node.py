@@ -212,14 +212,17 @@ class Node:
 
     async def _register_self(self) -> None:
         """Publishes this node's API address in the replicated state, so any node can tell
-        clients where the others (and the leader) are. Retries until it lands."""
+        clients where the others (and the leader) are. Checks a linearizable view first, so a
+        restarted node that is already registered writes nothing (its state hash must come
+        back unchanged). Retries until it lands."""
         cfg = self.config
         command = {"op": "register_node", "node_id": cfg.node_id, "api": cfg.api, "raft": cfg.raft}
         while True:
-            known = self.read(lambda p: p.nodes().get(cfg.node_id))
-            if known and known.get("api") == cfg.api and known.get("raft") == cfg.raft:
-                return
             try:
+                await self.read_barrier()
+                known = self.read(lambda p: p.nodes().get(cfg.node_id))
+                if known and known.get("api") == cfg.api and known.get("raft") == cfg.raft:
+                    return
                 await self.propose(dict(command, rid=f"register/{cfg.node_id}/{secrets.token_hex(8)}"), 256)
                 return
             except ProposalError:

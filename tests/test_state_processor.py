@@ -547,8 +547,8 @@ def test_get_and_scan(log, proc):
     assert proc.scan("b", 1) == [KvRecord("b", b'"6"', 1, 1, 1)]
     assert proc.get("a/é") == KvRecord("a/é", b'"4"', 1, 1, 1)
     assert proc.get("nope") is None
-    with pytest.raises(CommandError, match="key: empty"):
-        proc.get("")
+    for impossible in ["", "a\x00", "k" * 1025, "\ud800", 5, None]:
+        assert proc.get(impossible) is None
     with pytest.raises(CommandError, match="limit"):
         proc.scan("a", -1)
 

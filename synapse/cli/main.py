@@ -58,15 +58,18 @@ def node_start(config_file, log_level, **flags) -> None:
             await node.start()
         except (NodeError, ConfigError) as e:
             raise click.ClickException(str(e)) from None
-        _announce(node)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        click.echo(f"synapse: stopping node {config.node_id} ...", err=True)
-        await node.stop()
-        click.echo("synapse: stopped", err=True)
+        try:
+            _announce(node)
+            await stop.wait()
+            _say(f"synapse: stopping node {config.node_id} ...")
+        finally:
+            # Always stop Raft: its tick thread is not a daemon and would keep the process alive.
+            await node.stop()
+        _say("synapse: stopped")
 
     # The Raft tick thread dies with the thread that created it: run in the main thread.
     loop = _new_loop()
@@ -74,6 +77,15 @@ def node_start(config_file, log_level, **flags) -> None:
         loop.run_until_complete(run())
     finally:
         loop.close()
+
+
+def _say(text: str) -> None:
+    """Prints to stderr, ignoring a closed pipe (a log reader that went away must not keep
+    the node from stopping)."""
+    try:
+        click.echo(text, err=True)
+    except OSError:
+        pass
 
 
 def _announce(node) -> None:

@@ -145,8 +145,14 @@ class ReplicatedLog(SyncObj):
         return self._processor
 
     def applied(self) -> tuple[int, bytes]:
-        """(applied index, state digest at that index), read together."""
-        return self._applied
+        """(applied index, state digest at that index), consistent with each other.
+
+        PySyncObj also applies entries that never reach ``apply_entry`` (a new leader's no-op,
+        membership changes); they leave the state, and so the digest, unchanged. Our own
+        record can also run one entry ahead of ``raftLastApplied`` while PySyncObj finishes
+        an apply. Either way the later of the two indexes is the one the digest belongs to."""
+        index, digest = self._applied
+        return max(index, self.raftLastApplied), digest
 
     # --- PySyncObj hooks (tick thread) ---
 

@@ -80,9 +80,12 @@ class CommandProcessor:
             return EntryOutcome([_internal(exc) for _ in range(count)], [])
 
     def get(self, key: str) -> KvRecord | None:
-        """The key's record in this node's state (stale on a follower). Raises CommandError
-        for a key that no command could have written."""
-        check_key(key)
+        """The key's record in this node's state (stale on a follower); None also for a key
+        that no command could have written (empty, too long, NUL, not UTF-8)."""
+        try:
+            check_key(key)
+        except CommandError:
+            return None
         raw = self.store.get(keys.kv_key(key))
         return None if raw is None else keys.decode_kv(key, raw)
 
@@ -123,7 +126,7 @@ class CommandProcessor:
         if excess > 0:
             # Before eviction the overlay deletes no ridx/ key, so the store's oldest are live.
             oldest = [k for k, _ in self.store.scan_prefix(keys.RIDX, excess)]
-            for victim in sorted(oldest + added)[-excess:]:
+            for victim in sorted(oldest + added)[:excess]:
                 writes.set(victim, None)
                 writes.set(keys.rid_key(keys.split_ridx(victim)[1]), None)
             count -= excess

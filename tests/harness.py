@@ -1,0 +1,186 @@
+"""Real Synapse clusters for tests: each node is a `synapse node start` subprocess on loopback
+with its own data dir, so tests kill, pause and restart real processes."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synapse.client import Client
+
+SYNAPSE = [sys.executable, "-m", "synapse.cli.main"]
+SECRET = "test-cluster-secret-0123456789abcdef"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class NodeProc:
+    node_id: str
+    api: str
+    raft: str
+    data_dir: Path
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.api}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    root: Path
+    nodes: list[NodeProc] = field(default_factory=list)
+    token: str = ""
+
+    @classmethod
+    def create(cls, root: Path, size: int, storage: str = "sqlite", extra: list[str] | None = None) -> "Cluster":
+        root.mkdir(parents=True, exist_ok=True)
+        secret = root / "secret"
+        secret.write_text(SECRET)
+        ports = free_ports(2 * size)
+        cluster = cls(root)
+        raft = {f"n{i + 1}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(size)}
+        for i in range(size):
+            node_id = f"n{i + 1}"
+            api = f"127.0.0.1:{ports[2 * i]}"
+            peers = ",".join(f"{k}={v}" for k, v in raft.items() if k != node_id)
+            args = SYNAPSE + ["node", "start", "--id", node_id, "--data-dir", str(root / node_id),
+                              "--api", api, "--raft", raft[node_id], "--storage", storage]
+            if size > 1:
+                args += ["--peers", peers, "--secret-file", str(secret)]
+            args += extra or []
+            cluster.nodes.append(NodeProc(node_id, api, raft[node_id], root / node_id, args, root / f"{node_id}.log"))
+        return cluster
+
+    def start(self, timeout: float = 30.0) -> "Cluster":
+        for n in self.nodes:
+            n.start()
+        self.wait_ready(timeout)
+        self.token = (self.nodes[0].data_dir / "root.token").read_text().strip()
+        return self
+
+    def close(self) -> None:
+        for n in self.nodes:
+            if n.alive():
+                try:
+                    n.resume()
+                except ProcessLookupError:
+                    pass
+                n.stop()
+
+    def node(self, node_id: str) -> NodeProc:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def client(self, *nodes: NodeProc, timeout: float = 10.0) -> Client:
+        targets = nodes or tuple(n for n in self.nodes if n.alive())
+        return Client([n.url for n in targets], self.token, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 30.0, nodes: list[NodeProc] | None = None) -> None:
+        """Until every given live node has a leader and has applied what it knows is committed."""
+        import http.client
+
+        deadline = time.monotonic() + timeout
+        pending = [n for n in (nodes or self.nodes) if n.alive()]
+        last: dict[str, str] = {}
+        while pending:
+            token_file = self.nodes[0].data_dir / "root.token"
+            token = self.token or (token_file.read_text().strip() if token_file.exists() else "")
+            still = []
+            for n in pending:
+                if not n.alive():
+                    raise AssertionError(f"node {n.node_id} exited:\n{n.log()[-3000:]}")
+                host, port = n.api.split(":")
+                try:
+                    conn = http.client.HTTPConnection(host, int(port), timeout=1)
+                    conn.request("GET", "/ready", headers={"Authorization": f"Bearer {token}"})
+                    resp = conn.getresponse()
+                    last[n.node_id] = f"{resp.status} {resp.read()[:300]!r}"
+                    if resp.status != 200:
+                        still.append(n)
+                    conn.close()
+                except OSError as e:
+                    last[n.node_id] = repr(e)
+                    still.append(n)
+            pending = still
+            if pending and time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n.node_id} (/ready: {last.get(n.node_id)})\n{n.log()[-2000:]}" for n in pending)
+                raise AssertionError(f"nodes {[n.node_id for n in pending]} not ready in {timeout} s\n{logs}")
+            if pending:
+                time.sleep(0.1)
+
+    def leader(self, timeout: float = 10.0) -> NodeProc:
+        deadline = time.monotonic() + timeout
+        while True:
+            for n in self.nodes:
+                if not n.alive():
+                    continue
+                try:
+                    s = self.client(n, timeout=1).status()
+                except Exception:
+                    continue
+                if s.get("is_leader"):
+                    return n
+            if time.monotonic() > deadline:
+                raise AssertionError("no leader elected")
+            time.sleep(0.05)
+
+    def statuses(self) -> dict[str, dict]:
+        return {n.node_id: self.client(n, timeout=5).status() for n in self.nodes if n.alive()}
+
+    def wait_converged(self, timeout: float = 15.0) -> dict[str, dict]:
+        """Until every live node reports the same applied index and state hash."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.statuses()
+            if len({(v["applied_index"], v["state_hash"]) for v in s.values()}) == 1:
+                return s
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nodes did not converge: { {k: (v['applied_index'], v['state_hash'][:12]) for k, v in s.items()} }")
+            time.sleep(0.1)
