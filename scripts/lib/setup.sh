@@ -43,3 +43,24 @@ build_core() {
         exit 1
     }
 }
+
+# Debian packages the tests need (the network-partition tests use `ip netns` and iptables).
+# Only as root on a Debian-like system with apt-get; otherwise those tests skip themselves.
+# Quiet and idempotent: `apt-get update` runs only when something is missing.
+DEB_PACKAGES=(iproute2 iptables)
+
+ensure_debian_packages() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 || return 0
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    echo "== installing Debian packages: ${missing[*]}"
+    local out
+    out="$( { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } 2>&1 )" || {
+        echo "$out" >&2
+        echo "error: could not install ${missing[*]} with apt-get (see above)" >&2
+        exit 1
+    }
+}

@@ -26,6 +26,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 MAX_BODY = MAX_VALUE_BYTES + 64 * 1024
 MAX_SCAN_LIMIT = 10_000
 _PUBLIC = {"/health"}
+NODE_KEY: web.AppKey["Node"] = web.AppKey("node")
+METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
 
 
 class ApiError(Exception):
@@ -55,13 +57,13 @@ class Metrics:
 
 
 def _node(request: web.Request) -> "Node":
-    return request.app["node"]
+    return request.app[NODE_KEY]
 
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
     node = _node(request)
-    metrics: Metrics = request.app["metrics"]
+    metrics = request.app[METRICS_KEY]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     started = time.perf_counter()
     try:
@@ -354,7 +356,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    node, m = _node(request), request.app["metrics"]
+    node, m = _node(request), request.app[METRICS_KEY]
     raft = node.raft.status()
     m.applied_index.set(node.raft.applied()[0])
     m.commit_index.set(raft["commit_index"])
@@ -434,8 +436,8 @@ async def transfer_leader(request: web.Request) -> web.Response:
 
 def make_app(node: "Node") -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
-    app["node"] = node
-    app["metrics"] = Metrics()
+    app[NODE_KEY] = node
+    app[METRICS_KEY] = Metrics()
     app.router.add_put("/v1/kv/{key:.+}", put_kv)
     app.router.add_get("/v1/kv/{key:.+}", get_kv)
     app.router.add_delete("/v1/kv/{key:.+}", delete_kv)
