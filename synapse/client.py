@@ -148,6 +148,10 @@ class Client(_Calls):
         self._timeout = timeout
         self._conns: dict[str, http.client.HTTPConnection] = {}
 
+    @property
+    def token(self) -> str:
+        return self._token
+
     def close(self) -> None:
         for c in self._conns.values():
             c.close()

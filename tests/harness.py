@@ -99,6 +99,17 @@ class Cluster:
             cluster.nodes.append(NodeProc(node_id, api, raft[node_id], root / node_id, args, root / f"{node_id}.log"))
         return cluster
 
+    def new_node(self, node_id: str) -> NodeProc:
+        """A node that is not a voter yet: its peers are the current voters. Start it, then
+        add it with POST /v1/cluster/members."""
+        api, raft = (f"127.0.0.1:{p}" for p in free_ports(2))
+        peers = ",".join(f"{n.node_id}={n.raft}" for n in self.nodes)
+        args = SYNAPSE + ["node", "start", "--id", node_id, "--data-dir", str(self.root / node_id),
+                          "--api", api, "--raft", raft, "--peers", peers, "--secret-file", str(self.root / "secret")]
+        node = NodeProc(node_id, api, raft, self.root / node_id, args, self.root / f"{node_id}.log")
+        self.nodes.append(node)
+        return node
+
     def start(self, timeout: float = 30.0) -> "Cluster":
         for n in self.nodes:
             n.start()

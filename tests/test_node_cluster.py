@@ -244,3 +244,39 @@ def test_paused_leader_is_replaced_and_never_serves_a_stale_linearizable_read(tm
         assert got["value"] == "new"
     finally:
         cluster.close()
+
+
+def test_membership_add_then_remove_a_voter(tmp_path):
+    cluster = Cluster.create(tmp_path, 3).start()
+    try:
+        c = cluster.client()
+        c.put("mb/before", 1)
+        n4 = cluster.new_node("n4")
+        n4.start()
+        assert c.request("POST", "/v1/cluster/members", {"node_id": "n4", "raft": n4.raft, "api": n4.api}) == {"added": "n4"}
+        cluster.wait_ready()
+        statuses = cluster.wait_converged()
+        assert all(len(s["members"]) == 4 for s in statuses.values())
+        assert cluster.client(n4).get("mb/before")["value"] == 1
+        c.put("mb/after-add", 2)
+        assert cluster.client(n4).get("mb/after-add")["value"] == 2
+
+        leader = cluster.leader()
+        victim = next(n for n in cluster.nodes if n is not leader and n is not n4)
+        with pytest.raises(SynapseError) as e:  # a node cannot see its own removal through
+            cluster.client(victim).request("DELETE", f"/v1/cluster/members/{victim.node_id}")
+        assert e.value.error == "send_elsewhere" and e.value.body["leader"] == leader.node_id
+        assert cluster.client(leader).request("DELETE", f"/v1/cluster/members/{victim.node_id}") == {"removed": victim.node_id}
+        victim.stop()
+        rest = [n for n in cluster.nodes if n is not victim]
+        c = cluster.client(*rest)
+        c.put("mb/after-remove", 3)
+        deadline = time.monotonic() + 10
+        while True:
+            s = cluster.client(rest[0]).status()
+            if len(s["members"]) == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sorted(m["node_id"] for m in s["members"]) == sorted(n.node_id for n in rest)
+    finally:
+        cluster.close()

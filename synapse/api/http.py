@@ -405,6 +405,11 @@ async def remove_member(request: web.Request) -> web.Response:
     info = node.read(lambda p: p.nodes().get(node_id))
     if info is None:
         raise ApiError(404, "not_found", f"no registered node {node_id!r}; see GET /v1/cluster/status")
+    if node_id == node.config.node_id:
+        # The node being removed stops hearing the outcome of its own removal.
+        status = cluster_status(node)
+        raise ApiError(409, "send_elsewhere", "this node is the one being removed; send the request to another node",
+                       leader=status["leader"], leader_api=status["leader_api"])
     fut, done = _raft_callback(asyncio.get_running_loop())
     node.raft.removeNodeFromCluster(info["raft"], callback=done)
     err = await asyncio.wait_for(fut, node.config.request_timeout)

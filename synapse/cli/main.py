@@ -101,12 +101,20 @@ def _announce(node) -> None:
 # --- clients ---
 
 
+def _option(ctx: click.Context, name: str):
+    """The value of a client option given on the group (``synapse kv --url ... get``)."""
+    while ctx is not None:
+        if ctx.params.get(name) is not None:
+            return ctx.params[name]
+        ctx = ctx.parent
+    return None
+
+
 def _client(ctx: click.Context) -> Client:
-    obj = ctx.find_root().params
-    url = obj.get("url") or os.environ.get("SYNAPSE_URL") or "http://127.0.0.1:7070"
-    token = obj.get("token") or os.environ.get("SYNAPSE_TOKEN")
+    url = _option(ctx, "url") or os.environ.get("SYNAPSE_URL") or "http://127.0.0.1:7070"
+    token = _option(ctx, "token") or os.environ.get("SYNAPSE_TOKEN")
     if not token:
-        token_file = Path(obj.get("token_file") or os.environ.get("SYNAPSE_TOKEN_FILE") or "synapse-data/root.token")
+        token_file = Path(_option(ctx, "token_file") or os.environ.get("SYNAPSE_TOKEN_FILE") or "synapse-data/root.token")
         try:
             token = token_file.read_text().strip()
         except OSError:
@@ -233,8 +241,9 @@ def cluster_add(ctx, node_id, raft, api) -> None:
 @click.argument("node_id")
 @click.pass_context
 def cluster_remove(ctx, node_id) -> None:
-    with _client(ctx) as c:
-        _print(_run(lambda: c.request("DELETE", f"/v1/cluster/members/{node_id}")))
+    """Remove a voter (sent to the leader: a node cannot see its own removal through)."""
+    with _client(ctx) as c, _leader_client(c) as leader:
+        _print(_run(lambda: leader.request("DELETE", f"/v1/cluster/members/{node_id}")))
 
 
 @cluster.command("transfer-leader")
@@ -242,11 +251,15 @@ def cluster_remove(ctx, node_id) -> None:
 @click.pass_context
 def cluster_transfer(ctx, node_id) -> None:
     """Hand leadership to NODE_ID (default: the most caught-up follower)."""
-    with _client(ctx) as c:
-        s = _run(c.status)
-        leader = Client(f"http://{s['leader_api']}", c._token) if s.get("leader_api") else c
-        with leader:
-            _print(_run(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
+    with _client(ctx) as c, _leader_client(c) as leader:
+        _print(_run(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
+
+
+def _leader_client(c: Client) -> Client:
+    s = _run(c.status)
+    if not s.get("leader_api"):
+        raise click.ClickException("the cluster has no leader right now; try again in a moment")
+    return Client(f"http://{s['leader_api']}", c.token)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The `synapse` command against a real single node (local mode)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import Cluster
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    c = Cluster.create(tmp_path_factory.mktemp("cli"), 1).start()
+    yield c
+    c.close()
+
+
+def cli(node, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    n = node.nodes[0]
+    r = subprocess.run(
+        [sys.executable, "-m", "synapse.cli.main", *args[:1], "--url", n.url, "--token-file", str(n.data_dir / "root.token"), *args[1:]],
+        capture_output=True, text=True, timeout=60,
+    )
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_kv_put_get_scan_delete(node):
+    assert json.loads(cli(node, "kv", "put", "cli/a", '{"x": 1}').stdout)["version"] == 1
+    cli(node, "kv", "put", "cli/b", "plain text", "--string")
+    assert json.loads(cli(node, "kv", "get", "cli/a").stdout)["value"] == {"x": 1}
+    assert json.loads(cli(node, "kv", "get", "cli/b").stdout)["value"] == "plain text"
+    lines = cli(node, "kv", "scan", "--prefix", "cli/").stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["cli/a", "cli/b"]
+    assert json.loads(cli(node, "kv", "delete", "cli/a").stdout)["deleted"] is True
+    r = cli(node, "kv", "get", "cli/a", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_conflicts_and_bad_values_are_reported(node):
+    cli(node, "kv", "put", "cli/c", "1")
+    r = cli(node, "kv", "put", "cli/c", "2", "--if-version", "5", check=False)
+    assert r.returncode != 0 and "current version 1" in r.stderr
+    r = cli(node, "kv", "put", "cli/c", "not json", check=False)
+    assert r.returncode != 0 and "--string" in r.stderr
+
+
+def test_cluster_status_table(node):
+    out = cli(node, "cluster", "status").stdout
+    assert "leader n1" in out and "state hash" in out and "n1" in out.splitlines()[-1]
+    assert json.loads(cli(node, "cluster", "status", "--json").stdout)["node_id"] == "n1"
+
+
+def test_missing_token_is_explained(node, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "synapse.cli.main", "kv", "--url", node.nodes[0].url, "--token-file", str(tmp_path / "none"), "get", "x"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode != 0 and "no token" in r.stderr
