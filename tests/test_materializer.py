@@ -55,9 +55,12 @@ async def materializing(storage: SQLiteStorage, **kwargs):
     task = asyncio.create_task(materializer.run())
     try:
         yield materializer
+        await within(materializer.stop())
+        await within(task)
     finally:
-        await asyncio.wait_for(materializer.stop(), TIMEOUT)
-        await asyncio.wait_for(task, TIMEOUT)
+        task.cancel()
+        # Always closed, even when the test failed: aiosqlite's worker thread is not a
+        # daemon, so a connection left open would hang the interpreter at exit.
         await storage.close()
 
 
@@ -249,18 +252,47 @@ def test_stop_writes_everything_then_ends_run(tmp_path):
     async def main() -> None:
         storage = SQLiteStorage(path)
         await storage.open()
-        m = Materializer(storage)
-        # Submitted before run() starts (the node replays its log while starting up).
-        for i in range(1, 101):
-            m.submit(i, [put(f"k{i}", i, i)])
-        task = asyncio.create_task(m.run())
-        for i in range(101, 201):
-            m.submit(i, [put(f"k{i}", i, i)])
-        await within(m.stop())
-        assert task.done() and task.exception() is None
-        assert await storage.count() == 200
-        assert m.applied_index == 200
-        await storage.close()
+        try:
+            m = Materializer(storage)
+            # Submitted before run() starts (the node replays its log while starting up).
+            for i in range(1, 101):
+                m.submit(i, [put(f"k{i}", i, i)])
+            task = asyncio.create_task(m.run())
+            for i in range(101, 201):
+                m.submit(i, [put(f"k{i}", i, i)])
+            await within(m.stop())
+            assert task.done() and task.exception() is None
+            assert await storage.count() == 200
+            assert m.applied_index == 200
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+def test_flush_and_stop_right_after_run_was_created(tmp_path):
+    """The node creates the run() task and may flush or stop before it has started."""
+    async def main() -> None:
+        storage = SQLiteStorage(tmp_path / "s.sqlite3")
+        await storage.open()
+        try:
+            m = Materializer(storage)
+            m.submit(1, [put("a", 1, 1)])
+            task = asyncio.create_task(m.run())
+            async with asyncio.timeout(TIMEOUT):  # (wait_for would give run() a head start)
+                await m.flush()  # not "not running": the task gets to start first
+            assert await storage.get("a") is not None
+            await within(m.stop())
+            await within(task)
+
+            m = Materializer(storage)
+            m.submit(2, [put("b", 1, 2)])
+            task = asyncio.create_task(m.run())
+            await within(m.stop())  # before the task started: it still writes, then ends
+            await within(task)
+            assert await storage.get("b") is not None
+        finally:
+            await storage.close()
 
     asyncio.run(main())
 
@@ -288,20 +320,22 @@ def test_cancelled_run_keeps_the_work_in_flight(tmp_path):
     async def main() -> None:
         storage = GatedStorage(tmp_path / "s.sqlite3")
         await storage.open()
-        m = Materializer(storage)
-        task = asyncio.create_task(m.run())
-        storage.gate.clear()
-        m.submit(1, [put("a", 1, 1)])
-        await within(storage.entered.wait())
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        storage.gate.set()
-        task = asyncio.create_task(m.run())
-        await within(m.flush())
-        assert await storage.get("a") is not None
-        await within(m.stop())
-        await storage.close()
+        try:
+            m = Materializer(storage)
+            task = asyncio.create_task(m.run())
+            storage.gate.clear()
+            m.submit(1, [put("a", 1, 1)])
+            await within(storage.entered.wait())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            storage.gate.set()
+            task = asyncio.create_task(m.run())
+            await within(m.flush())
+            assert await storage.get("a") is not None
+            await within(m.stop())
+        finally:
+            await storage.close()
 
     asyncio.run(main())
 
@@ -316,16 +350,16 @@ def test_failed_writes_are_retried_without_losing_changes(tmp_path, caplog):
 
     async def main() -> None:
         storage = SQLiteStorage(path)
-        await storage.open()
-        with sqlite3.connect(path) as conn:
-            conn.executescript("""
-                CREATE TABLE fail_switch (on_ INTEGER);
-                INSERT INTO fail_switch VALUES (1);
-                CREATE TRIGGER fail BEFORE INSERT ON kv WHEN EXISTS (SELECT 1 FROM fail_switch)
-                BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;
-            """)
         model = Model()
         async with materializing(storage, retry_initial=0.01, retry_max=0.05) as m:
+            with sqlite3.connect(path) as conn:
+                conn.executescript("""
+                    CREATE TABLE fail_switch (on_ INTEGER);
+                    INSERT INTO fail_switch VALUES (1);
+                    CREATE TRIGGER fail BEFORE INSERT ON kv
+                        WHEN EXISTS (SELECT 1 FROM fail_switch)
+                    BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;
+                """)
             def first_half() -> None:
                 for i in range(1, 301):
                     changes = [put(f"k{i % 50}", i, i)]
@@ -333,8 +367,12 @@ def test_failed_writes_are_retried_without_losing_changes(tmp_path, caplog):
                     m.submit(i, changes)
 
             await asyncio.to_thread(first_half)
-            while sum("log indexes 1.." in r.getMessage() for r in caplog.records) < 3:
-                await asyncio.sleep(0.01)
+
+            async def failed_three_times() -> None:
+                while sum("log indexes 1.." in r.getMessage() for r in caplog.records) < 3:
+                    await asyncio.sleep(0.01)
+
+            await within(failed_three_times())
 
             def second_half() -> None:
                 records = [record(f"s{i}", i, 1, 301, 301) for i in range(100)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
 import signal
 import sqlite3
@@ -87,7 +86,8 @@ async def check_apply_get_scan(storage: KvStorage) -> None:
 
 
 async def check_idempotent_reapply(storage: KvStorage) -> None:
-    batch = [(1, [put("a", 1, 1)]), (2, [put("b", 2, 2), put("a", 3, 2, version=2, create_index=1)]),
+    batch = [(1, [put("a", 1, 1)]),
+             (2, [put("b", 2, 2), put("a", 3, 2, version=2, create_index=1)]),
              (3, [delete("b", 3)])]
     assert await storage.apply(batch) == 3
     before = await contents(storage)
@@ -165,7 +165,8 @@ async def check_replace_all(storage: KvStorage, rows: int = 50_000) -> None:
     assert await storage.get("k00000007") == record("k00000007", {"i": 7, "pad": "x" * 20}, 1, 8, 9)
     assert await storage.get(f"k{rows - 1:08d}") is not None
     # Entries after the snapshot apply on top; entries it already covers are skipped.
-    await storage.apply([(99_999, [put("skipped", 1, 99_999)]), (100_001, [put("after", 1, 100_001)])])
+    await storage.apply([(99_999, [put("skipped", 1, 99_999)]),
+                         (100_001, [put("after", 1, 100_001)])])
     assert await storage.get("skipped") is None
     assert await storage.get("after") is not None
     # A rollback installs an older state: last_applied goes down, and entries above it apply.
@@ -203,8 +204,10 @@ async def check_failed_batch_leaves_nothing(storage: KvStorage,
 async def check_reopen_keeps_state(make: Callable[[], KvStorage]) -> None:
     storage = make()
     await storage.open()
-    await storage.apply([(5, [put("a", 1, 5)])])
-    await storage.close()
+    try:
+        await storage.apply([(5, [put("a", 1, 5)])])
+    finally:
+        await storage.close()
     await storage.close()  # closing twice is harmless
     storage = make()
     await storage.open()

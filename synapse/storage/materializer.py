@@ -165,6 +165,9 @@ class Materializer:
         Raises RuntimeError if ``run()`` is not running (nothing would ever write it)."""
         with self._lock:
             target = self._submitted_seq
+        if self._written_seq < target and not self._running:
+            # A run() task created just before this call has not had its first step yet.
+            await asyncio.sleep(0)
         async with self._progress:
             while self._written_seq < target:
                 if not self._running:
@@ -175,13 +178,12 @@ class Materializer:
 
     async def stop(self) -> None:
         """Write everything submitted so far, then end ``run()``. Stop the Raft apply first:
-        ``run()`` ends only once the buffer is empty."""
-        if not self._running:
-            return
+        ``run()`` ends only once the buffer is empty. (A ``run()`` task that had not started
+        yet writes what is pending when it starts, then returns.)"""
         self._stopping = True
         self._wake.set()
-        await self._finished.wait()
-        self._stopping = False
+        if self._running:
+            await self._finished.wait()
 
     def _take(self) -> list[_Work]:
         """Pop the next round: one snapshot alone, or consecutive entries up to the cap."""
@@ -246,6 +248,6 @@ class Materializer:
                 # and giving up would lose the changes. Logged every time, with the indexes.
                 log.error("materializer: %s to %s failed (attempt %d), retrying in %.2f s: %r",
                           what, self.storage.describe(), attempt, delay, exc)
-                return 0
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max)
                 attempt += 1

@@ -55,7 +55,8 @@ class PostgresStorage(KvStorage):
         s = f'"{schema}"'
         self._sql_upsert = (
             f"INSERT INTO {s}.kv ({_COLUMNS}) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], "
+            "$5::bigint[]) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, "
             "create_index = EXCLUDED.create_index, mod_index = EXCLUDED.mod_index"
         )

@@ -106,13 +106,13 @@ class SQLiteStorage(KvStorage):
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                await conn.execute("COMMIT")
             except BaseException:
-                # Also on cancellation: an open transaction left on the shared connection
-                # would make every later BEGIN fail.
+                # Also on cancellation or a failed COMMIT: a transaction left open on the
+                # shared connection would make every later BEGIN fail.
                 if conn.in_transaction:
                     await conn.rollback()
                 raise
-            await conn.execute("COMMIT")
 
     def _connection(self) -> aiosqlite.Connection:
         if self._conn is None:
