@@ -135,12 +135,20 @@ def test_limits_are_inclusive():
         ({"op": "noop", "key": "k"}, "key", 'unknown field for "noop"'),
         (put(1), "key", "expected a string, got an integer"),
         (put(""), "key", "empty"),
-        (put("k" * (MAX_KEY_BYTES + 6)), "key", "key: 1030 bytes exceeds the 1024-byte limit; use a shorter key"),
+        (
+            put("k" * (MAX_KEY_BYTES + 6)),
+            "key",
+            "key: 1030 bytes exceeds the 1024-byte limit; use a shorter key",
+        ),
         (put("é" * 513), "key", "1026 bytes exceeds"),
         (put("a\x00b"), "key", "NUL"),
         (put("\ud800"), "key", "UTF-8"),
         (put(value="1"), "value", "expected bytes holding JSON text, got a string"),
-        (put(value=b"x" * (MAX_VALUE_BYTES + 1)), "value", "1048577 bytes exceeds the 1048576-byte (1 MiB) limit"),
+        (
+            put(value=b"x" * (MAX_VALUE_BYTES + 1)),
+            "value",
+            "1048577 bytes exceeds the 1048576-byte (1 MiB) limit",
+        ),
         (put(if_version=-1), "if_version", "expected an integer >= 0, got -1"),
         (put(if_version=True), "if_version", "got True"),
         (put(if_version=1.0), "if_version", "got 1.0"),
@@ -149,8 +157,16 @@ def test_limits_are_inclusive():
         (put(rid="r" * (MAX_RID_CHARS + 1)), "rid", "129 characters"),
         (put(rid=5), "rid", "expected a string"),
         ({"op": "txn", "if": {"key": "a"}}, "if", "expected a list of conditions, got a map"),
-        ({"op": "txn", "if": [{"key": "a", "exists": 1}] * (MAX_TXN_CONDS + 1)}, "if", "65 conditions exceeds the 64-condition limit"),
-        ({"op": "txn", "then": [{"op": "get", "key": "a"}] * (MAX_TXN_OPS + 1)}, "then", "129 operations exceeds the 128-operation limit"),
+        (
+            {"op": "txn", "if": [{"key": "a", "exists": 1}] * (MAX_TXN_CONDS + 1)},
+            "if",
+            "65 conditions exceeds the 64-condition limit",
+        ),
+        (
+            {"op": "txn", "then": [{"op": "get", "key": "a"}] * (MAX_TXN_OPS + 1)},
+            "then",
+            "129 operations exceeds the 128-operation limit",
+        ),
         ({"op": "txn", "else": [{"op": "get", "key": "a"}] * (MAX_TXN_OPS + 1)}, "else", "129 operations"),
         ({"op": "txn", "if": ["a"]}, "if[0]", "expected a map"),
         ({"op": "txn", "if": [{"key": "a"}]}, "if[0]", 'exactly one of "version", "value" or "exists"'),
@@ -165,7 +181,11 @@ def test_limits_are_inclusive():
         ({"op": "txn", "then": [{"op": "put", "key": "a"}]}, "then[0].value", "missing"),
         ({"op": "txn", "then": [{"op": "get", "key": "a", "value": b"1"}]}, "then[0].value", "unknown field"),
         ({"op": "txn", "else": [{"op": "delete", "key": "x" * 2000}]}, "else[0].key", "2000 bytes exceeds"),
-        ({"op": "txn", "then": [{"op": "put", "key": "a", "value": b"{"}]}, "then[0].value", "not valid JSON"),
+        (
+            {"op": "txn", "then": [{"op": "put", "key": "a", "value": b"{"}]},
+            "then[0].value",
+            "not valid JSON",
+        ),
         ({"op": "register_node", "node_id": "n", "api": "host", "raft": "h:1"}, "api", "is not host:port"),
         ({"op": "register_node", "node_id": "n", "api": "h:1", "raft": "h:0"}, "raft", "is not host:port"),
         ({"op": "register_node", "node_id": "n", "api": "h:1", "raft": ":1"}, "raft", "is not host:port"),
@@ -210,8 +230,14 @@ json_values = st.recursive(
 @given(
     anything=st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4) | st.binary(max_size=4),
-        lambda inner: st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(["op", "key", "value", "rid", "if", "then", "x"]) | st.text(max_size=3), inner, max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(["op", "key", "value", "rid", "if", "then", "x"]) | st.text(max_size=3),
+                inner,
+                max_size=5,
+            )
+        ),
         max_leaves=12,
     )
 )
@@ -234,7 +260,12 @@ def test_store_keys_follow_the_documented_layout():
     assert keys.RID_COUNT == b"meta/rid_count"
 
 
-@given(a=st.integers(0, (1 << 64) - 1), b=st.integers(0, (1 << 64) - 1), ra=st.text(min_size=1), rb=st.text(min_size=1))
+@given(
+    a=st.integers(0, (1 << 64) - 1),
+    b=st.integers(0, (1 << 64) - 1),
+    ra=st.text(min_size=1),
+    rb=st.text(min_size=1),
+)
 @settings(max_examples=100, deadline=None)
 def test_ridx_key_order_is_log_index_order(a, b, ra, rb):
     ra, rb = ra.encode("utf-8", "replace").decode(), rb.encode("utf-8", "replace").decode()
@@ -251,10 +282,20 @@ def test_prefix_end():
 def test_values_follow_the_documented_layout():
     assert msgpack.unpackb(keys.encode_kv(b"1", 2, 3, 4)) == [b"1", 2, 3, 4]
     record = keys.decode_kv("k", keys.encode_kv(b"1", 2, 3, 4))
-    assert (record.key, record.value, record.version, record.create_index, record.mod_index) == ("k", b"1", 2, 3, 4)
+    assert (record.key, record.value, record.version, record.create_index, record.mod_index) == (
+        "k",
+        b"1",
+        2,
+        3,
+        4,
+    )
     assert msgpack.unpackb(keys.encode_node("h:1", "h:2", 9)) == {"api": "h:1", "raft": "h:2", "index": 9}
     assert keys.decode_rid(keys.encode_rid(5, {"ok": True, "v": b"x"})) == (5, {"ok": True, "v": b"x"})
     assert keys.decode_count(None) == 0 and keys.decode_count(keys.encode_count(7)) == 7
-    for bad in (msgpack.packb([b"1", 2, 3]), msgpack.packb(["1", 2, 3, 4]), msgpack.packb([b"1", 2, 3, True])):
+    for bad in (
+        msgpack.packb([b"1", 2, 3]),
+        msgpack.packb(["1", 2, 3, 4]),
+        msgpack.packb([b"1", 2, 3, True]),
+    ):
         with pytest.raises(ValueError, match="kv/k"):
             keys.decode_kv("k", bad)

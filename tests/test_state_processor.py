@@ -213,9 +213,15 @@ def test_txn_without_branches(log, proc):
 
 def test_nodes(log, proc):
     assert log.one({"op": "noop"}) == {"ok": True, "index": 1}
-    assert log.one({"op": "register_node", "node_id": "n2", "api": "h2:1", "raft": "h2:2"}) == {"ok": True, "index": 2}
+    assert log.one({"op": "register_node", "node_id": "n2", "api": "h2:1", "raft": "h2:2"}) == {
+        "ok": True,
+        "index": 2,
+    }
     log.one({"op": "register_node", "node_id": "n1", "api": "h1:1", "raft": "h1:2"})
-    assert proc.nodes() == {"n1": {"api": "h1:1", "raft": "h1:2", "index": 3}, "n2": {"api": "h2:1", "raft": "h2:2", "index": 2}}
+    assert proc.nodes() == {
+        "n1": {"api": "h1:1", "raft": "h1:2", "index": 3},
+        "n2": {"api": "h2:1", "raft": "h2:2", "index": 2},
+    }
     assert list(proc.nodes()) == ["n1", "n2"]
     log.one({"op": "register_node", "node_id": "n2", "api": "h9:1", "raft": "h9:2"})
     assert proc.nodes()["n2"] == {"api": "h9:1", "raft": "h9:2", "index": 4}
@@ -276,9 +282,16 @@ def test_dedup_capacity_evicts_the_oldest():
     assert DEDUP_CAPACITY == 100_000 and CommandProcessor(StateStore()).dedup_capacity == DEDUP_CAPACITY
     for rid in ["r1", "r2", "r3", "r4"]:
         log.one(put("k", rid=rid))
-    rids = lambda: sorted(k[4:].decode() for k, _ in proc.store.scan_prefix(b"rid/"))
+
+    def rids():
+        return sorted(k[4:].decode() for k, _ in proc.store.scan_prefix(b"rid/"))
+
     assert rids() == ["r2", "r3", "r4"]
-    assert [keys.split_ridx(k) for k, _ in proc.store.scan_prefix(b"ridx/")] == [(2, "r2"), (3, "r3"), (4, "r4")]
+    assert [keys.split_ridx(k) for k, _ in proc.store.scan_prefix(b"ridx/")] == [
+        (2, "r2"),
+        (3, "r3"),
+        (4, "r4"),
+    ]
     assert msgpack.unpackb(proc.store.get(b"meta/rid_count")) == 3
     # An evicted rid applies again; a kept one does not.
     assert log.one(put("k", rid="r1"))["version"] == 5
@@ -315,7 +328,11 @@ def test_changes_in_apply_order(log):
         delete("absent"),
         {
             "op": "txn",
-            "then": [{"op": "put", "key": "a", "value": b"2"}, {"op": "delete", "key": "gone"}, {"op": "get", "key": "a"}],
+            "then": [
+                {"op": "put", "key": "a", "value": b"2"},
+                {"op": "delete", "key": "gone"},
+                {"op": "get", "key": "a"},
+            ],
         },
         put("b", b"3", if_version=7),  # conflict: no change
         {"op": "register_node", "node_id": "n", "api": "h:1", "raft": "h:2"},
@@ -333,9 +350,17 @@ def test_changes_in_apply_order(log):
 def test_one_rust_batch_per_entry_in_first_write_order():
     store = CountingStore()
     proc = CommandProcessor(store)
-    proc.apply_entry(1, encode_entry([put("b"), put("a"), put("b", b"2"), {"op": "noop", "rid": "r"}, delete("a")]))
+    proc.apply_entry(
+        1, encode_entry([put("b"), put("a"), put("b", b"2"), {"op": "noop", "rid": "r"}, delete("a")])
+    )
     assert len(store.applies) == 1
-    assert [k for k, _ in store.applies[0]] == [b"kv/b", b"kv/a", b"rid/r", keys.ridx_key(1, "r"), b"meta/rid_count"]
+    assert [k for k, _ in store.applies[0]] == [
+        b"kv/b",
+        b"kv/a",
+        b"rid/r",
+        keys.ridx_key(1, "r"),
+        b"meta/rid_count",
+    ]
     assert store.applies[0][1] == (b"kv/a", None)
     proc.apply_entry(2, encode_entry([{"op": "noop"}, delete("zz")]))
     proc.apply_entry(3, b"garbage")
@@ -348,7 +373,16 @@ def test_one_rust_batch_per_entry_in_first_write_order():
 def test_bad_entries_give_one_bad_entry_result_and_change_nothing(proc):
     proc.apply_entry(1, encode_entry([put("a")]))
     before = state_items(proc)
-    for payload in [b"", b"\x93\x01\x02\x03", msgpack.packb([2, []]), None, "text", 5, bytearray(b"\x90"), memoryview(b"")]:
+    for payload in [
+        b"",
+        b"\x93\x01\x02\x03",
+        msgpack.packb([2, []]),
+        None,
+        "text",
+        5,
+        bytearray(b"\x90"),
+        memoryview(b""),
+    ]:
         (result,) = proc.apply_entry(2, payload).results
         assert result["ok"] is False and result["error"] == "bad_entry"
         assert result["message"].startswith("entry:")
@@ -369,7 +403,10 @@ def test_an_internal_error_discards_that_commands_writes_only(log, proc):
         put("a", b"1"),
         {
             "op": "txn",
-            "then": [{"op": "put", "key": "b", "value": b"1"}, {"op": "put", "key": "corrupt", "value": b"1"}],
+            "then": [
+                {"op": "put", "key": "b", "value": b"1"},
+                {"op": "put", "key": "corrupt", "value": b"1"},
+            ],
             "rid": "t",
         },
         put("c", b"1"),
@@ -394,7 +431,10 @@ def test_an_unexpected_exception_mid_transaction(log, proc, monkeypatch):
         return original(self, key, record, value)
 
     monkeypatch.setattr(_EntryRun, "_put", exploding_put)
-    txn = {"op": "txn", "then": [{"op": "put", "key": "x", "value": b"1"}, {"op": "put", "key": "boom", "value": b"1"}]}
+    txn = {
+        "op": "txn",
+        "then": [{"op": "put", "key": "x", "value": b"1"}, {"op": "put", "key": "boom", "value": b"1"}],
+    }
     outcome = log.entry(put("x", b"0"), txn, {"op": "txn", "then": [{"op": "get", "key": "x"}]})
     assert outcome.results[1]["error"] == "internal" and "RuntimeError" in outcome.results[1]["message"]
     assert "0x" not in outcome.results[1]["message"]
@@ -433,21 +473,41 @@ def test_fuzz_arbitrary_bytes(payload):
     _assert_sane(proc, before, outcome)
 
 
-names = st.sampled_from(["op", "key", "value", "rid", "if_version", "if", "then", "else", "version", "exists", "node_id", "api", "raft"])
+names = st.sampled_from(
+    [
+        "op",
+        "key",
+        "value",
+        "rid",
+        "if_version",
+        "if",
+        "then",
+        "else",
+        "version",
+        "exists",
+        "node_id",
+        "api",
+        "raft",
+    ]
+)
 scalars = (
     st.none()
     | st.booleans()
     | st.integers(-3, 3)
     | st.integers(-(1 << 63), (1 << 64) - 1)
     | st.floats(allow_nan=False)
-    | st.sampled_from(["put", "delete", "txn", "get", "noop", "register_node", "unregister_node", "a", "", "h:1"])
+    | st.sampled_from(
+        ["put", "delete", "txn", "get", "noop", "register_node", "unregister_node", "a", "", "h:1"]
+    )
     | st.text(max_size=5)
     | st.binary(max_size=5)
     | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=3))
 )
 structures = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names | st.text(max_size=2), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(names | st.text(max_size=2), inner, max_size=6)
+    ),
     max_leaves=20,
 )
 
@@ -456,7 +516,9 @@ structures = st.recursive(
 @given(commands=st.lists(structures, max_size=4), version=st.sampled_from([1, 1, 1, 0, 2, "1", None]))
 def test_fuzz_msgpack_structures(commands, version):
     proc = CommandProcessor(StateStore())
-    proc.apply_entry(1, encode_entry([put("a"), {"op": "register_node", "node_id": "n", "api": "h:1", "raft": "h:2"}]))
+    proc.apply_entry(
+        1, encode_entry([put("a"), {"op": "register_node", "node_id": "n", "api": "h:1", "raft": "h:2"}])
+    )
     before = state_items(proc)
     payload = msgpack.packb([version, commands], use_bin_type=True)
     outcome = proc.apply_entry(2, payload)
@@ -481,7 +543,9 @@ valid_commands = st.one_of(
         {"op": st.just("put"), "key": fuzz_keys, "value": fuzz_values},
         optional={"if_version": st.integers(0, 2), **fuzz_rid},
     ),
-    st.fixed_dictionaries({"op": st.just("delete"), "key": fuzz_keys}, optional={"if_version": st.integers(0, 2), **fuzz_rid}),
+    st.fixed_dictionaries(
+        {"op": st.just("delete"), "key": fuzz_keys}, optional={"if_version": st.integers(0, 2), **fuzz_rid}
+    ),
     st.fixed_dictionaries(
         {"op": st.just("txn")},
         optional={
@@ -492,7 +556,9 @@ valid_commands = st.one_of(
         },
     ),
     st.fixed_dictionaries({"op": st.just("noop")}, optional=fuzz_rid),
-    st.fixed_dictionaries({"op": st.just("register_node"), "node_id": fuzz_keys, "api": st.just("h:1"), "raft": st.just("h:2")}),
+    st.fixed_dictionaries(
+        {"op": st.just("register_node"), "node_id": fuzz_keys, "api": st.just("h:1"), "raft": st.just("h:2")}
+    ),
     st.fixed_dictionaries({"op": st.just("unregister_node"), "node_id": fuzz_keys}, optional=fuzz_rid),
 )
 
@@ -534,7 +600,10 @@ def test_fuzz_mutated_commands(entries):
 def test_get_and_scan(log, proc):
     names_ = ["a", "a/1", "a/2", "a/3", "a/é", "a0", "b", "a/\U0001f600"]
     log.entry(*[put(n, f'"{i}"'.encode()) for i, n in enumerate(names_)])
-    scan = lambda *a, **k: [r.key for r in proc.scan(*a, **k)]
+
+    def scan(*args, **kwargs):
+        return [r.key for r in proc.scan(*args, **kwargs)]
+
     assert scan("a/", None) == ["a/1", "a/2", "a/3", "a/é", "a/\U0001f600"]  # UTF-8 byte order
     assert scan("a/", 2) == ["a/1", "a/2"]
     assert scan("a/", 2, start_after="a/2") == ["a/3", "a/é"]

@@ -15,7 +15,14 @@ from typing import Any
 
 import hypothesis.strategies as st
 from hypothesis import note
-from hypothesis.stateful import RuleBasedStateMachine, Settings, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    Settings,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from synapse._core import StateStore
 from synapse.state.commands import encode_entry
@@ -47,7 +54,9 @@ conds = st.one_of(
 valid = with_rid(
     st.one_of(
         st.builds(lambda k, v: {"op": "put", "key": k, "value": v}, keys, values),
-        st.builds(lambda k, v, n: {"op": "put", "key": k, "value": v, "if_version": n}, keys, values, versions),
+        st.builds(
+            lambda k, v, n: {"op": "put", "key": k, "value": v, "if_version": n}, keys, values, versions
+        ),
         st.builds(lambda k: {"op": "delete", "key": k}, keys),
         st.builds(lambda k, n: {"op": "delete", "key": k, "if_version": n}, keys, versions),
         st.builds(
@@ -106,7 +115,9 @@ class Model:
                 self.rids[rid] = (index, result)
             results.append(result)
         # Eviction: oldest by (log index, rid bytes) until the table fits.
-        for _, rid in sorted((i, r.encode()) for r, (i, _) in self.rids.items())[: max(0, len(self.rids) - self.capacity)]:
+        for _, rid in sorted((i, r.encode()) for r, (i, _) in self.rids.items())[
+            : max(0, len(self.rids) - self.capacity)
+        ]:
             del self.rids[rid.decode()]
         return results, changes
 
@@ -118,7 +129,12 @@ class Model:
             if "if_version" in command and command["if_version"] != current:
                 return {"ok": False, "error": "conflict", "key": key, "current_version": current}
             if op == "put":
-                return {"ok": True, "key": key, "version": self.put(index, key, command["value"], changes), "index": index}
+                return {
+                    "ok": True,
+                    "key": key,
+                    "version": self.put(index, key, command["value"], changes),
+                    "index": index,
+                }
             return {"ok": True, "key": key, "deleted": self.delete(index, key, changes), "index": index}
         if op == "txn":
             succeeded = all(self.holds(c) for c in command["if"])
@@ -145,7 +161,12 @@ class Model:
         if txop["op"] == "delete":
             return {"op": "delete", "key": key, "deleted": self.delete(index, key, changes)}
         record = self.kv.get(key)
-        return {"op": "get", "key": key, "value": record[0] if record else None, "version": record[1] if record else 0}
+        return {
+            "op": "get",
+            "key": key,
+            "value": record[0] if record else None,
+            "version": record[1] if record else 0,
+        }
 
     def put(self, index: int, key: str, value: bytes, changes: list[KvChange]) -> int:
         old = self.kv.get(key)

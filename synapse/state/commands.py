@@ -120,7 +120,9 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
     if op in ("put", "delete"):
         check_key(command["key"])
         if "if_version" in command:
-            _check_uint(command["if_version"], "if_version", 'use 0 for "must not exist" or the version you read')
+            _check_uint(
+                command["if_version"], "if_version", 'use 0 for "must not exist" or the version you read'
+            )
     if op == "put":
         check_value(command["value"], "value", check_json=check_json)
     elif op == "txn":
@@ -157,12 +159,15 @@ def check_value(value: Any, field: str = "value", *, check_json: bool = True) ->
     """A value: JSON text as bytes, at most MAX_VALUE_BYTES."""
     if not isinstance(value, bytes):
         raise CommandError(
-            field, f"{field}: expected bytes holding JSON text, got {_kind(value)}; encode the JSON text as UTF-8 bytes"
+            field,
+            f"{field}: expected bytes holding JSON text, got {_kind(value)}; "
+            "encode the JSON text as UTF-8 bytes",
         )
     if len(value) > MAX_VALUE_BYTES:
         raise CommandError(
             field,
-            f"{field}: {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte (1 MiB) limit; store a smaller value",
+            f"{field}: {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte (1 MiB) limit; "
+            "store a smaller value",
         )
     if check_json:
         try:
@@ -176,7 +181,9 @@ def check_value(value: Any, field: str = "value", *, check_json: bool = True) ->
 def check_rid(rid: Any, field: str = "rid") -> None:
     """A request id: a string of 1 to MAX_RID_CHARS characters, encodable as UTF-8."""
     if not isinstance(rid, str):
-        raise CommandError(field, f"{field}: expected a string, got {_kind(rid)}; send the request id as text")
+        raise CommandError(
+            field, f"{field}: expected a string, got {_kind(rid)}; send the request id as text"
+        )
     if not 1 <= len(rid) <= MAX_RID_CHARS:
         raise CommandError(
             field,
@@ -188,7 +195,9 @@ def check_rid(rid: Any, field: str = "rid") -> None:
 
 def check_node_id(node_id: Any, field: str = "node_id") -> None:
     if not isinstance(node_id, str):
-        raise CommandError(field, f"{field}: expected a string, got {_kind(node_id)}; send the node id as text")
+        raise CommandError(
+            field, f"{field}: expected a string, got {_kind(node_id)}; send the node id as text"
+        )
     if not 1 <= len(node_id) <= MAX_NODE_ID_CHARS:
         raise CommandError(
             field,
@@ -203,12 +212,16 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
         path = f"if[{i}]"
         if not isinstance(cond, dict):
             raise CommandError(
-                path, f'{path}: expected a map, got {_kind(cond)}; write a condition as {{"key": ..., "exists": true}}'
+                path,
+                f"{path}: expected a map, got {_kind(cond)}; "
+                'write a condition as {"key": ..., "exists": true}',
             )
         tests = [name for name in _COND_TESTS if name in cond]
         if len(tests) != 1:
             raise CommandError(
-                path, f'{path}: has {len(tests)} tests; give exactly one of "version", "value" or "exists" besides "key"'
+                path,
+                f"{path}: has {len(tests)} tests; "
+                'give exactly one of "version", "value" or "exists" besides "key"',
             )
         _check_fields(cond, f"{path}.", "condition", ("key", tests[0]), ())
         check_key(cond["key"], f"{path}.key")
@@ -219,7 +232,8 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
             check_value(cond["value"], f"{path}.value", check_json=check_json)
         elif not isinstance(cond["exists"], bool):
             raise CommandError(
-                f"{path}.exists", f"{path}.exists: expected true or false, got {_kind(cond['exists'])}; send a boolean"
+                f"{path}.exists",
+                f"{path}.exists: expected true or false, got {_kind(cond['exists'])}; send a boolean",
             )
     for branch in ("then", "else"):
         ops = _check_list(command.get(branch, []), branch, MAX_TXN_OPS, "operation")
@@ -227,12 +241,15 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
             path = f"{branch}[{i}]"
             if not isinstance(txop, dict):
                 raise CommandError(
-                    path, f'{path}: expected a map, got {_kind(txop)}; write an operation as {{"op": "get", "key": ...}}'
+                    path,
+                    f"{path}: expected a map, got {_kind(txop)}; "
+                    'write an operation as {"op": "get", "key": ...}',
                 )
             op = txop.get("op")
             if not isinstance(op, str) or op not in _TXN_FIELDS:
                 raise CommandError(
-                    f"{path}.op", f"{path}.op: unknown transaction op {_short(op)}; use one of {_names(TXN_OPS)}"
+                    f"{path}.op",
+                    f"{path}.op: unknown transaction op {_short(op)}; use one of {_names(TXN_OPS)}",
                 )
             _check_fields(txop, f"{path}.", f"transaction {op}", _TXN_FIELDS[op], ("op",))
             check_key(txop["key"], f"{path}.key")
@@ -259,7 +276,9 @@ def _check_fields(
 
 def _check_list(items: Any, field: str, limit: int, noun: str) -> list[Any]:
     if not isinstance(items, list):
-        raise CommandError(field, f"{field}: expected a list of {noun}s, got {_kind(items)}; send a list, even of one")
+        raise CommandError(
+            field, f"{field}: expected a list of {noun}s, got {_kind(items)}; send a list, even of one"
+        )
     if len(items) > limit:
         raise CommandError(
             field, f"{field}: {len(items)} {noun}s exceeds the {limit}-{noun} limit; split the transaction"
@@ -275,7 +294,9 @@ def _check_uint(number: Any, field: str, fix: str) -> None:
 def _check_address(address: Any, field: str) -> None:
     fix = 'use "host:port" with a port from 1 to 65535, e.g. "10.0.0.5:7400"'
     if not isinstance(address, str) or len(address) > MAX_ADDRESS_CHARS:
-        raise CommandError(field, f"{field}: expected a string of at most {MAX_ADDRESS_CHARS} characters; {fix}")
+        raise CommandError(
+            field, f"{field}: expected a string of at most {MAX_ADDRESS_CHARS} characters; {fix}"
+        )
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise CommandError(field, f"{field}: {_short(address)} is not host:port; {fix}")
@@ -299,7 +320,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_KINDS = {dict: "a map", list: "a list", str: "a string", bytes: "bytes", bool: "a boolean", int: "an integer"}
+_KINDS = {
+    dict: "a map",
+    list: "a list",
+    str: "a string",
+    bytes: "bytes",
+    bool: "a boolean",
+    int: "an integer",
+}
 
 
 def _kind(value: Any) -> str:

@@ -61,7 +61,9 @@ class CommandProcessor:
         count = 1
         try:
             if type(index) is not int or not 0 <= index <= MAX_UINT64:
-                return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
+                return EntryOutcome(
+                    [_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], []
+                )
             try:
                 commands = decode_entry(payload)
             except EntryError as exc:
@@ -97,14 +99,18 @@ class CommandProcessor:
         if limit is not None and (type(limit) is not int or limit < 0):
             raise CommandError("limit", f"limit: expected an integer >= 0, got {limit!r}")
         if start_after is not None and not isinstance(start_after, str):
-            raise CommandError("start_after", f"start_after: expected a string, got {type(start_after).__name__}")
+            raise CommandError(
+                "start_after", f"start_after: expected a string, got {type(start_after).__name__}"
+            )
         try:
             start = keys.kv_key(prefix)
             if start_after is not None:
                 # k + b"\0" is the smallest key greater than k.
                 start = max(start, keys.kv_key(start_after) + b"\x00")
         except UnicodeEncodeError:
-            raise CommandError("prefix", "prefix/start_after: not encodable as UTF-8; use valid Unicode text") from None
+            raise CommandError(
+                "prefix", "prefix/start_after: not encodable as UTF-8; use valid Unicode text"
+            ) from None
         end = keys.prefix_end(keys.kv_key(prefix))
         if limit == 0 or (end is not None and start >= end):
             return []
@@ -211,7 +217,12 @@ class _EntryRun:
         record = self._read(key)
         if "if_version" in command and (conflict := _version_conflict(key, record, command["if_version"])):
             return conflict
-        return {"ok": True, "key": key, "version": self._put(key, record, command["value"]), "index": self.index}
+        return {
+            "ok": True,
+            "key": key,
+            "version": self._put(key, record, command["value"]),
+            "index": self.index,
+        }
 
     def _op_delete(self, command: dict[str, Any]) -> Result:
         key = command["key"]
