@@ -55,6 +55,10 @@ class RaftTuning:
     # after ~15 minutes of TCP retries).
     keepalive: float = 0.5
     connection_timeout: float = 2.0
+    # PySyncObj redials a lost peer every connectionRetryTime (default 5 s): a restarted node
+    # then took 5-7 s to hear the leader and, with no pre-vote in PySyncObj, disturbed the
+    # cluster with elections meanwhile (scripts/bench-node, 10 restarts).
+    reconnect: float = 0.5
     # A leader cut off from the majority steps down after this long (PySyncObj default: 30 s).
     # Linearizable reads never depend on it — they need a committed barrier — but clients
     # find the new leader sooner.
@@ -103,6 +107,9 @@ class ReplicatedLog(SyncObj):
             raftMaxTimeout=tuning.max_timeout,
             appendEntriesPeriod=tuning.heartbeat,
             connectionTimeout=tuning.connection_timeout,
+            connectionRetryTime=tuning.reconnect,
+            maxBindRetries=5,
+            bindRetryTime=0.2,
             leaderFallbackTimeout=tuning.leader_fallback,
             journalFile=str(data_dir / "raft.journal"),
             fullDumpFile=str(data_dir / "raft.dump"),
