@@ -4,7 +4,6 @@ over defaults. Every bad setting is refused with a message naming it and the fix
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -204,7 +203,3 @@ def validate(config: NodeConfig) -> None:
             "node), or --insecure-no-cluster-secret for a throwaway test cluster",
         )
     config.read_secret()
-
-
-def environment() -> Mapping[str, str]:
-    return os.environ

@@ -19,7 +19,6 @@ from synapse.cluster.raft import ReplicatedLog
 from synapse.config import ConfigError, NodeConfig
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
-from synapse.state.records import KvRecord
 from synapse.storage import open_storage
 from synapse.storage.materializer import Materializer
 
@@ -76,7 +75,6 @@ class Node:
         await self._storage.open()
         self.materializer = Materializer(self._storage)
         self._materializer_task = self._loop.create_task(self.materializer.run(), name="materializer")
-        raft_host, _ = cfg.raft_host_port()
         self.raft = ReplicatedLog(
             raft_addr=cfg.raft,
             peers=sorted(cfg.peers.values()),
@@ -90,7 +88,7 @@ class Node:
         try:
             await self._loop.run_in_executor(None, self.raft.waitBinded)
         except Exception as e:
-            self.raft.close()
+            await self.stop()
             raise NodeError(f"cannot listen on the Raft address {cfg.raft}: {e} (is it in use?)") from e
         self.committer = GroupCommitter(self.raft)
         self.committer.start()
@@ -299,4 +297,4 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-__all__ = ["Node", "NodeError", "KvRecord"]
+__all__ = ["Node", "NodeError"]

@@ -123,3 +123,24 @@ def test_postgresql_storage_materializes_the_state(tmp_path):
             await conn.close()
 
     asyncio.run(drop())
+
+
+def test_a_taken_port_is_reported_and_nothing_is_left_running(tmp_path):
+    import socket
+    import threading
+
+    cfg = _config(tmp_path)
+    host, port = cfg.api_host_port()
+    busy = socket.socket()
+    busy.bind((host, port))
+    busy.listen()
+    try:
+        before = threading.active_count()
+        with pytest.raises(synapse.NodeError, match="API address"):
+            synapse.Node(cfg).run_in_background()
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before
+    finally:
+        busy.close()
