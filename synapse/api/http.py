@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from synapse.cluster.committer import ProposalError
-from synapse.state.commands import MAX_KEY_BYTES, MAX_VALUE_BYTES, CommandError, validate_command
+from synapse.state.commands import MAX_KEY_BYTES, MAX_VALUE_BYTES, CommandError, LimitError, validate_command
 
 if TYPE_CHECKING:
     from synapse.node import Node
@@ -148,9 +148,10 @@ def _request_id(request: web.Request) -> str:
 async def _propose(request: web.Request, command: dict, size_hint: int) -> dict:
     try:
         validate_command(command)
+    except LimitError as e:
+        raise ApiError(413, "too_large", str(e)) from None
     except CommandError as e:
-        status = 413 if "limit" in str(e) else 400
-        raise ApiError(status, "bad_request" if status == 400 else "too_large", str(e)) from None
+        raise ApiError(400, "bad_request", str(e)) from None
     result = await _node(request).propose(command, size_hint)
     if not result.get("ok"):
         if result.get("error") == "conflict":

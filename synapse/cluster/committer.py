@@ -68,6 +68,7 @@ class GroupCommitter:
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self.entries_proposed = 0
         self.commands_proposed = 0
 
@@ -112,9 +113,10 @@ class GroupCommitter:
             self._expire_stuck_entries()
             while (self._pending or self._barriers) and len(self._in_flight) < self._max_in_flight:
                 self._propose_next()
-            if self._in_flight:
-                # Wake periodically to expire entries whose callbacks never come.
-                self._loop.call_later(1.0, self._wake.set)
+            if self._in_flight and (self._expiry is None or self._expiry.when() <= self._loop.time()):
+                # While entries are out, wake at least once a second to expire those whose
+                # callbacks never come (one timer at a time, however busy the loop is).
+                self._expiry = self._loop.call_later(1.0, self._wake.set)
 
     def _propose_next(self) -> None:
         commands, futures, size = [], [], 0

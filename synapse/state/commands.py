@@ -58,6 +58,10 @@ class CommandError(ValueError):
         self.message = message
 
 
+class LimitError(CommandError):
+    """A command is well formed but over a size or count limit (HTTP 413, not 400)."""
+
+
 class EntryError(ValueError):
     """A log entry is not a schema-1 entry (bad msgpack, wrong shape or another version)."""
 
@@ -148,7 +152,7 @@ def check_key(key: Any, field: str = "key") -> None:
     if size == 0:
         raise CommandError(field, f"{field}: empty; use a key of 1 to {MAX_KEY_BYTES} bytes")
     if size > MAX_KEY_BYTES:
-        raise CommandError(
+        raise LimitError(
             field, f"{field}: {size} bytes exceeds the {MAX_KEY_BYTES}-byte limit; use a shorter key"
         )
     if "\x00" in key:
@@ -164,7 +168,7 @@ def check_value(value: Any, field: str = "value", *, check_json: bool = True) ->
             "encode the JSON text as UTF-8 bytes",
         )
     if len(value) > MAX_VALUE_BYTES:
-        raise CommandError(
+        raise LimitError(
             field,
             f"{field}: {len(value)} bytes exceeds the {MAX_VALUE_BYTES}-byte (1 MiB) limit; "
             "store a smaller value",
@@ -280,7 +284,7 @@ def _check_list(items: Any, field: str, limit: int, noun: str) -> list[Any]:
             field, f"{field}: expected a list of {noun}s, got {_kind(items)}; send a list, even of one"
         )
     if len(items) > limit:
-        raise CommandError(
+        raise LimitError(
             field, f"{field}: {len(items)} {noun}s exceeds the {limit}-{noun} limit; split the transaction"
         )
     return items
