@@ -23,9 +23,12 @@ Cutting a node off: ``isolate(node, from_=peers)`` adds iptables DROP rules insi
 own namespace (INPUT from and OUTPUT to each peer address); traffic to and from the test's
 address 10.231.0.254 keeps flowing. ``heal(node)`` flushes them.
 
-Teardown (``close``; also registered with ``atexit``) kills every process still running in our
-namespaces, then deletes the namespaces (which destroys their veths and bridge). It only ever
-acts on namespaces this object created.
+Teardown (``close``; also registered with ``atexit``, and SIGTERM is turned into
+KeyboardInterrupt while a topology is up so that both run) kills the node processes, then
+anything else still running in our namespaces, then deletes the namespaces (which destroys
+their veths and bridge). It only ever acts on namespaces this object created. Only SIGKILL of
+the test process can leave namespaces behind; their names (``syn-<pid>-<random>-*``) keep them
+from colliding with later runs.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _enter_netns(name: str) -> None:
         os.close(fd)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: kept in a set of live topologies
 class Topology:
     size: int
     prefix: str = field(default_factory=lambda: f"syn-{os.getpid()}-{secrets.token_hex(2)}")
@@ -117,6 +120,8 @@ class Topology:
 
     def create(self) -> "Topology":
         atexit.register(self.close)
+        _live.add(self)
+        _catch_sigterm()
         try:
             self._add_ns(self.bridge_ns)
             br = self.bridge_ns
@@ -212,10 +217,9 @@ class Topology:
             if self._closed:
                 return
             self._closed = True
-        try:
-            atexit.unregister(self.close)
-        except Exception:
-            pass
+        atexit.unregister(self.close)
+        _live.discard(self)
+        _release_sigterm()
         for proc in self.procs:
             _stop(proc)
         # Anything else still inside our namespaces (they are ours: we created them).
@@ -231,6 +235,33 @@ class Topology:
         for name in reversed(self.created):
             _run("ip", "netns", "del", name, check=False)
         self.created.clear()
+
+
+# atexit does not run when the test process is ended by SIGTERM (a cancelled CI job): while a
+# topology is up, SIGTERM raises KeyboardInterrupt instead, so fixture finalizers and atexit run.
+# Installed only over the default handler, and put back when the last topology is closed.
+_live: set = set()
+_sigterm_installed = False
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: tearing down the test namespaces")
+
+
+def _catch_sigterm() -> None:
+    global _sigterm_installed
+    if (not _sigterm_installed and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_installed = True
+
+
+def _release_sigterm() -> None:
+    global _sigterm_installed
+    if (_sigterm_installed and not _live and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is _on_sigterm):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _sigterm_installed = False
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -44,9 +44,10 @@ build_core() {
     }
 }
 
-# Debian packages the tests need (the network-partition tests use `ip netns` and iptables).
-# Only as root on a Debian-like system with apt-get; otherwise those tests skip themselves.
-# Quiet and idempotent: `apt-get update` runs only when something is missing.
+# Debian packages the tests need: the network-partition tests (tests/test_partition.py) use
+# `ip netns` (iproute2) and iptables. Installed only when running as root with apt-get; not as
+# root, those tests skip themselves. Quiet and idempotent: `apt-get update` runs only when
+# something is missing.
 DEB_PACKAGES=(iproute2 iptables)
 
 ensure_debian_packages() {

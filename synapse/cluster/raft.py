@@ -183,6 +183,24 @@ class ReplicatedLog(SyncObj):
             log.exception("node %s: a listener failed on state replacement", self.selfNode)
         return dump.raft_tuple()
 
+    def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
+        """Fixes a catch-up livelock in PySyncObj 0.3.17 before its handler sees the message.
+
+        The leader pipelines every AppendEntries batch a lagging follower needs. A follower
+        whose log diverges (an old leader that appended entries while cut off) answers the
+        first batch "conflict: go back to N" and each later one "I lack that: resume at my
+        log end + 1" — both as ``reset`` replies — and PySyncObj sets nextIndex to whichever
+        arrives last, jumping past the conflict forever (tests/test_partition.py reproduced
+        it every time once the leader was > 64 KiB ahead). A rejection must never move
+        nextIndex forward; a lower nextIndex only resends entries the follower checks anyway.
+        PySyncObj binds this handler by its mangled name at start-up, so the override is
+        what the transport calls."""
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" and message.get("reset") and self._isLeader():
+            current = self._SyncObj__raftNextIndex.get(node)
+            if current is not None and message["next_node_idx"] > current:
+                message = dict(message, next_node_idx=current)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
     def _on_tick(self) -> None:
         now = time.monotonic()
         if now - self._last_keepalive >= self._tuning.keepalive:
