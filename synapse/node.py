@@ -112,7 +112,8 @@ class Node:
         if self.committer is not None:
             await self.committer.close()
         if self.raft is not None:
-            self.raft.close()
+            # Waits for the tick thread; off the event loop so in-flight callbacks can land.
+            await self._loop.run_in_executor(None, self.raft.close)
         if self.materializer is not None:
             await self.materializer.stop()
         if self._materializer_task is not None:

@@ -48,9 +48,6 @@ class Dump:
     prev: RaftEntry
     cluster: list[str]
 
-    def raft_tuple(self) -> tuple[RaftEntry, RaftEntry, list[str]]:
-        return (self.last, self.prev, self.cluster)
-
 
 def _check(meta: bytes) -> bytes:
     return blake3.blake3(_META_TAG + meta).digest()[:_CHECK]

@@ -74,8 +74,8 @@ class ApplyListener(Protocol):
 
 
 class ReplicatedLog(SyncObj):
-    """One Raft voter. Create it in the process's main thread (its tick thread dies with the
-    thread that created it), and stop it with ``close()``."""
+    """One Raft voter. Create it in a thread that lives as long as the voter (PySyncObj's
+    tick thread stops when the thread that created it ends), and stop it with ``close()``."""
 
     def __init__(
         self,
@@ -181,7 +181,11 @@ class ReplicatedLog(SyncObj):
             self._listener.state_replaced(dump.info.log_index, dump.store)
         except Exception:
             log.exception("node %s: a listener failed on state replacement", self.selfNode)
-        return dump.raft_tuple()
+        # PySyncObj drops its own node from this list by comparing Node objects with what we
+        # return; an address string never equals a Node, so a node would count itself as a
+        # peer and (alone) never win an election. Leave ourselves out here.
+        me = str(self.selfNode.id)
+        return (dump.last, dump.prev, [addr for addr in dump.cluster if addr != me])
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
         """Fixes a catch-up livelock in PySyncObj 0.3.17 before its handler sees the message.
@@ -239,4 +243,9 @@ class ReplicatedLog(SyncObj):
         }
 
     def close(self) -> None:
-        self.destroy()
+        """Stops the tick thread and waits for it, so the Raft port is free when this returns
+        (a node restarted in the same process must be able to bind it again)."""
+        if self.tick_thread_alive():
+            self.destroy_synchronous()
+        else:
+            self.destroy()
