@@ -96,6 +96,15 @@ def _kv_path(key: str) -> str:
     return "/v1/kv/" + quote(key, safe="")
 
 
+def _backoff(attempt: int, remaining: float, last: SynapseError) -> float:
+    """The pause before retry ``attempt`` (jittered exponential, ≤ 0.5 s), or raises
+    UnavailableError when the pause would pass the deadline."""
+    pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
+    if pause > remaining:
+        raise UnavailableError(last.status, last.error, str(last), last.body)
+    return pause
+
+
 def _interpret(status: int, payload: bytes) -> Any:
     try:
         body = json.loads(payload) if payload else {}
@@ -207,10 +216,7 @@ class Client(_Calls):
                 last = SynapseError(503, "unreachable", f"{url}: {e}", {"outcome_unknown": True})
             self._endpoints.rotate()
             attempt += 1
-            pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
-            if time.monotonic() + pause > deadline:
-                raise UnavailableError(last.status, last.error, str(last), last.body)
-            time.sleep(pause)
+            time.sleep(_backoff(attempt, deadline - time.monotonic(), last))
             if attempt % len(self._endpoints.urls) == 0:
                 self._refresh(deadline)
 
@@ -307,10 +313,7 @@ class AsyncClient(_Calls):
                 last = SynapseError(503, "unreachable", f"{url}: {e!r}", {"outcome_unknown": True})
             self._endpoints.rotate()
             attempt += 1
-            pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
-            if loop.time() + pause > deadline:
-                raise UnavailableError(last.status, last.error, str(last), last.body)
-            await asyncio.sleep(pause)
+            await asyncio.sleep(_backoff(attempt, deadline - loop.time(), last))
             if attempt % len(self._endpoints.urls) == 0:
                 await self._refresh(deadline)
 

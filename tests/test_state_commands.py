@@ -108,16 +108,17 @@ def test_valid_commands_pass(command):
 
 
 def test_limits_are_inclusive():
-    validate_command(put("k" * MAX_KEY_BYTES, b'"' + b"v" * (MAX_VALUE_BYTES - 2) + b'"'))
-    validate_command(put("é" * (MAX_KEY_BYTES // 2)))
-    validate_command(
+    """Commands exactly at every limit are accepted (validate_command raises otherwise)."""
+    assert validate_command(put("k" * MAX_KEY_BYTES, b'"' + b"v" * (MAX_VALUE_BYTES - 2) + b'"')) is None
+    assert validate_command(put("é" * (MAX_KEY_BYTES // 2))) is None
+    assert validate_command(
         {
             "op": "txn",
             "if": [{"key": "a", "exists": True}] * MAX_TXN_CONDS,
             "then": [{"op": "get", "key": "a"}] * MAX_TXN_OPS,
             "else": [{"op": "get", "key": "a"}] * MAX_TXN_OPS,
         }
-    )
+    ) is None
 
 
 # --- validation: every error names its field and the fix ----------------------------------------

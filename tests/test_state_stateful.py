@@ -247,6 +247,7 @@ class ProcessorStateMachine(RuleBasedStateMachine):
 
 
 def test_processor_matches_model() -> None:
+    """Runs the state machine; its invariants assert after every step and at teardown."""
     run_state_machine_as_test(
         ProcessorStateMachine,
         settings=Settings(max_examples=60, stateful_step_count=30, deadline=None),
