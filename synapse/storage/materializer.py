@@ -44,9 +44,12 @@ class Materializer:
     """
 
     def __init__(self, storage: KvStorage, *, max_batch_changes: int = MAX_BATCH_CHANGES,
-                 retry_initial: float = 0.05, retry_max: float = 5.0) -> None:
+                 retry_initial: float = 0.05, retry_max: float = 5.0, linger: float = 0.0) -> None:
         self.storage = storage
         self._max_batch_changes = max_batch_changes
+        # Seconds to wait after a write before taking more: under load each transaction then
+        # carries more changes (the view lags by about this much more).
+        self._linger = linger
         self._retry_initial = retry_initial
         self._retry_max = retry_max
 
@@ -145,6 +148,8 @@ class Materializer:
                 work = self._take()
                 if work:
                     await self._write(work)
+                    if self._linger and not self._stopping:
+                        await asyncio.sleep(self._linger)
                     continue
                 if self._stopping:
                     return
