@@ -144,3 +144,18 @@ def test_a_taken_port_is_reported_and_nothing_is_left_running(tmp_path):
         assert threading.active_count() <= before
     finally:
         busy.close()
+
+
+def test_a_write_sent_before_the_first_election_waits_for_it(tmp_path):
+    """One raw request (no client retries) sent before any leader exists succeeds: the
+    committer proposes again once one is elected, instead of answering 503."""
+    import http.client
+
+    with synapse.Node(_config(tmp_path)) as node:
+        assert node.raft.status()["leader_raft_addr"] is None
+        host, port = node.config.api_host_port()
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("PUT", "/v1/kv/early", b'{"value": "bird"}', {"Authorization": f"Bearer {node.root_token}"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        assert json.loads(resp.read())["version"] == 1

@@ -26,6 +26,10 @@ from synapse.state.commands import encode_entry
 log = logging.getLogger("synapse.cluster")
 
 
+# How long to wait before proposing again when there is no leader (an election takes ~0.3-0.6 s).
+_ELECTION_RETRY = 0.05
+
+
 class ProposalError(Exception):
     """A command did not get a result. ``outcome_unknown``: it may still have been (or yet be)
     applied — retry with the same request id and the dedup table makes the retry safe."""
@@ -38,6 +42,7 @@ class ProposalError(Exception):
 
 @dataclass
 class _Entry:
+    commands: list[tuple[dict, int]]  # (command, size hint), aligned with futures
     futures: list[asyncio.Future]
     barriers: list[asyncio.Future]
     started: float = field(default_factory=time.monotonic)
@@ -119,7 +124,7 @@ class GroupCommitter:
                 self._expiry = self._loop.call_later(1.0, self._wake.set)
 
     def _propose_next(self) -> None:
-        commands, futures, size = [], [], 0
+        commands, hints, futures, size = [], [], [], 0
         while self._pending and len(commands) < self._max_commands:
             command, hint, fut = self._pending[0]
             if commands and size + hint > self._max_bytes:
@@ -128,6 +133,7 @@ class GroupCommitter:
             if fut.done():  # its caller timed out before it was proposed: drop it
                 continue
             commands.append(command)
+            hints.append(hint)
             futures.append(fut)
             size += hint
         barriers, self._barriers = self._barriers, []
@@ -135,7 +141,7 @@ class GroupCommitter:
             commands.append({"op": "noop"})
         if not commands:
             return
-        entry = _Entry(futures=futures, barriers=barriers)
+        entry = _Entry(commands=list(zip(commands, hints)), futures=futures, barriers=barriers)
         self._in_flight.append(entry)
         self.entries_proposed += 1
         self.commands_proposed += len(futures)
@@ -151,6 +157,13 @@ class GroupCommitter:
     def _resolve(self, entry: _Entry, result, err) -> None:
         if err != 0:
             reason = FAILURES.get(err, f"raft_error_{err}")
+            if reason == "no_leader":
+                # Nothing was appended anywhere: wait for the election and propose again, as
+                # etcd does, rather than fail every request during the ~0.4 s without a leader.
+                # The caller's timeout still bounds the wait.
+                self._finish(entry, None)
+                self._loop.call_later(_ELECTION_RETRY, self._requeue, entry)
+                return
             # Only these say for sure that nothing was appended; an entry on a deposed leader
             # may still be committed by its successor, so the rest are "unknown".
             surely_not_applied = reason in ("no_leader", "queue_full", "denied")
@@ -168,6 +181,12 @@ class GroupCommitter:
                 if not fut.done():
                     fut.set_result(None)
             self._finish(entry, None)
+
+    def _requeue(self, entry: _Entry) -> None:
+        waiting = [(c, h, f) for (c, h), f in zip(entry.commands, entry.futures) if not f.done()]
+        self._pending.extendleft(reversed(waiting))
+        self._barriers.extend(f for f in entry.barriers if not f.done())
+        self._wake.set()
 
     def _finish(self, entry: _Entry, error: Exception | None) -> None:
         if error is not None:
