@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from synapse import _core
+from synapse.api.http import start_api
 from synapse.cluster.committer import GroupCommitter, ProposalError
 from synapse.cluster.raft import ReplicatedLog
 from synapse.config import ConfigError, NodeConfig
@@ -62,8 +63,6 @@ class Node:
     async def start(self) -> None:
         if self.started:
             raise NodeError("the node is already running")
-        from synapse.api.http import start_api  # the API imports Node's types
-
         cfg = self.config
         self._loop = asyncio.get_running_loop()
         data_dir = cfg.data_dir

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from synapse.cluster.committer import ProposalError
+from synapse.config import ConfigError, check_node_id, split_address
 from synapse.state.commands import MAX_KEY_BYTES, MAX_VALUE_BYTES, CommandError, LimitError, validate_command
 
 if TYPE_CHECKING:
@@ -381,8 +382,6 @@ def _raft_callback(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, Any
 
 
 async def add_member(request: web.Request) -> web.Response:
-    from synapse.config import ConfigError, check_node_id, split_address
-
     node = _node(request)
     body = await _json_body(request, {"node_id", "raft", "api"}, {"node_id", "raft", "api"})
     try:

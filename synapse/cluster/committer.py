@@ -92,7 +92,7 @@ class GroupCommitter:
             _fail(fut, error)
         for fut in self._barriers:
             _fail(fut, error)
-        for entry in self._in_flight:
+        for entry in list(self._in_flight):  # _finish removes from the list
             self._finish(entry, error)
 
     async def submit(self, command: dict, size_hint: int, timeout: float) -> dict:

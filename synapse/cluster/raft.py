@@ -164,8 +164,10 @@ class ReplicatedLog(SyncObj):
     # --- PySyncObj hooks (tick thread) ---
 
     def _serialize(self, path: str, raft_tuple: tuple) -> None:
-        with self.state_lock:
-            info = write_dump(path, self._processor.store, raft_tuple)
+        # No state_lock: the tick thread is the only writer and it is here, so the store
+        # cannot change; the core takes a shared borrow, which readers on the event loop may
+        # share. Holding the lock would stall every API read for the whole write.
+        info = write_dump(path, self._processor.store, raft_tuple)
         log.info(
             "node %s: wrote Raft dump at index %d (%d entries, %d bytes)",
             self.selfNode, info.log_index, info.entry_count, info.file_size,
