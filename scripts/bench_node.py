@@ -83,6 +83,13 @@ TARGETS = {
 }
 
 
+
+def disk_bytes(path: Path) -> int:
+    """A file's size, or the total of a directory's files (the Raft log is a directory)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
 def log(msg: str) -> None:
     print(f"bench-node [{time.strftime('%H:%M:%S')}]: {msg}", file=sys.stderr, flush=True)
 
@@ -1253,8 +1260,8 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
             "rss_detail": {
                 "leader": leader_now.name, "leader_applied_index": leader_status.get("applied_index"),
                 "nodes_mb": mem, "empty_nodes_mb": empty,
-                "leader_files_mb": {f.name: round(f.stat().st_size / 2**20, 1)
-                                    for f in sorted(leader_now.data_dir.iterdir()) if f.is_file()},
+                "leader_files_mb": {f.name: round(disk_bytes(f) / 2**20, 1)
+                                    for f in sorted(leader_now.data_dir.iterdir())},
                 "load_s": r["elapsed_s"], "load_keys_per_s": round(loaded / max(1e-9, r["elapsed_s"]), 1),
                 "converge_after_load_s": round(converge_s, 2), "converge_error": conv_err,
                 "errors": r["errors"], "error_samples": r["error_samples"],

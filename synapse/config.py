@@ -37,6 +37,9 @@ class NodeConfig:
     storage: str = "sqlite"
     root_token_file: Path | None = None
     request_timeout: float = 5.0
+    # fdatasync every Raft log append before acknowledging it: survives power loss of a
+    # majority, at the disk's sync latency per entry (synapse/cluster/DESIGN.md, durability).
+    raft_fsync: bool = False
     tuning: RaftTuning = field(default_factory=RaftTuning)
 
     @property
@@ -122,7 +125,7 @@ def _coerce(name: str, raw: Any) -> Any:
             return None if raw in (None, "") else Path(raw)
         if name == "peers":
             return parse_peers(raw)
-        if name == "insecure_no_cluster_secret":
+        if name in ("insecure_no_cluster_secret", "raft_fsync"):
             if isinstance(raw, bool):
                 return raw
             return _BOOL[str(raw).strip().lower()]

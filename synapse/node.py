@@ -85,6 +85,7 @@ class Node:
             secret=secret,
             tuning=cfg.tuning,
             bind_address=cfg.raft,
+            fsync=cfg.raft_fsync,
         )
         try:
             await self._loop.run_in_executor(None, self.raft.waitBinded)

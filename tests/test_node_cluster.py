@@ -191,8 +191,9 @@ def test_leader_kill_fails_over_and_keeps_every_acknowledged_write(tmp_path):
         cluster.close()
 
 
-def test_restart_of_every_node_keeps_state_and_hash(tmp_path):
-    cluster = Cluster.create(tmp_path, 3).start()
+@pytest.mark.parametrize("fsync", [False, True], ids=["page-cache", "raft-fsync"])
+def test_restart_of_every_node_keeps_state_and_hash(tmp_path, fsync):
+    cluster = Cluster.create(tmp_path, 3, extra=["--raft-fsync"] if fsync else None).start()
     try:
         c = cluster.client()
         for i in range(30):

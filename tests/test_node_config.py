@@ -33,6 +33,7 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ({"node_id": "../etc"}, "node_id"),
         ({"storage": "mysql://x"}, "storage"),
         ({"request_timeout": "fast"}, "request_timeout"),
+        ({"raft_fsync": "maybe"}, "raft_fsync"),
         ({"peers": "n2=127.0.0.1:9999"}, "secret_file"),  # multi-node without a secret
         ({"api": "127.0.0.1:7071"}, "api"),  # same as raft
     ],
@@ -75,7 +76,7 @@ def test_the_daemon_refuses_to_start_on_a_bad_setting_and_says_why(tmp_path):
     )
     assert r.returncode != 0
     assert "secret_file" in r.stderr and "--secret-file" in r.stderr
-    assert not (tmp_path / "raft.journal").exists()
+    assert not (tmp_path / "raft-log").exists()
 
 
 def test_a_data_dir_belongs_to_one_node(tmp_path):

@@ -41,6 +41,7 @@ def node() -> None:
 @click.option("--storage", help="'sqlite' (default) or a postgresql:// DSN.")
 @click.option("--root-token-file", help="File holding the API root token (default: generated, or derived from the cluster secret).")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")
+@click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def node_start(config_file, log_level, **flags) -> None:
     """Start a node in the foreground; Ctrl-C stops it cleanly."""

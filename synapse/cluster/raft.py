@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from synapse import _core
 from synapse.cluster.dump import read_dump, write_dump
+from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
 from synapse.state.processor import CommandProcessor, EntryOutcome
 
 log = logging.getLogger("synapse.cluster")
 
 _KEEPALIVE = {"type": "synapse_keepalive"}
+
+# PySyncObj builds its journal with the module-level ``createJournal(conf.journalFile)`` inside
+# ``SyncObj.__init__``; the name is swapped for the duration of one construction, under this
+# lock, so it hands over our journal (several voters may start in one process).
+_JOURNAL_HOOK = threading.Lock()
 
 FAILURES = {
     FAIL_REASON.QUEUE_FULL: "queue_full",
@@ -87,6 +94,7 @@ class ReplicatedLog(SyncObj):
         secret: str | None,
         tuning: RaftTuning = RaftTuning(),
         bind_address: str | None = None,
+        fsync: bool = False,
     ) -> None:
         self._processor_factory = processor_factory
         self._processor = processor_factory(_core.StateStore())
@@ -99,6 +107,11 @@ class ReplicatedLog(SyncObj):
         self._last_keepalive = 0.0
         self._last_role: tuple[str | None, bool] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = SegmentedJournal(data_dir / "raft-log", fsync=fsync)
+        legacy = data_dir / "raft.journal"
+        if legacy.exists():
+            moved = import_pysyncobj_journal(legacy, self.journal)
+            log.info("node %s: moved %d entries from PySyncObj's %s into %s", raft_addr, moved, legacy, data_dir / "raft-log")
         conf = SyncObjConf(
             password=secret,
             bindAddress=bind_address,
@@ -111,7 +124,7 @@ class ReplicatedLog(SyncObj):
             maxBindRetries=5,
             bindRetryTime=0.2,
             leaderFallbackTimeout=tuning.leader_fallback,
-            journalFile=str(data_dir / "raft.journal"),
+            journalFile=str(data_dir / "raft-log"),  # see _JOURNAL_HOOK
             fullDumpFile=str(data_dir / "raft.dump"),
             serializer=self._serialize,
             deserializer=self._deserialize,
@@ -121,7 +134,13 @@ class ReplicatedLog(SyncObj):
             commandsWaitLeader=False,
             onStateChanged=self._on_state_changed,
         )
-        super().__init__(raft_addr, peers, conf)
+        with _JOURNAL_HOOK:
+            create_journal = pysyncobj.syncobj.createJournal
+            pysyncobj.syncobj.createJournal = lambda _path: self.journal
+            try:
+                super().__init__(raft_addr, peers, conf)
+            finally:
+                pysyncobj.syncobj.createJournal = create_journal
         self.addOnTickCallback(self._on_tick)
 
     # --- the replicated method: the same single method on every node ---
