@@ -18,7 +18,7 @@ pub use hashing::{bucket_of, chain, element_hash};
 pub use snapshot::{
     load_snapshot, load_snapshot_at, read_snapshot_info, write_snapshot, write_snapshot_with_prefix, SnapshotEntries, SnapshotInfo,
 };
-pub use store::{Op, StateStore};
+pub use store::{Contents, Op, StateStore};
 
 pub type Digest = [u8; DIGEST_SIZE];
 
@@ -30,7 +30,7 @@ pub const BUCKETS: usize = 65_536;
 pub const SNAPSHOT_FORMAT: u32 = codec::FORMAT_VERSION;
 
 /// The diff that takes `store` to the state in a snapshot file (the snapshot fully verified).
-pub fn diff_store_to_snapshot(store: &StateStore, path: &std::path::Path) -> Result<StateDiff> {
+pub fn diff_store_to_snapshot(store: &Contents, path: &std::path::Path) -> Result<StateDiff> {
     let entries = SnapshotEntries::open(path)?;
     let to_digest = entries.state_digest();
     let records = merge_sorted(store.sorted_entries().into_iter().map(Ok), entries)?;

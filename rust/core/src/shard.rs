@@ -2,6 +2,8 @@
 //! and the code that applies a shard's share of a batch. Shards own disjoint keys, so a batch
 //! is applied by all shards at once (rayon), each in the batch's order.
 
+use std::sync::Arc;
+
 use crate::hashing::{element_hash_with, Lanes, Lattice};
 use crate::key::Key;
 use crate::store::{alloc_size, prefetch_slice, Op, Value};
@@ -11,10 +13,11 @@ use crate::{Digest, BUCKETS, FANOUT};
 pub const SHARDS: usize = FANOUT;
 pub const SHARD_BUCKETS: usize = BUCKETS / SHARDS;
 
-/// Prefetch distance. A random overwrite costs two dependent cache misses (~0.5 µs each
-/// measured here): the bucket's entries, then the old value they point to, which the lattice
-/// must hash. So the bucket is prefetched 2·D ops ahead and, once it has arrived, the old
-/// value D ops ahead; perf showed the value miss as a quarter of a batch's time.
+/// Prefetch distance. A random overwrite costs dependent cache misses (~0.5 µs each measured
+/// here): the bucket's shared header, its entries, then the old value they point to, which
+/// the lattice must hash. So the header is prefetched 3·D ops ahead, the entries 2·D ahead
+/// and, once they have arrived, the old value D ops ahead; perf showed the value miss as a
+/// quarter of a batch's time.
 const PREFETCH_AHEAD: usize = 8;
 
 pub fn shard_of(bucket: usize) -> (usize, usize) {
@@ -30,16 +33,20 @@ pub struct Entry {
     pub element: Digest,
 }
 
+/// A bucket's entries, sorted by key. Shared copy-on-write (`Arc::make_mut`), so a frozen
+/// view of the store (`Contents::clone`) costs one pointer per bucket, and a write afterwards
+/// copies only the bucket it touches (rust/DESIGN.md, "Frozen views").
+pub type Bucket = Arc<Vec<Entry>>;
+
 #[derive(Clone)]
 pub struct Shard {
-    /// Each bucket's entries, sorted by key.
-    pub buckets: Vec<Vec<Entry>>,
+    pub buckets: Vec<Bucket>,
     pub tree: SubTree,
 }
 
 impl Default for Shard {
     fn default() -> Self {
-        Shard { buckets: vec![Vec::new(); SHARD_BUCKETS], tree: SubTree::default() }
+        Shard { buckets: vec![Arc::new(Vec::new()); SHARD_BUCKETS], tree: SubTree::default() }
     }
 }
 
@@ -63,8 +70,11 @@ impl Shard {
         let mut hasher = blake3::Hasher::new();
         let mut ops: Vec<Option<(usize, Op)>> = ops.into_iter().map(Some).collect();
         for i in 0..ops.len() {
+            if let Some(Some((ahead, _))) = ops.get(i + 3 * PREFETCH_AHEAD) {
+                prefetch_slice(std::slice::from_ref::<Vec<Entry>>(&self.buckets[*ahead]));
+            }
             if let Some(Some((ahead, _))) = ops.get(i + 2 * PREFETCH_AHEAD) {
-                prefetch_slice(&self.buckets[*ahead]);
+                prefetch_slice(&self.buckets[*ahead][..]);
                 self.tree.prefetch_bucket(*ahead);
             }
             // The replaced value is freed below, and free() reads its chunk header.
@@ -89,7 +99,7 @@ impl Shard {
 
     /// Puts or deletes one entry in its bucket; returns the element hash of the entry that left.
     fn mutate(&mut self, local: usize, op: Op, element: Option<Digest>, delta: &mut ShardDelta) -> Option<Digest> {
-        let entries = &mut self.buckets[local];
+        let entries = Arc::make_mut(&mut self.buckets[local]);
         let found = entries.binary_search_by(|e| e.key.as_slice().cmp(op.key.as_slice()));
         match (op.value.zip(element), found) {
             (Some((value, element)), Ok(i)) => {
@@ -132,7 +142,7 @@ impl Shard {
     pub fn recompute(&self) -> Lattice {
         let mut lattice = Lattice::default();
         let mut hasher = blake3::Hasher::new();
-        let entries: Vec<&Entry> = self.buckets.iter().flatten().collect();
+        let entries: Vec<&Entry> = self.buckets.iter().flat_map(|b| b.iter()).collect();
         for (i, e) in entries.iter().enumerate() {
             if let Some(ahead) = entries.get(i + 4) {
                 prefetch_slice(&ahead.value);
@@ -153,7 +163,7 @@ impl Shard {
             delta.key_bytes += key.as_slice().len() as isize;
             delta.value_bytes += value.len() as isize;
             delta.heap_bytes += (alloc_size(value.len()) + 2 * key.heap_bytes()) as isize;
-            self.buckets[local].push(Entry { key, value, element });
+            Arc::make_mut(&mut self.buckets[local]).push(Entry { key, value, element });
         }
         delta
     }

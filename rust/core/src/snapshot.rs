@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::codec::{corrupt, decode_header, encode_header, put_bytes, ChunkReader, Fields, FORMAT_VERSION, SNAPSHOT};
 use crate::hashing::Lattice;
 use crate::key::Key;
-use crate::store::{StateStore, Value};
+use crate::store::{Contents, StateStore, Value};
 use crate::{hex, CoreError, Digest, Result};
 
 const IO_BUFFER: usize = 1 << 20;
@@ -28,14 +28,14 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CoreError + '_ {
 
 /// Writes `path + ".tmp"`, fsyncs it, renames it over `path` and fsyncs the directory, so a
 /// crash leaves either the old snapshot or the new one, never a torn file.
-pub fn write_snapshot(store: &StateStore, path: &Path, log_index: u64) -> Result<SnapshotInfo> {
+pub fn write_snapshot(store: &Contents, path: &Path, log_index: u64) -> Result<SnapshotInfo> {
     write_snapshot_with_prefix(store, path, log_index, &[])
 }
 
 /// As `write_snapshot`, with `prefix` written before the snapshot's first byte: a container
 /// (the Raft dump file) can carry its own metadata and the snapshot in one atomic file. Load
 /// it back with `load_snapshot_at(path, prefix.len())`.
-pub fn write_snapshot_with_prefix(store: &StateStore, path: &Path, log_index: u64, prefix: &[u8]) -> Result<SnapshotInfo> {
+pub fn write_snapshot_with_prefix(store: &Contents, path: &Path, log_index: u64, prefix: &[u8]) -> Result<SnapshotInfo> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

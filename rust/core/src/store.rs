@@ -63,11 +63,14 @@ pub(crate) fn alloc_size(n: usize) -> usize {
     }
 }
 
+/// The entries in their buckets, the bucket tree and the lattice: everything but the ordered
+/// key index. Cloning it is cheap (buckets are shared copy-on-write; the tree, ~2 MiB, is
+/// copied), so `StateStore::freeze` hands out an immutable view of the state at one log
+/// index that other threads read — write a snapshot, serve a peer's repair — while the store
+/// goes on applying.
 #[derive(Clone)]
-pub struct StateStore {
+pub struct Contents {
     shards: Vec<Shard>,
-    /// Every key, ordered, for scans; the shards hold the values.
-    order: BTreeSet<Key>,
     lattice: Lattice,
     len: usize,
     key_bytes: usize,
@@ -75,11 +78,10 @@ pub struct StateStore {
     heap_bytes: usize,
 }
 
-impl Default for StateStore {
+impl Default for Contents {
     fn default() -> Self {
-        StateStore {
+        Contents {
             shards: vec![Shard::default(); SHARDS],
-            order: BTreeSet::new(),
             lattice: Lattice::default(),
             len: 0,
             key_bytes: 0,
@@ -89,7 +91,23 @@ impl Default for StateStore {
     }
 }
 
-impl Tree for StateStore {
+#[derive(Clone, Default)]
+pub struct StateStore {
+    contents: Contents,
+    /// Every key, ordered, for scans; the shards hold the values.
+    order: BTreeSet<Key>,
+}
+
+/// Reads that need no key order (lookups, digests, the tree, bucket contents, snapshots)
+/// work the same on the live store and on a frozen view.
+impl std::ops::Deref for StateStore {
+    type Target = Contents;
+    fn deref(&self) -> &Contents {
+        &self.contents
+    }
+}
+
+impl Tree for Contents {
     fn node(&self, level: usize, index: usize) -> Lanes {
         if level == 0 {
             let mut root = Lanes::default();
@@ -103,21 +121,27 @@ impl Tree for StateStore {
     }
 }
 
+impl Tree for StateStore {
+    fn node(&self, level: usize, index: usize) -> Lanes {
+        self.contents.node(level, index)
+    }
+}
+
 impl StateStore {
     pub fn new() -> StateStore {
         StateStore::default()
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    /// An immutable view of the state now, for other threads (see `Contents`).
+    pub fn freeze(&self) -> Contents {
+        self.contents.clone()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn digest(&self) -> Digest {
-        self.lattice.digest()
+    /// A store over a frozen view's contents (the key index rebuilt on all cores).
+    pub fn thaw(contents: Contents) -> StateStore {
+        let mut keys: Vec<Key> = contents.all_entries_raw().map(|e| e.key.clone()).collect();
+        keys.par_sort_unstable();
+        StateStore { order: keys.into_iter().collect(), contents }
     }
 
     /// Applies a batch in order. Validation happens before the first mutation. Each shard
@@ -138,10 +162,11 @@ impl StateStore {
             let (shard, local) = shard_of(bucket);
             per_shard[shard].push((local, op));
         }
+        let shards = &mut self.contents.shards;
         let deltas: Vec<ShardDelta> = if parallel {
-            self.shards.par_iter_mut().zip(per_shard).map(|(s, ops)| s.apply(ops)).collect()
+            shards.par_iter_mut().zip(per_shard).map(|(s, ops)| s.apply(ops)).collect()
         } else {
-            self.shards.iter_mut().zip(per_shard).filter(|(_, ops)| !ops.is_empty()).map(|(s, ops)| s.apply(ops)).collect()
+            shards.iter_mut().zip(per_shard).filter(|(_, ops)| !ops.is_empty()).map(|(s, ops)| s.apply(ops)).collect()
         };
         for d in deltas {
             self.fold(d);
@@ -150,7 +175,6 @@ impl StateStore {
     }
 
     fn fold(&mut self, d: ShardDelta) {
-        self.lattice.add(&d.lattice);
         for (key, entered) in d.key_events {
             if entered {
                 self.order.insert(key);
@@ -158,15 +182,12 @@ impl StateStore {
                 self.order.remove(&key);
             }
         }
-        self.len = (self.len as isize + d.len) as usize;
-        self.key_bytes = (self.key_bytes as isize + d.key_bytes) as usize;
-        self.value_bytes = (self.value_bytes as isize + d.value_bytes) as usize;
-        self.heap_bytes = (self.heap_bytes as isize + d.heap_bytes) as usize;
-    }
-
-    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let (shard, local) = shard_of(bucket_of(key));
-        self.shards[shard].get(local, key)
+        let c = &mut self.contents;
+        c.lattice.add(&d.lattice);
+        c.len = (c.len as isize + d.len) as usize;
+        c.key_bytes = (c.key_bytes as isize + d.key_bytes) as usize;
+        c.value_bytes = (c.value_bytes as isize + d.value_bytes) as usize;
+        c.heap_bytes = (c.heap_bytes as isize + d.heap_bytes) as usize;
     }
 
     /// Entries with start <= key < end, in key order.
@@ -192,62 +213,12 @@ impl StateStore {
             .collect()
     }
 
-    fn all_entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.shards.iter().flat_map(|s| s.buckets.iter().flatten()).map(|e| (e.key.as_slice(), &e.value[..]))
-    }
-
-    /// All entries in key order (for snapshots): gathered from the buckets, sorted on all cores.
-    pub fn sorted_entries(&self) -> Vec<(&[u8], &[u8])> {
-        let mut all: Vec<(&[u8], &[u8])> = self.all_entries().collect();
-        all.par_sort_unstable_by(|a, b| a.0.cmp(b.0));
-        all
-    }
-
-    /// The digest recomputed from the contents alone, on all cores.
-    pub fn recompute_digest(&self) -> Digest {
-        let mut total = Lattice::default();
-        for l in self.shards.par_iter().map(Shard::recompute).collect::<Vec<_>>() {
-            total.add(&l);
-        }
-        total.digest()
-    }
-
     /// Estimated heap bytes: bucket vectors, ordered index nodes, value and long-key buffers,
     /// and the tree. (The benchmark measures resident memory for real.)
     pub fn memory_usage(&self) -> usize {
-        let slot = std::mem::size_of::<Entry>();
-        let bucket_bytes: usize = self
-            .shards
-            .iter()
-            .flat_map(|s| s.buckets.iter())
-            .map(|b| b.capacity() * slot + std::mem::size_of::<Vec<Entry>>())
-            .sum();
         // BTreeSet leaves hold up to 11 keys and run about 2/3 full after random inserts.
-        let order_bytes = self.len * std::mem::size_of::<Key>() * 3 / 2;
-        let tree_bytes = (0..=crate::TREE_DEPTH).map(|l| crate::FANOUT.pow(l as u32) * 32).sum::<usize>();
-        bucket_bytes + order_bytes + tree_bytes + self.heap_bytes + 2048
-    }
-
-    pub fn key_bytes(&self) -> usize {
-        self.key_bytes
-    }
-
-    pub fn value_bytes(&self) -> usize {
-        self.value_bytes
-    }
-
-    /// Every entry of the given buckets, in key order.
-    pub fn bucket_entries(&self, buckets: &[usize]) -> Result<Vec<(&[u8], &[u8])>> {
-        let buckets = sorted_buckets(buckets)?;
-        let mut out: Vec<(&[u8], &[u8])> = buckets
-            .iter()
-            .flat_map(|&b| {
-                let (shard, local) = shard_of(b);
-                self.shards[shard].buckets[local].iter().map(|e| (e.key.as_slice(), &e.value[..]))
-            })
-            .collect();
-        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        Ok(out)
+        let order_bytes = self.len() * std::mem::size_of::<Key>() * 3 / 2;
+        self.contents.memory_usage() + order_bytes
     }
 
     pub fn differing_buckets(&self, other: &StateStore) -> Vec<usize> {
@@ -256,52 +227,7 @@ impl StateStore {
 
     /// The diff that takes `self` to `other`, found through the bucket tree.
     pub fn diff(&self, other: &StateStore) -> StateDiff {
-        let buckets = self.differing_buckets(other);
-        let mine = self.bucket_entries(&buckets).expect("buckets from the tree are valid");
-        let theirs = other.bucket_entries(&buckets).expect("buckets from the tree are valid");
-        let records = merge_sorted(mine.into_iter().map(Ok), theirs.into_iter().map(Ok))
-            .expect("in-memory entries cannot fail");
-        StateDiff { from_digest: self.digest(), to_digest: other.digest(), records }
-    }
-
-    /// The diff to a peer's state, given the peer's entries of exactly `buckets`.
-    pub fn diff_buckets(&self, buckets: &[usize], remote: Vec<(Vec<u8>, Vec<u8>)>) -> Result<StateDiff> {
-        let requested = sorted_buckets(buckets)?;
-        let mut remote = remote;
-        for (k, _) in &remote {
-            let b = bucket_of(k);
-            if requested.binary_search(&b).is_err() {
-                return Err(CoreError::InvalidArgument(format!(
-                    "remote entry {:?} belongs to bucket {b}, which was not requested; pass the \
-                     peer's bucket_entries() for exactly the same buckets",
-                    String::from_utf8_lossy(k)
-                )));
-            }
-        }
-        remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        if let Some(w) = remote.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(CoreError::InvalidArgument(format!(
-                "remote entries name key {:?} twice",
-                String::from_utf8_lossy(&w[0].0)
-            )));
-        }
-        let mine = self.bucket_entries(&requested)?;
-        let records = merge_sorted(
-            mine.into_iter().map(Ok),
-            remote.iter().map(|(k, v)| Ok((k.as_slice(), v.as_slice()))),
-        )?;
-        let mut lattice = self.lattice.clone();
-        let h = &mut blake3::Hasher::new();
-        for r in &records {
-            if let Change::Changed(_) | Change::Removed = r.change {
-                let old = self.get(&r.key).expect("merge saw this key here");
-                lattice.mix_entry(h, &r.key, old, true);
-            }
-            if let Change::Added(v) | Change::Changed(v) = &r.change {
-                lattice.mix_entry(h, &r.key, v, false);
-            }
-        }
-        Ok(StateDiff { from_digest: self.digest(), to_digest: lattice.digest(), records })
+        self.contents.diff(&other.contents)
     }
 
     /// Applies a diff atomically: refuses one that does not start from this state, and undoes
@@ -357,16 +283,145 @@ impl StateStore {
             keys.push(key.clone());
             per_shard[shard].push((local, key, value));
         }
+        let shards = &mut store.contents.shards;
         let (order, deltas) = rayon::join(
             // Keys arrive sorted, so the set is bulk-built.
             || keys.into_iter().collect::<BTreeSet<Key>>(),
-            || store.shards.par_iter_mut().zip(per_shard).map(|(s, e)| s.load(e)).collect::<Vec<_>>(),
+            || shards.par_iter_mut().zip(per_shard).map(|(s, e)| s.load(e)).collect::<Vec<_>>(),
         );
         for d in deltas {
             store.fold(d);
         }
         store.order = order;
         store
+    }
+}
+
+impl Contents {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.lattice.digest()
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let (shard, local) = shard_of(bucket_of(key));
+        self.shards[shard].get(local, key)
+    }
+
+    fn all_entries_raw(&self) -> impl Iterator<Item = &Entry> {
+        self.shards.iter().flat_map(|s| s.buckets.iter().flat_map(|b| b.iter()))
+    }
+
+    fn all_entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.all_entries_raw().map(|e| (e.key.as_slice(), &e.value[..]))
+    }
+
+    /// All entries in key order (for snapshots): gathered from the buckets, sorted on all cores.
+    pub fn sorted_entries(&self) -> Vec<(&[u8], &[u8])> {
+        let mut all: Vec<(&[u8], &[u8])> = self.all_entries().collect();
+        all.par_sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
+    /// The digest recomputed from the contents alone, on all cores.
+    pub fn recompute_digest(&self) -> Digest {
+        let mut total = Lattice::default();
+        for l in self.shards.par_iter().map(Shard::recompute).collect::<Vec<_>>() {
+            total.add(&l);
+        }
+        total.digest()
+    }
+
+    /// Heap bytes of the buckets, values, long keys and tree (without the key index).
+    fn memory_usage(&self) -> usize {
+        let slot = std::mem::size_of::<Entry>();
+        let bucket_bytes: usize = self
+            .shards
+            .iter()
+            .flat_map(|s| s.buckets.iter())
+            .map(|b| b.capacity() * slot + std::mem::size_of::<Vec<Entry>>() + 16)
+            .sum();
+        let tree_bytes = (0..=crate::TREE_DEPTH).map(|l| crate::FANOUT.pow(l as u32) * 32).sum::<usize>();
+        bucket_bytes + tree_bytes + self.heap_bytes + 2048
+    }
+
+    pub fn key_bytes(&self) -> usize {
+        self.key_bytes
+    }
+
+    pub fn value_bytes(&self) -> usize {
+        self.value_bytes
+    }
+
+    /// Every entry of the given buckets, in key order.
+    pub fn bucket_entries(&self, buckets: &[usize]) -> Result<Vec<(&[u8], &[u8])>> {
+        let buckets = sorted_buckets(buckets)?;
+        let mut out: Vec<(&[u8], &[u8])> = buckets
+            .iter()
+            .flat_map(|&b| {
+                let (shard, local) = shard_of(b);
+                self.shards[shard].buckets[local].iter().map(|e| (e.key.as_slice(), &e.value[..]))
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(out)
+    }
+
+    /// The diff that takes `self` to `other`, found through the bucket tree.
+    pub fn diff(&self, other: &Contents) -> StateDiff {
+        let buckets = crate::tree::differing_buckets(self, other);
+        let mine = self.bucket_entries(&buckets).expect("buckets from the tree are valid");
+        let theirs = other.bucket_entries(&buckets).expect("buckets from the tree are valid");
+        let records = merge_sorted(mine.into_iter().map(Ok), theirs.into_iter().map(Ok))
+            .expect("in-memory entries cannot fail");
+        StateDiff { from_digest: self.digest(), to_digest: other.digest(), records }
+    }
+
+    /// The diff to a peer's state, given the peer's entries of exactly `buckets`.
+    pub fn diff_buckets(&self, buckets: &[usize], remote: Vec<(Vec<u8>, Vec<u8>)>) -> Result<StateDiff> {
+        let requested = sorted_buckets(buckets)?;
+        let mut remote = remote;
+        for (k, _) in &remote {
+            let b = bucket_of(k);
+            if requested.binary_search(&b).is_err() {
+                return Err(CoreError::InvalidArgument(format!(
+                    "remote entry {:?} belongs to bucket {b}, which was not requested; pass the \
+                     peer's bucket_entries() for exactly the same buckets",
+                    String::from_utf8_lossy(k)
+                )));
+            }
+        }
+        remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = remote.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(CoreError::InvalidArgument(format!(
+                "remote entries name key {:?} twice",
+                String::from_utf8_lossy(&w[0].0)
+            )));
+        }
+        let mine = self.bucket_entries(&requested)?;
+        let records = merge_sorted(
+            mine.into_iter().map(Ok),
+            remote.iter().map(|(k, v)| Ok((k.as_slice(), v.as_slice()))),
+        )?;
+        let mut lattice = self.lattice.clone();
+        let h = &mut blake3::Hasher::new();
+        for r in &records {
+            if let Change::Changed(_) | Change::Removed = r.change {
+                let old = self.get(&r.key).expect("merge saw this key here");
+                lattice.mix_entry(h, &r.key, old, true);
+            }
+            if let Change::Added(v) | Change::Changed(v) = &r.change {
+                lattice.mix_entry(h, &r.key, v, false);
+            }
+        }
+        Ok(StateDiff { from_digest: self.digest(), to_digest: lattice.digest(), records })
     }
 }
 
@@ -417,6 +472,7 @@ fn sorted_buckets(buckets: &[usize]) -> Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn store_of(pairs: &[(&[u8], &[u8])]) -> StateStore {
         let mut s = StateStore::new();
@@ -507,5 +563,42 @@ mod tests {
         assert_eq!(keys, vec![&b"a"[..]]);
         assert!(s.scan(b"c", Some(b"a"), usize::MAX).is_empty());
         assert!(s.scan(b"b", Some(b"b"), usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_frozen_view_keeps_its_state_while_the_store_moves_on() {
+        let mut s = store_of(&[(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]);
+        let frozen = s.freeze();
+        let (digest, entries): (Digest, Vec<(Vec<u8>, Vec<u8>)>) =
+            (s.digest(), s.sorted_entries().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect());
+        s.apply(vec![Op::put(b"a", b"changed"), Op::delete(b"b"), Op::put(b"d", b"4")]).expect("the operation under test succeeds");
+        assert_eq!(frozen.digest(), digest);
+        assert_eq!(frozen.recompute_digest(), digest);
+        let now: Vec<(Vec<u8>, Vec<u8>)> = frozen.sorted_entries().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(now, entries);
+        assert_eq!(frozen.get(b"a"), Some(&b"1"[..]));
+        // The diff between the frozen view and the store is exactly what changed since.
+        let d = frozen.diff(&s.freeze());
+        assert_eq!(d.records.len(), 3);
+        let thawed = StateStore::thaw(frozen);
+        assert_eq!(thawed.digest(), digest);
+        assert_eq!(thawed.scan(b"", None, usize::MAX).len(), 3);
+    }
+
+    #[test]
+    fn writes_after_a_freeze_copy_only_the_buckets_they_touch() {
+        let mut s = StateStore::new();
+        s.apply((0..10_000u32).map(|i| Op::put(&i.to_le_bytes(), b"v")).collect()).expect("the operation under test succeeds");
+        let frozen = s.freeze();
+        s.apply(vec![Op::put(&7u32.to_le_bytes(), b"w")]).expect("the operation under test succeeds");
+        let shared = s
+            .contents
+            .shards
+            .iter()
+            .zip(&frozen.shards)
+            .flat_map(|(a, b)| a.buckets.iter().zip(&b.buckets))
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(shared, crate::BUCKETS - 1);
     }
 }

@@ -197,12 +197,100 @@ fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
+/// The read-only methods of a state (lookups, digests, the bucket tree, bucket contents,
+/// snapshots), generated for both `StateStore` and `FrozenState` from one text, plus each
+/// class's own methods (`$own`). Each class has `fn contents(&self) -> &core::Contents`.
+macro_rules! state_class {
+    ($class:ident { $($own:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            $($own)*
+
+            fn get<'py>(&self, py: Python<'py>, key: &[u8]) -> Option<Bound<'py, PyBytes>> {
+                self.contents().get(key).map(|v| bytes(py, v))
+            }
+
+            fn get_many<'py>(&self, py: Python<'py>, keys: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyList>> {
+                let c = self.contents();
+                let values: Vec<Option<Bound<'py, PyBytes>>> = keys.iter().map(|k| c.get(k).map(|v| bytes(py, v))).collect();
+                PyList::new(py, values)
+            }
+
+            fn __len__(&self) -> usize {
+                self.contents().len()
+            }
+
+            fn __contains__(&self, key: &[u8]) -> bool {
+                self.contents().get(key).is_some()
+            }
+
+            fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+                bytes(py, &self.contents().digest())
+            }
+
+            fn hexdigest(&self) -> String {
+                self.contents().digest().iter().map(|b| format!("{b:02x}")).collect()
+            }
+
+            fn recompute_digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+                let c = self.contents();
+                let d = py.allow_threads(|| c.recompute_digest());
+                bytes(py, &d)
+            }
+
+            fn node_digests<'py>(&self, py: Python<'py>, level: usize) -> PyResult<Bound<'py, PyBytes>> {
+                tree::check_level(level).map_err(to_py)?;
+                let size = tree::level_size(level);
+                let mut out = Vec::with_capacity(size * 32);
+                for i in 0..size {
+                    out.extend_from_slice(&self.contents().node(level, i).to_bytes());
+                }
+                Ok(bytes(py, &out))
+            }
+
+            fn children_digests<'py>(&self, py: Python<'py>, level: usize, parents: Vec<usize>) -> PyResult<Bound<'py, PyBytes>> {
+                let out = tree::children_digests(self.contents(), level, &parents).map_err(to_py)?;
+                Ok(bytes(py, &out))
+            }
+
+            fn compare_children(&self, level: usize, parents: Vec<usize>, remote: &[u8]) -> PyResult<Vec<usize>> {
+                tree::compare_children(self.contents(), level, &parents, remote).map_err(to_py)
+            }
+
+            fn bucket_entries<'py>(&self, py: Python<'py>, buckets: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
+                pairs(py, &self.contents().bucket_entries(&buckets).map_err(to_py)?)
+            }
+
+            fn diff_buckets(&self, py: Python<'_>, buckets: Vec<usize>, remote_entries: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<StateDiff> {
+                let c = self.contents();
+                py.allow_threads(|| c.diff_buckets(&buckets, remote_entries)).map(StateDiff).map_err(to_py)
+            }
+
+            #[pyo3(signature = (path, log_index, prefix = b"".as_slice()))]
+            fn write_snapshot(&self, py: Python<'_>, path: PathBuf, log_index: u64, prefix: &[u8]) -> PyResult<SnapshotInfo> {
+                let c = self.contents();
+                py.allow_threads(|| core::write_snapshot_with_prefix(c, &path, log_index, prefix)).map(Into::into).map_err(to_py)
+            }
+
+            fn diff_snapshot(&self, py: Python<'_>, path: PathBuf) -> PyResult<StateDiff> {
+                let c = self.contents();
+                py.allow_threads(|| core::diff_store_to_snapshot(c, &path)).map(StateDiff).map_err(to_py)
+            }
+        }
+    };
+}
+
 #[pyclass(module = "synapse._core", name = "StateStore")]
 #[derive(Default)]
 struct StateStore(core::StateStore);
 
-#[pymethods]
 impl StateStore {
+    fn contents(&self) -> &core::Contents {
+        &self.0
+    }
+}
+
+state_class!(StateStore {
     #[new]
     fn new() -> Self {
         StateStore::default()
@@ -216,15 +304,6 @@ impl StateStore {
         Ok(n)
     }
 
-    fn get<'py>(&self, py: Python<'py>, key: &[u8]) -> Option<Bound<'py, PyBytes>> {
-        self.0.get(key).map(|v| bytes(py, v))
-    }
-
-    fn get_many<'py>(&self, py: Python<'py>, keys: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyList>> {
-        let values: Vec<Option<Bound<'py, PyBytes>>> = keys.iter().map(|k| self.0.get(k).map(|v| bytes(py, v))).collect();
-        PyList::new(py, values)
-    }
-
     #[pyo3(signature = (start = b"".as_slice(), end = None, limit = None))]
     fn scan<'py>(&self, py: Python<'py>, start: &[u8], end: Option<&[u8]>, limit: Option<i64>) -> PyResult<Bound<'py, PyList>> {
         pairs(py, &self.0.scan(start, end, limit_arg(limit)?))
@@ -233,28 +312,6 @@ impl StateStore {
     #[pyo3(signature = (prefix, limit = None))]
     fn scan_prefix<'py>(&self, py: Python<'py>, prefix: &[u8], limit: Option<i64>) -> PyResult<Bound<'py, PyList>> {
         pairs(py, &self.0.scan_prefix(prefix, limit_arg(limit)?))
-    }
-
-    fn __len__(&self) -> usize {
-        self.0.len()
-    }
-
-    fn __contains__(&self, key: &[u8]) -> bool {
-        self.0.get(key).is_some()
-    }
-
-    fn digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        bytes(py, &self.0.digest())
-    }
-
-    fn hexdigest(&self) -> String {
-        self.0.digest().iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn recompute_digest<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let store = &self.0;
-        let d = py.allow_threads(|| store.recompute_digest());
-        bytes(py, &d)
     }
 
     fn memory_usage(&self) -> usize {
@@ -275,37 +332,22 @@ impl StateStore {
         StateStore(py.allow_threads(|| store.clone()))
     }
 
+    /// An immutable view of the state now, readable from any thread while this store goes on
+    /// changing: O(buckets) to take, and each later write copies only the bucket it touches.
+    fn freeze(&self) -> FrozenState {
+        FrozenState(self.0.freeze())
+    }
+
+    /// A store holding a frozen view's state (its key index rebuilt, GIL released).
+    #[staticmethod]
+    fn thaw(py: Python<'_>, frozen: PyRef<'_, FrozenState>) -> StateStore {
+        let contents = frozen.0.clone();
+        StateStore(py.allow_threads(|| core::StateStore::thaw(contents)))
+    }
+
     #[staticmethod]
     fn bucket_of(key: &[u8]) -> usize {
         core::bucket_of(key)
-    }
-
-    fn node_digests<'py>(&self, py: Python<'py>, level: usize) -> PyResult<Bound<'py, PyBytes>> {
-        tree::check_level(level).map_err(to_py)?;
-        let size = tree::level_size(level);
-        let mut out = Vec::with_capacity(size * 32);
-        for i in 0..size {
-            out.extend_from_slice(&self.0.node(level, i).to_bytes());
-        }
-        Ok(bytes(py, &out))
-    }
-
-    fn children_digests<'py>(&self, py: Python<'py>, level: usize, parents: Vec<usize>) -> PyResult<Bound<'py, PyBytes>> {
-        let out = tree::children_digests(&self.0, level, &parents).map_err(to_py)?;
-        Ok(bytes(py, &out))
-    }
-
-    fn compare_children(&self, level: usize, parents: Vec<usize>, remote: &[u8]) -> PyResult<Vec<usize>> {
-        tree::compare_children(&self.0, level, &parents, remote).map_err(to_py)
-    }
-
-    fn bucket_entries<'py>(&self, py: Python<'py>, buckets: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
-        pairs(py, &self.0.bucket_entries(&buckets).map_err(to_py)?)
-    }
-
-    fn diff_buckets(&self, py: Python<'_>, buckets: Vec<usize>, remote_entries: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<StateDiff> {
-        let store = &self.0;
-        py.allow_threads(|| store.diff_buckets(&buckets, remote_entries)).map(StateDiff).map_err(to_py)
     }
 
     fn differing_buckets(&self, other: PyRef<'_, StateStore>) -> Vec<usize> {
@@ -322,12 +364,6 @@ impl StateStore {
         py.allow_threads(|| store.apply_diff(d)).map_err(to_py)
     }
 
-    #[pyo3(signature = (path, log_index, prefix = b"".as_slice()))]
-    fn write_snapshot(&self, py: Python<'_>, path: PathBuf, log_index: u64, prefix: &[u8]) -> PyResult<SnapshotInfo> {
-        let store = &self.0;
-        py.allow_threads(|| core::write_snapshot_with_prefix(store, &path, log_index, prefix)).map(Into::into).map_err(to_py)
-    }
-
     #[staticmethod]
     #[pyo3(signature = (path, offset = 0))]
     fn load_snapshot(py: Python<'_>, path: PathBuf, offset: u64) -> PyResult<(StateStore, SnapshotInfo)> {
@@ -335,15 +371,32 @@ impl StateStore {
         Ok((StateStore(store), info.into()))
     }
 
-    fn diff_snapshot(&self, py: Python<'_>, path: PathBuf) -> PyResult<StateDiff> {
-        let store = &self.0;
-        py.allow_threads(|| core::diff_store_to_snapshot(store, &path)).map(StateDiff).map_err(to_py)
-    }
-
     fn __repr__(&self) -> String {
         format!("StateStore(entries={}, digest={})", self.0.len(), self.hexdigest())
     }
+});
+
+/// A state frozen at one moment (`StateStore.freeze()`): immutable, so any thread may read it
+/// without the store's lock while the store goes on applying.
+#[pyclass(module = "synapse._core", name = "FrozenState", frozen)]
+struct FrozenState(core::Contents);
+
+impl FrozenState {
+    fn contents(&self) -> &core::Contents {
+        &self.0
+    }
 }
+
+state_class!(FrozenState {
+    fn diff(&self, py: Python<'_>, other: PyRef<'_, FrozenState>) -> StateDiff {
+        let (a, b) = (&self.0, &other.0);
+        StateDiff(py.allow_threads(|| a.diff(b)))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("FrozenState(entries={}, digest={})", self.0.len(), self.hexdigest())
+    }
+});
 
 #[pyfunction]
 fn read_snapshot_info(py: Python<'_>, path: PathBuf) -> PyResult<SnapshotInfo> {
@@ -395,6 +448,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnsupportedFormatError", py.get_type::<UnsupportedFormatError>())?;
     m.add("DigestMismatchError", py.get_type::<DigestMismatchError>())?;
     m.add_class::<StateStore>()?;
+    m.add_class::<FrozenState>()?;
     m.add_class::<StateDiff>()?;
     m.add_class::<SnapshotInfo>()?;
     m.add_function(wrap_pyfunction!(read_snapshot_info, m)?)?;
