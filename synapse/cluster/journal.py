@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from synapse.cluster.fsutil import fsync_dir
+
 log = logging.getLogger("synapse.cluster")
 
 Entry = tuple[bytes, int, int]  # PySyncObj's (command, index, term)
@@ -70,15 +72,7 @@ def _replace_json(path: Path, value: dict, fsync: bool) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
 
 
 class EntriesView:
@@ -382,7 +376,7 @@ class SegmentedJournal:
         os.pwrite(fd, _SEGMENT_MAGIC, 0)
         if self._fsync:
             os.fdatasync(fd)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         segment = _Segment(first, path, fd, len(_SEGMENT_MAGIC))
         self._segments.append(segment)
         self._segment_firsts.append(first)

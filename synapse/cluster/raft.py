@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import pysyncobj.syncobj
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
+from pysyncobj.serializer import Serializer
 
 from synapse import _core
-from synapse.cluster.dump import read_dump, write_dump
+from synapse.cluster.dump import DumpJob, read_dump
 from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
 from synapse.state.processor import CommandProcessor, EntryOutcome
 
@@ -28,10 +29,67 @@ log = logging.getLogger("synapse.cluster")
 
 _KEEPALIVE = {"type": "synapse_keepalive"}
 
-# PySyncObj builds its journal with the module-level ``createJournal(conf.journalFile)`` inside
-# ``SyncObj.__init__``; the name is swapped for the duration of one construction, under this
-# lock, so it hands over our journal (several voters may start in one process).
-_JOURNAL_HOOK = threading.Lock()
+# PySyncObj builds its journal and its serializer with the module-level names
+# ``createJournal`` and ``Serializer`` inside ``SyncObj.__init__``; they are swapped for the
+# duration of one construction, under this lock, so it takes ours (several voters may start
+# in one process).
+_CONSTRUCTION_HOOK = threading.Lock()
+
+
+class BackgroundSerializer(Serializer):
+    """PySyncObj's dump hook, with the dump written off the tick thread.
+
+    ``serialize`` (tick thread, when compaction is due) asks ``start_dump`` for a ``DumpJob``:
+    a frozen view of the state at the last applied entry, written by its own thread.
+    ``checkSerializing`` reports SERIALIZING until it is done, then SUCCESS once (PySyncObj
+    then drops the log up to it) or FAILED (the previous dump and the log stay). As in
+    PySyncObj's own forked writer, no dump is sent to a follower while one is being written,
+    and transfers restart from the new file afterwards. A dump received from the leader
+    cancels ours under the job lock, so ours can never be renamed over the newer one."""
+
+    def __init__(self, fileName, transmissionBatchSize, tryUseFork, serializer, deserializer, serializeChecker):  # noqa: N803 (PySyncObj's names)
+        super().__init__(fileName, transmissionBatchSize, False, None, deserializer, None)
+        self._path = Path(fileName)
+        self._start_dump: Callable[[Path, tuple], DumpJob] = serializer
+        self.job_lock = threading.Lock()
+        self._job: DumpJob | None = None
+
+    def serialize(self, data, id) -> None:  # noqa: A002 (PySyncObj's name)
+        if self._job is not None:
+            return
+        self._job = self._start_dump(self._path, data[1:])
+
+    def checkSerializing(self):  # noqa: N802
+        job = self._job
+        if job is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING, None
+        if not job.done():
+            return SERIALIZER_STATE.SERIALIZING, job.index - 1
+        self._job = None
+        # PySyncObj drops the log up to the entry before the dump's last one (it keeps both).
+        if job.error is None and not job.cancelled:
+            for transmission in self._Serializer__transmissions.values():
+                if "file" in transmission:
+                    transmission["file"].close()
+            self._Serializer__transmissions = {}
+            return SERIALIZER_STATE.SUCCESS, job.index - 1
+        return SERIALIZER_STATE.FAILED, job.index - 1
+
+    def getTransmissionData(self, transmissionID):  # noqa: N802, N803
+        if self._job is not None:
+            return None
+        return super().getTransmissionData(transmissionID)
+
+    def setTransmissionData(self, data):  # noqa: N802
+        with self.job_lock:
+            if self._job is not None:
+                self._job.cancel()
+            return super().setTransmissionData(data)
+
+    def wait(self, timeout: float | None = None) -> None:
+        job = self._job
+        if job is not None:
+            job.join(timeout)
 
 FAILURES = {
     FAIL_REASON.QUEUE_FULL: "queue_full",
@@ -72,6 +130,9 @@ class RaftTuning:
     leader_fallback: float = 2.0
     compaction_min_entries: int = 50_000
     compaction_min_seconds: float = 600.0
+    # ...or as soon as the log holds this much on disk (dumps are written off the tick thread,
+    # so compacting by size no longer stalls heartbeats).
+    compaction_max_log_bytes: int = 256 << 20
 
 
 class ApplyListener(Protocol):
@@ -124,9 +185,9 @@ class ReplicatedLog(SyncObj):
             maxBindRetries=5,
             bindRetryTime=0.2,
             leaderFallbackTimeout=tuning.leader_fallback,
-            journalFile=str(data_dir / "raft-log"),  # see _JOURNAL_HOOK
+            journalFile=str(data_dir / "raft-log"),  # see _CONSTRUCTION_HOOK
             fullDumpFile=str(data_dir / "raft.dump"),
-            serializer=self._serialize,
+            serializer=self._start_dump,  # see BackgroundSerializer
             deserializer=self._deserialize,
             dynamicMembershipChange=True,
             logCompactionMinEntries=tuning.compaction_min_entries,
@@ -134,13 +195,14 @@ class ReplicatedLog(SyncObj):
             commandsWaitLeader=False,
             onStateChanged=self._on_state_changed,
         )
-        with _JOURNAL_HOOK:
-            create_journal = pysyncobj.syncobj.createJournal
+        with _CONSTRUCTION_HOOK:
+            create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
             pysyncobj.syncobj.createJournal = lambda _path: self.journal
+            pysyncobj.syncobj.Serializer = BackgroundSerializer
             try:
                 super().__init__(raft_addr, peers, conf)
             finally:
-                pysyncobj.syncobj.createJournal = create_journal
+                pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
 
     # --- the replicated method: the same single method on every node ---
@@ -182,18 +244,16 @@ class ReplicatedLog(SyncObj):
 
     # --- PySyncObj hooks (tick thread) ---
 
-    def _serialize(self, path: str, raft_tuple: tuple) -> None:
-        # No state_lock: the tick thread is the only writer and it is here, so the store
-        # cannot change; the core takes a shared borrow, which readers on the event loop may
-        # share. Holding the lock would stall every API read for the whole write.
-        info = write_dump(path, self._processor.store, raft_tuple)
-        log.info(
-            "node %s: wrote Raft dump at index %d (%d entries, %d bytes)",
-            self.selfNode, info.log_index, info.entry_count, info.file_size,
-        )
+    def _start_dump(self, path: Path, raft_tuple: tuple) -> DumpJob:
+        # Tick thread, between applies: the state is exactly at the tuple's last entry.
+        # Freezing is O(buckets) and needs no lock (this thread is the only writer).
+        job = DumpJob(path, self._processor.store.freeze(), raft_tuple, self._SyncObj__serializer.job_lock)
+        log.info("node %s: writing a Raft dump at index %d in the background", self.selfNode, job.index)
+        return job
 
     def _deserialize(self, path: str) -> tuple:
         dump = read_dump(path)
+        self._trim_journal_to(dump.prev, dump.last)
         with self.state_lock:
             self._processor = self._processor_factory(dump.store)
             self._applied = (dump.info.log_index, dump.store.digest())
@@ -207,6 +267,19 @@ class ReplicatedLog(SyncObj):
         # peer and (alone) never win an election. Leave ourselves out here.
         me = str(self.selfNode.id)
         return (dump.last, dump.prev, [addr for addr in dump.cluster if addr != me])
+
+    def _trim_journal_to(self, prev: tuple, last: tuple) -> None:
+        """PySyncObj keeps the journal on loading a dump only if it starts with the dump's two
+        entries, and otherwise clears it — entries after the dump included. A node killed
+        after its new dump was renamed into place but before the log was cut (a tick later)
+        has a journal that starts earlier: cut it here, so nothing after the dump is lost."""
+        journal = self.journal
+        if len(journal) < 2 or journal[0] == prev:
+            return
+        pos = prev[1] - journal[0][1]
+        if 0 < pos < len(journal) - 1 and journal[pos] == prev and journal[pos + 1] == last:
+            journal.deleteEntriesTo(pos)
+            log.info("node %s: cut the Raft log to the dump at index %d before loading it", self.selfNode, last[1])
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
         """Fixes a catch-up livelock in PySyncObj 0.3.17 before its handler sees the message.
@@ -227,6 +300,8 @@ class ReplicatedLog(SyncObj):
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _on_tick(self) -> None:
+        if self.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
+            self._SyncObj__forceLogCompaction = True  # PySyncObj's own flag; cleared when it starts
         now = time.monotonic()
         if now - self._last_keepalive >= self._tuning.keepalive:
             self._last_keepalive = now
@@ -265,8 +340,10 @@ class ReplicatedLog(SyncObj):
 
     def close(self) -> None:
         """Stops the tick thread and waits for it, so the Raft port is free when this returns
-        (a node restarted in the same process must be able to bind it again)."""
+        (a node restarted in the same process must be able to bind it again), then lets a dump
+        being written finish (its file is complete or absent, never torn)."""
         if self.tick_thread_alive():
             self.destroy_synchronous()
         else:
             self.destroy()
+        self._SyncObj__serializer.wait()
