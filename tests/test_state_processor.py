@@ -78,7 +78,8 @@ def delete(key, **extra):
 
 
 def state_items(processor: CommandProcessor) -> list[tuple[bytes, bytes]]:
-    return processor.store.scan()
+    """The state but the audit chain head (which every entry extends)."""
+    return [(k, v) for k, v in processor.store.scan() if k != keys.CHAIN]
 
 
 def drop_messages(result: dict) -> dict:
@@ -129,9 +130,9 @@ def test_if_version(log, proc):
 
 def test_a_conflict_changes_nothing(log, proc):
     log.one(put("a"))
-    before = proc.store.digest()
+    before = state_items(proc)
     outcome = log.entry(put("a", b"9", if_version=5))
-    assert outcome.changes == [] and proc.store.digest() == before
+    assert outcome.changes == [] and state_items(proc) == before
 
 
 # --- transactions ---------------------------------------------------------------------------------
@@ -237,10 +238,10 @@ def test_nodes(log, proc):
 def test_a_retry_returns_the_first_result_and_changes_nothing(log, proc):
     first = log.one(put("a", b"1", rid="r1"))
     log.one(put("a", b"2"))
-    digest = proc.store.digest()
+    before = state_items(proc)
     outcome = log.entry(put("a", b"1", rid="r1"))
     assert outcome.results == [first] and first["index"] == 1
-    assert outcome.changes == [] and proc.store.digest() == digest
+    assert outcome.changes == [] and state_items(proc) == before
     assert proc.get("a").value == b"2"
     # The rid, not the body, identifies the request.
     assert log.one({"op": "noop", "rid": "r1"}) == first
@@ -309,7 +310,7 @@ def test_dedup_capacity_zero_still_dedups_within_an_entry():
     proc = CommandProcessor(StateStore(), dedup_capacity=0)
     results = proc.apply_entry(1, encode_entry([put("k", rid="r"), put("k", rid="r")])).results
     assert results[0] == results[1]
-    assert [k for k, _ in proc.store.scan()] == [b"kv/k", b"meta/rid_count"]
+    assert [k for k, _ in proc.store.scan()] == [b"kv/k", keys.CHAIN, b"meta/rid_count"]
 
 
 @pytest.mark.parametrize("capacity", [-1, 1.5, None])
@@ -360,11 +361,13 @@ def test_one_rust_batch_per_entry_in_first_write_order():
         b"rid/r",
         keys.ridx_key(1, "r"),
         b"meta/rid_count",
+        keys.CHAIN,
     ]
     assert store.applies[0][1] == (b"kv/a", None)
     proc.apply_entry(2, encode_entry([{"op": "noop"}, delete("zz")]))
     proc.apply_entry(3, b"garbage")
-    assert len(store.applies) == 1  # nothing to write, no crossing
+    # Nothing else to write: one crossing each, for the audit chain alone.
+    assert [[k for k, _ in batch] for batch in store.applies[1:]] == [[keys.CHAIN], [keys.CHAIN]]
 
 
 # --- never raises ---------------------------------------------------------------------------------
@@ -387,7 +390,8 @@ def test_bad_entries_give_one_bad_entry_result_and_change_nothing(proc):
         assert result["ok"] is False and result["error"] == "bad_entry"
         assert result["message"].startswith("entry:")
     assert state_items(proc) == before
-    assert proc.apply_entry(2, encode_entry([])) == EntryOutcome([], [])
+    empty = proc.apply_entry(2, encode_entry([]))
+    assert (empty.results, empty.changes) == ([], [])
 
 
 @pytest.mark.parametrize("index", [-1, 1 << 64, "1", 1.0, None, True])
@@ -448,7 +452,7 @@ def test_a_failing_store_apply_gives_internal_results_and_changes_nothing():
     store.fail_next_apply = True
     outcome = proc.apply_entry(1, encode_entry([put("a"), put("b")]))
     assert [r["error"] for r in outcome.results] == ["internal", "internal"]
-    assert outcome.changes == [] and len(store.inner) == 0
+    assert outcome.changes == [] and [k for k, _ in store.inner.scan()] == [keys.CHAIN]
     assert proc.apply_entry(1, encode_entry([put("a")])).results[0]["ok"]
 
 
@@ -664,3 +668,68 @@ def test_same_digest_in_processes_with_different_hash_seeds():
         outputs.append(run.stdout)
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(outputs[0]) > 10_000
+
+
+# --- the audit chain and checkpoints ---------------------------------------------------------------
+
+
+def test_every_entry_extends_the_audit_chain_bad_ones_included(proc):
+    from synapse import _core
+
+    payloads = [encode_entry([put("a")]), b"garbage", encode_entry([]), encode_entry([put("", rid="x")])]
+    for i, payload in enumerate(payloads, start=1):
+        outcome = proc.apply_entry(i, payload)
+        assert outcome.chain == proc.chain()[1]
+    expected = _core.chain_many(keys.GENESIS_CHAIN, list(enumerate(payloads, start=1)))
+    assert proc.chain() == (4, expected[-1])
+    replica = CommandProcessor(StateStore())
+    for i, payload in enumerate(payloads, start=1):
+        replica.apply_entry(i, payload)
+    assert replica.store.digest() == proc.store.digest()
+
+
+def _register(log, *node_ids):
+    for n in node_ids:
+        log.one({"op": "register_node", "node_id": n, "api": f"{n}:1", "raft": f"{n}:2"})
+
+
+def _report(log, checkpoint, node_id, digest, chain=b"c" * 32):
+    return log.one({"op": "checkpoint_report", "checkpoint": checkpoint, "node_id": node_id, "digest": digest, "chain": chain})
+
+
+def test_a_checkpoint_is_agreed_when_a_majority_reports_the_same_digest(log, proc):
+    _register(log, "n1", "n2", "n3")
+    made = log.one({"op": "checkpoint", "label": "before-upgrade", "created_ms": 1234})
+    index = made["checkpoint"]
+    assert made == {"ok": True, "index": index, "checkpoint": index}
+    good, bad = b"g" * 32, b"b" * 32
+    assert _report(log, index, "n1", good)["agreed"] is False
+    assert _report(log, index, "n3", bad)["agreed"] is False
+    second = _report(log, index, "n2", good)
+    assert second["newly_agreed"] is True and second["matches"] is True
+    late = _report(log, index, "n3", bad)  # still wrong: recorded, and it does not match
+    assert late["agreed"] is True and late["newly_agreed"] is False and late["matches"] is False
+    ((ci, record),) = proc.checkpoints()
+    assert ci == index and record["label"] == "before-upgrade" and record["created_ms"] == 1234
+    assert record["agreed"] == [good, b"c" * 32] and record["agreed_index"] == second["index"]
+    assert record["reports"] == {"n1": [good, b"c" * 32], "n3": [bad, b"c" * 32], "n2": [good, b"c" * 32]}
+
+
+def test_reports_for_unknown_checkpoints_or_nodes_are_refused(log, proc):
+    _register(log, "n1")
+    index = log.one({"op": "checkpoint"})["checkpoint"]
+    assert _report(log, index + 100, "n1", b"d" * 32)["error"] == "unknown_checkpoint"
+    assert _report(log, index, "stranger", b"d" * 32)["error"] == "unknown_node"
+    assert proc.checkpoint(index)["reports"] == {}
+    bad = log.one({"op": "checkpoint_report", "checkpoint": index, "node_id": "n1", "digest": b"short", "chain": b"c" * 32})
+    assert bad["error"] == "bad_command" and bad["message"].startswith("digest:")
+    assert log.one({"op": "checkpoint", "label": "x" * 200})["error"] == "bad_command"
+
+
+def test_old_checkpoint_records_are_evicted(log, proc, monkeypatch):
+    import synapse.state.processor as processor
+
+    monkeypatch.setattr(processor, "CHECKPOINT_RECORDS", 3)
+    made = [log.one({"op": "checkpoint"})["checkpoint"] for _ in range(5)]
+    assert [i for i, _ in proc.checkpoints()] == made[:1:-1]
+    assert proc.checkpoint(made[0]) is None

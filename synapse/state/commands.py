@@ -24,8 +24,10 @@ MAX_RID_CHARS = 128
 MAX_NODE_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 255
 MAX_UINT64 = (1 << 64) - 1  # msgpack's integer range; versions and indexes stay inside it
+MAX_LABEL_CHARS = 128
+DIGEST_BYTES = 32
 
-OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node")
+OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report")
 TXN_OPS = ("put", "delete", "get")
 
 # op -> (required fields, optional fields); "op" itself is implied.
@@ -36,6 +38,8 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "noop": ((), ("rid",)),
     "register_node": (("node_id", "api", "raft"), ("rid",)),
     "unregister_node": (("node_id",), ("rid",)),
+    "checkpoint": ((), ("label", "created_ms", "rid")),
+    "checkpoint_report": (("checkpoint", "node_id", "digest", "chain"), ("rid",)),
 }
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
@@ -137,6 +141,17 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
         _check_address(command["raft"], "raft")
     elif op == "unregister_node":
         check_node_id(command["node_id"])
+    elif op == "checkpoint":
+        if "label" in command:
+            check_label(command["label"])
+        if "created_ms" in command:
+            _check_uint(command["created_ms"], "created_ms", "send milliseconds since the Unix epoch")
+    elif op == "checkpoint_report":
+        _check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
+        check_node_id(command["node_id"])
+        for name in ("digest", "chain"):
+            if not isinstance(command[name], bytes) or len(command[name]) != DIGEST_BYTES:
+                raise CommandError(name, f"{name}: expected {DIGEST_BYTES} bytes, got {_short(command[name])}")
 
 
 def check_key(key: Any, field: str = "key") -> None:
@@ -208,6 +223,17 @@ def check_node_id(node_id: Any, field: str = "node_id") -> None:
             f"{field}: {len(node_id)} characters is outside 1 to {MAX_NODE_ID_CHARS}; use a shorter node id",
         )
     _check_utf8(node_id, field)
+
+
+def check_label(label: Any, field: str = "label") -> None:
+    """A checkpoint label: 1 to MAX_LABEL_CHARS printable characters."""
+    if not isinstance(label, str):
+        raise CommandError(field, f"{field}: expected a string, got {_kind(label)}; send the label as text")
+    if not 1 <= len(label) <= MAX_LABEL_CHARS or not label.isprintable():
+        raise CommandError(
+            field, f"{field}: use 1 to {MAX_LABEL_CHARS} printable characters (got {len(label)} characters)"
+        )
+    _check_utf8(label, field)
 
 
 def _check_txn(command: dict[str, Any], check_json: bool) -> None:

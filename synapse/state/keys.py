@@ -18,6 +18,10 @@ NODE = b"node/"
 RID = b"rid/"
 RIDX = b"ridx/"
 RID_COUNT = b"meta/rid_count"
+CHAIN = b"meta/chain"
+CKPT = b"ckpt/"
+CKPT_COUNT = b"meta/ckpt_count"
+GENESIS_CHAIN = bytes(32)
 
 _INDEX_BYTES = 8  # ridx/ keys sort by big-endian log index, so key order is eviction order
 
@@ -44,6 +48,14 @@ def rid_key(rid: str) -> bytes:
 
 def ridx_key(index: int, rid: str) -> bytes:
     return RIDX + index.to_bytes(_INDEX_BYTES, "big") + rid.encode()
+
+
+def ckpt_key(index: int) -> bytes:
+    return CKPT + index.to_bytes(_INDEX_BYTES, "big")  # key order is index order
+
+
+def ckpt_index(store_key: bytes) -> int:
+    return int.from_bytes(store_key[len(CKPT) :], "big")
 
 
 def split_ridx(store_key: bytes) -> tuple[int, str]:
@@ -119,3 +131,30 @@ def decode_count(raw: bytes | None) -> int:
     if type(count) is not int or count < 0:
         raise ValueError("state meta/rid_count: stored value is not a non-negative integer")
     return count
+
+
+def encode_chain(index: int, chain: bytes) -> bytes:
+    return _pack([index, chain])
+
+
+def decode_chain(raw: bytes | None) -> tuple[int, bytes]:
+    """The (index, chain head) after the last applied entry; (0, 32 zero bytes) at genesis."""
+    if raw is None:
+        return 0, GENESIS_CHAIN
+    record = _unpack(raw)
+    if not isinstance(record, list) or len(record) != 2 or not isinstance(record[1], bytes):
+        raise ValueError("state meta/chain: stored value is not [index, chain]")
+    return record[0], record[1]
+
+
+def encode_checkpoint(record: dict[str, Any]) -> bytes:
+    return _pack(record)
+
+
+def decode_checkpoint(raw: bytes) -> dict[str, Any]:
+    """``{"label", "created_ms", "reports": {node_id: [digest, chain]}, "agreed": [digest,
+    chain] | None, "agreed_index"}``."""
+    record = _unpack(raw)
+    if not isinstance(record, dict) or not isinstance(record.get("reports"), dict):
+        raise ValueError("state ckpt/ entry: stored value is not a checkpoint record")
+    return record

@@ -7,7 +7,8 @@ invariants. The shape of one ``apply_entry``:
 1. decode the entry (a bad entry is one ``bad_entry`` result and changes nothing);
 2. run each command against an overlay of pending writes, in order, each one inside a
    savepoint, so a command that fails midway leaves no trace and later commands still run;
-3. bound the dedup table, then hand the overlay to Rust as one ``store.apply`` batch.
+3. bound the dedup table, extend the audit chain (every entry, bad ones included), then hand
+   the overlay to Rust as one ``store.apply`` batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from synapse import _core
 from synapse.state import keys
 from synapse.state.commands import (
     MAX_UINT64,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from synapse._core import StateStore
 
 DEDUP_CAPACITY = 100_000
+CHECKPOINT_RECORDS = 256  # ckpt/ records kept in the state, newest first
 
 Result = dict[str, Any]
 
@@ -42,6 +45,8 @@ class EntryOutcome:
 
     results: list[Result]
     changes: list[KvChange]
+    # The audit chain head after this entry (the index is the entry's).
+    chain: bytes = keys.GENESIS_CHAIN
 
 
 class CommandProcessor:
@@ -58,28 +63,51 @@ class CommandProcessor:
     def apply_entry(self, index: int, payload: bytes) -> EntryOutcome:
         """Apply the entry at log ``index``. Never raises (an exception here would make
         PySyncObj re-apply the entry forever); every failure is a result."""
-        count = 1
+        if type(index) is not int or not 0 <= index <= MAX_UINT64:
+            return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
+        count, changes = 1, []
         try:
-            if type(index) is not int or not 0 <= index <= MAX_UINT64:
-                return EntryOutcome(
-                    [_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], []
-                )
+            # PySyncObj hands over bytes; anything else is chained as empty (and is a bad entry).
+            chained = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b""
+            chain = _core.chain(self.chain()[1], index, chained)
+            link = (keys.CHAIN, keys.encode_chain(index, chain))
+        except Exception as exc:  # a damaged meta/chain: nothing can be applied safely
+            return EntryOutcome([_internal(exc)], [])
+        try:
             try:
                 commands = decode_entry(payload)
             except EntryError as exc:
-                return EntryOutcome([_error("bad_entry", str(exc))], [])
-            count = len(commands)
-            run = _EntryRun(self.store, index)
-            results = [run.apply(command) for command in commands]
-            self._bound_dedup(run.writes)
-            ops = run.writes.ops()
-            if ops:
-                self.store.apply(ops)
-            return EntryOutcome(results, run.changes)
+                results, ops = [_error("bad_entry", str(exc))], []
+            else:
+                count = len(commands)
+                run = _EntryRun(self.store, index)
+                results = [run.apply(command) for command in commands]
+                self._bound_dedup(run.writes)
+                ops, changes = run.writes.ops(), run.changes
+            self.store.apply([*ops, link])
         except Exception as exc:
             # Nothing reached the store: store.apply validates its whole batch before changing
-            # anything, and it is the last step.
-            return EntryOutcome([_internal(exc) for _ in range(count)], [])
+            # anything, and it is the last step. The entry still extends the chain.
+            results, changes = [_internal(exc) for _ in range(count)], []
+            try:
+                self.store.apply([link])
+            except Exception:
+                pass
+        return EntryOutcome(results, changes, chain)
+
+    def chain(self) -> tuple[int, bytes]:
+        """(index of the last applied entry, audit chain head after it)."""
+        return keys.decode_chain(self.store.get(keys.CHAIN))
+
+    def checkpoints(self, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """Checkpoint records, newest first: ``[(index, record)]`` (see keys.decode_checkpoint)."""
+        rows = [(keys.ckpt_index(k), keys.decode_checkpoint(v)) for k, v in self.store.scan_prefix(keys.CKPT)]
+        rows.reverse()
+        return rows if limit is None else rows[:limit]
+
+    def checkpoint(self, index: int) -> dict[str, Any] | None:
+        raw = self.store.get(keys.ckpt_key(index))
+        return None if raw is None else keys.decode_checkpoint(raw)
 
     def get(self, key: str) -> KvRecord | None:
         """The key's record in this node's state (stale on a follower); None also for a key
@@ -160,6 +188,11 @@ class _Overlay:
         had = key in self._writes
         self._undo.append((key, had, self._writes.get(key)))
         self._writes[key] = value
+
+    def scan_before(self, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+        """The store's entries under ``prefix`` as they were before this entry (the overlay
+        keeps no key order); callers account for their own pending writes."""
+        return self._store.scan_prefix(prefix, limit)
 
     def commit(self) -> None:
         self._undo.clear()
@@ -243,6 +276,54 @@ class _EntryRun:
         node = keys.encode_node(command["api"], command["raft"], self.index)
         self.writes.set(keys.node_key(command["node_id"]), node)
         return {"ok": True, "index": self.index}
+
+    def _op_checkpoint(self, command: dict[str, Any]) -> Result:
+        # The checkpoint is this entry: its state is the state after the whole entry.
+        key = keys.ckpt_key(self.index)
+        if self.writes.get(key) is None:
+            self._evict_checkpoints()
+            record = {"label": None, "created_ms": None, "reports": {}, "agreed": None, "agreed_index": None}
+        else:
+            record = keys.decode_checkpoint(self.writes.get(key))
+        for name in ("label", "created_ms"):
+            if name in command:
+                record[name] = command[name]
+        self.writes.set(key, keys.encode_checkpoint(record))
+        return {"ok": True, "index": self.index, "checkpoint": self.index}
+
+    def _evict_checkpoints(self) -> None:
+        count = keys.decode_count(self.writes.get(keys.CKPT_COUNT)) + 1
+        if count > CHECKPOINT_RECORDS:
+            # The oldest in the store: this entry adds only its own (newest) record.
+            for victim, _ in self.writes.scan_before(keys.CKPT, count - CHECKPOINT_RECORDS):
+                self.writes.set(victim, None)
+            count = CHECKPOINT_RECORDS
+        self.writes.set(keys.CKPT_COUNT, keys.encode_count(count))
+
+    def _op_checkpoint_report(self, command: dict[str, Any]) -> Result:
+        index, node_id = command["checkpoint"], command["node_id"]
+        raw = self.writes.get(keys.ckpt_key(index))
+        if raw is None:
+            return _error("unknown_checkpoint", f"checkpoint: no checkpoint at index {index} (never made, or evicted)")
+        if self.writes.get(keys.node_key(node_id)) is None:
+            return _error("unknown_node", f"node_id: {node_id!r} is not a registered node; only members report")
+        record = keys.decode_checkpoint(raw)
+        report = [command["digest"], command["chain"]]
+        record["reports"][node_id] = report
+        newly = False
+        if record["agreed"] is None:
+            voters = len(self.writes.scan_before(keys.NODE))
+            if sum(1 for r in record["reports"].values() if r == report) >= voters // 2 + 1:
+                record["agreed"], record["agreed_index"], newly = report, self.index, True
+        self.writes.set(keys.ckpt_key(index), keys.encode_checkpoint(record))
+        return {
+            "ok": True,
+            "index": self.index,
+            "checkpoint": index,
+            "agreed": record["agreed"] is not None,
+            "newly_agreed": newly,
+            "matches": record["agreed"] == report if record["agreed"] is not None else None,
+        }
 
     def _op_unregister_node(self, command: dict[str, Any]) -> Result:
         node_key = keys.node_key(command["node_id"])
