@@ -146,6 +146,15 @@ class _Calls:
         body = json.dumps({"if": if_, "then": then, "else": else_}).encode()
         return _Request("POST", "/v1/txn", body, {REQUEST_ID_HEADER: uuid.uuid4().hex})
 
+    def _checkpoint(self, label: str | None, wait: bool) -> _Request:
+        body: dict[str, Any] = {"wait": wait}
+        if label is not None:
+            body["label"] = label
+        return _Request("POST", "/v1/checkpoints", json.dumps(body).encode(), {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+    def _checkpoints(self, limit: int) -> _Request:
+        return _Request("GET", "/v1/checkpoints?" + urlencode({"limit": limit}))
+
 
 class Client(_Calls):
     """Blocking client. ``Client("http://127.0.0.1:7070", token=...)``; several URLs may be
@@ -195,6 +204,13 @@ class Client(_Calls):
 
     def status(self) -> dict:
         return self._call(_Request("GET", "/v1/cluster/status"))
+
+    def checkpoint(self, label: str | None = None, wait: bool = False) -> dict:
+        """Makes a checkpoint; ``wait``: answer once a majority agreed on its digest."""
+        return self._call(self._checkpoint(label, wait))
+
+    def checkpoints(self, limit: int = 20) -> list[dict]:
+        return self._call(self._checkpoints(limit))["checkpoints"]
 
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """Any other API call (e.g. membership), with the same retry policy."""
@@ -288,6 +304,12 @@ class AsyncClient(_Calls):
 
     async def status(self) -> dict:
         return await self._call(_Request("GET", "/v1/cluster/status"))
+
+    async def checkpoint(self, label: str | None = None, wait: bool = False) -> dict:
+        return await self._call(self._checkpoint(label, wait))
+
+    async def checkpoints(self, limit: int = 20) -> list[dict]:
+        return (await self._call(self._checkpoints(limit)))["checkpoints"]
 
     async def _call(self, req: _Request) -> Any:
         import aiohttp

@@ -40,6 +40,13 @@ class NodeConfig:
     # fdatasync every Raft log append before acknowledging it: survives power loss of a
     # majority, at the disk's sync latency per entry (synapse/cluster/DESIGN.md, durability).
     raft_fsync: bool = False
+    # The leader proposes a checkpoint every this many log entries (0: none but on demand)...
+    checkpoint_interval: int = 1000
+    # ...and at least this often while writes come in.
+    checkpoint_seconds: float = 60.0
+    # Allows POST /v1/debug/corrupt (synapse debug corrupt) on this node: tests and chaos
+    # runs only — it changes this node's state behind the log's back.
+    debug_fault_injection: bool = False
     tuning: RaftTuning = field(default_factory=RaftTuning)
 
     @property
@@ -125,7 +132,7 @@ def _coerce(name: str, raw: Any) -> Any:
             return None if raw in (None, "") else Path(raw)
         if name == "peers":
             return parse_peers(raw)
-        if name in ("insecure_no_cluster_secret", "raft_fsync"):
+        if name in ("insecure_no_cluster_secret", "raft_fsync", "debug_fault_injection"):
             if isinstance(raw, bool):
                 return raw
             return _BOOL[str(raw).strip().lower()]
@@ -133,6 +140,16 @@ def _coerce(name: str, raw: Any) -> Any:
             v = float(raw)
             if not 0.1 <= v <= 300:
                 raise ConfigError(name, f"{v} s is out of range; use 0.1 to 300 seconds")
+            return v
+        if name == "checkpoint_interval":
+            v = int(raw)
+            if not 0 <= v <= 10_000_000:
+                raise ConfigError(name, f"{v} is out of range; use 0 (on demand only) to 10,000,000 entries")
+            return v
+        if name == "checkpoint_seconds":
+            v = float(raw)
+            if not 0.1 <= v <= 86_400:
+                raise ConfigError(name, f"{v} s is out of range; use 0.1 to 86,400 seconds")
             return v
         if name == "node_id":
             return check_node_id(name, str(raw))

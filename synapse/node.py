@@ -18,6 +18,8 @@ from synapse.api.http import start_api
 from synapse.cluster.committer import GroupCommitter, ProposalError
 from synapse.cluster.raft import ReplicatedLog
 from synapse.config import ConfigError, NodeConfig
+from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, Service
+from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
 from synapse.storage import open_storage
@@ -56,6 +58,10 @@ class Node:
         self._thread: threading.Thread | None = None
         self._register_task: asyncio.Task | None = None
         self._materializer_task: asyncio.Task | None = None
+        self._checkpoint_task: asyncio.Task | None = None
+        self.integrity: CheckpointTracker | None = None
+        self.repairer: Repairer | None = None
+        self.repair_sessions: RepairSessions | None = None
         self.started = False
 
     # --- lifecycle (asyncio) ---
@@ -76,6 +82,13 @@ class Node:
         # leader's CPU with one small transaction per round (py-spy).
         self.materializer = Materializer(self._storage, linger=0.02)
         self._materializer_task = self._loop.create_task(self.materializer.run(), name="materializer")
+        # Before Raft: replaying the log at start already reaches the tracker.
+        self.integrity = CheckpointTracker(
+            cfg.node_id, self._loop, self._propose_when_ready, self.read, self._diverged,
+            CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds),
+        )
+        self.repairer = Repairer(self)
+        self.repair_sessions = RepairSessions(self)
         self.raft = ReplicatedLog(
             raft_addr=cfg.raft,
             peers=sorted(cfg.peers.values()),
@@ -100,6 +113,7 @@ class Node:
             await self.stop()
             raise NodeError(f"cannot listen on the API address {cfg.api}: {e.strerror}") from e
         self._register_task = self._loop.create_task(self._register_self(), name="register")
+        self._checkpoint_task = self._loop.create_task(self._periodic_checkpoints(), name="checkpoints")
         self.started = True
         log.info("node %s: API on http://%s, Raft on %s, data in %s", cfg.node_id, cfg.api, cfg.raft, data_dir)
 
@@ -108,9 +122,14 @@ class Node:
         if self._api_runner is not None:
             await self._api_runner.cleanup()
             self._api_runner = None
-        if self._register_task is not None:
-            self._register_task.cancel()
-            await asyncio.gather(self._register_task, return_exceptions=True)
+        for task in (self._register_task, self._checkpoint_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.repairer is not None:
+            await self.repairer.close()
+        if self.integrity is not None:
+            await self.integrity.close()
         if self.committer is not None:
             await self.committer.close()
         if self.raft is not None:
@@ -200,14 +219,41 @@ class Node:
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None:
         if self.materializer is not None and outcome.changes:
             self.materializer.submit(index, outcome.changes)
+        if self.integrity is not None:
+            self.integrity.entry_applied(index, outcome, digest)
 
     def state_replaced(self, index: int, store: _core.StateStore) -> None:
+        if self.integrity is not None:
+            self.integrity.state_replaced(index)
         if self.materializer is not None:
             frozen = store.clone()
             self.materializer.submit_snapshot(index, _kv_records(frozen))
 
     def role_changed(self, leader: str | None, is_leader: bool) -> None:
         log.info("node %s: leader is now %s%s", self.config.node_id, leader, " (this node)" if is_leader else "")
+
+    # --- integrity ---
+
+    @property
+    def serving(self) -> bool:
+        """False while this node's state is known to differ from the agreed one."""
+        return self.integrity is None or self.integrity.service == Service.SERVING
+
+    async def _propose_when_ready(self, command: dict, size_hint: int) -> dict:
+        # Reports can be due while the log replays at start, before the committer exists.
+        while self.committer is None:
+            await asyncio.sleep(0.05)
+        return await self.propose(command, size_hint)
+
+    def _diverged(self, checkpoint: int) -> None:
+        if self.repairer is not None:
+            self.repairer.start(checkpoint)
+
+    async def _periodic_checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if self.raft is not None and self.raft.status()["is_leader"]:
+                await self.integrity.propose_if_due(self.raft.applied()[0])
 
     # --- internals ---
 

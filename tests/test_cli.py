@@ -61,3 +61,19 @@ def test_missing_token_is_explained(node, tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode != 0 and "no token" in r.stderr
+
+
+def test_checkpoint_create_and_list(node):
+    made = json.loads(cli(node, "checkpoint", "create", "--label", "cli-made").stdout)
+    assert made["agreed"] and made["label"] == "cli-made" and made["nodes"]["n1"]["agrees"] is True
+    table = cli(node, "checkpoint", "list").stdout.splitlines()
+    assert table[0].split() == ["INDEX", "LABEL", "AGREED", "DIGEST", "NODES"]
+    assert any(line.startswith(str(made["index"])) and "cli-made" in line and "n1:ok" in line for line in table)
+    assert "agrees" in cli(node, "cluster", "status").stdout
+    r = cli(node, "checkpoint", "create", "--label", "x" * 200, check=False)
+    assert r.returncode != 0 and "label" in r.stderr
+
+
+def test_debug_corrupt_is_refused_without_the_flag(node):
+    r = cli(node, "debug", "corrupt", "--key", "cli/z", check=False)
+    assert r.returncode != 0 and "--debug-fault-injection" in r.stderr

@@ -34,6 +34,10 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ({"storage": "mysql://x"}, "storage"),
         ({"request_timeout": "fast"}, "request_timeout"),
         ({"raft_fsync": "maybe"}, "raft_fsync"),
+        ({"checkpoint_interval": "-1"}, "checkpoint_interval"),
+        ({"checkpoint_interval": "often"}, "checkpoint_interval"),
+        ({"checkpoint_seconds": "0"}, "checkpoint_seconds"),
+        ({"debug_fault_injection": "sometimes"}, "debug_fault_injection"),
         ({"peers": "n2=127.0.0.1:9999"}, "secret_file"),  # multi-node without a secret
         ({"api": "127.0.0.1:7071"}, "api"),  # same as raft
     ],

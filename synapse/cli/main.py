@@ -41,6 +41,9 @@ def node() -> None:
 @click.option("--storage", help="'sqlite' (default) or a postgresql:// DSN.")
 @click.option("--root-token-file", help="File holding the API root token (default: generated, or derived from the cluster secret).")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")
+@click.option("--checkpoint-interval", type=int, help="Log entries between periodic checkpoints (default 1000; 0: on demand only).")
+@click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints while writes come in (default 60).")
+@click.option("--debug-fault-injection", is_flag=True, default=None, help="Allow `synapse debug corrupt` against this node (tests and chaos runs only).")
 @click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def node_start(config_file, log_level, **flags) -> None:
@@ -218,13 +221,26 @@ def cluster_status(ctx, as_json) -> None:
     click.echo(f"node {s['node_id']}  leader {s['leader']}  term {s['term']}  "
                f"commit {s['commit_index']}  applied {s['applied_index']}")
     click.echo(f"state hash {s['state_hash']}")
-    rows = [("NODE", "RAFT", "API", "ROLE", "CONNECTED")]
+    ck = s.get("checkpoint") or {}
+    latest = ck.get("latest")
+    if latest:
+        agreed = f"agreed {latest['digest'][:16]}" if latest["agreed"] else "NOT agreed yet"
+        click.echo(f"checkpoint {latest['index']}{' ' + repr(latest['label']) if latest['label'] else ''}: {agreed}")
+    if ck.get("service") and ck["service"] != "serving":
+        click.echo(f"THIS NODE: {ck['service'].upper()} (diverged at checkpoint {ck.get('diverged_at')})")
+    rows = [("NODE", "RAFT", "API", "ROLE", "CONNECTED", "CHECKPOINT")]
     for m in s["members"]:
         role = "leader" if m["leader"] else "follower"
-        rows.append((m["node_id"] or "?", m["raft"], m["api"] or "?", role + (" (this)" if m["self"] else ""), "yes" if m["connected"] else "NO"))
+        agrees = {True: "agrees", False: "DIFFERS", None: "-"}[m.get("checkpoint_agrees")]
+        rows.append((m["node_id"] or "?", m["raft"], m["api"] or "?", role + (" (this)" if m["self"] else ""),
+                     "yes" if m["connected"] else "NO", agrees))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @cluster.command("add")
@@ -254,6 +270,66 @@ def cluster_transfer(ctx, node_id) -> None:
     """Hand leadership to NODE_ID (default: the most caught-up follower)."""
     with _client(ctx) as c, _leader_client(c) as leader:
         _print(_run(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
+
+
+@main.group()
+@_client_options
+def checkpoint(url, token, token_file) -> None:
+    """Make and list checkpoints (state digests agreed by a majority)."""
+
+
+@checkpoint.command("create")
+@click.option("--label", help="A name for it (1-128 printable characters).")
+@click.option("--wait/--no-wait", default=True, help="Wait until a majority agreed on its digest (default).")
+@click.pass_context
+def checkpoint_create(ctx, label, wait) -> None:
+    with _client(ctx) as c:
+        _print(_run(lambda: c.checkpoint(label, wait)))
+
+
+@checkpoint.command("list")
+@click.option("--limit", type=int, default=20)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def checkpoint_list(ctx, limit, as_json) -> None:
+    with _client(ctx) as c:
+        items = _run(lambda: c.checkpoints(limit))
+    if as_json:
+        _print(items)
+        return
+    rows = [("INDEX", "LABEL", "AGREED DIGEST", "NODES")]
+    for ck in items:
+        nodes = " ".join(
+            f"{n}:{ {True: 'ok', False: 'DIFFERS', None: '?'}[r['agrees']] }" for n, r in sorted(ck["nodes"].items())
+        )
+        missing = " ".join(f"{n}:-" for n in ck["missing"])
+        rows.append((str(ck["index"]), ck["label"] or "", ck["digest"][:16] if ck["agreed"] else "(not agreed)",
+                     (nodes + " " + missing).strip()))
+    _table(rows)
+
+
+@main.group()
+@_client_options
+def debug(url, token, token_file) -> None:
+    """Fault injection for tests and chaos runs (the node must allow it)."""
+
+
+@debug.command("corrupt")
+@click.option("--key", required=True, help="The kv key to damage on this one node.")
+@click.option("--value", default='"corrupted"', help="JSON to put there (default \"corrupted\").")
+@click.option("--delete", is_flag=True, help="Remove the key instead.")
+@click.pass_context
+def debug_corrupt(ctx, key, value, delete) -> None:
+    """Change KEY in one node's state behind the log's back (--url picks the node). The node
+    must run with --debug-fault-injection; it detects the damage at the next checkpoint and
+    repairs itself from a healthy peer."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise click.UsageError(f"--value {value!r} is not JSON") from None
+    body = {"key": key, "delete": True} if delete else {"key": key, "value": parsed}
+    with _client(ctx) as c:
+        _print(_run(lambda: c.request("POST", "/v1/debug/corrupt", body)))
 
 
 def _leader_client(c: Client) -> Client:

@@ -9,6 +9,7 @@ PySyncObj calls back runs on its tick thread; listeners must hand work to asynci
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -165,6 +166,10 @@ class ReplicatedLog(SyncObj):
         # whose mutable borrow is held (GIL released) for a whole batch: one lock orders them.
         self.state_lock = threading.Lock()
         self._applied: tuple[int, bytes] = (0, self._processor.store.digest())
+        # Repair support (synapse/integrity/repair.py), all under state_lock: views to freeze
+        # right after an exact index, and the entries applied since an index.
+        self._freezes: dict[int, list[concurrent.futures.Future]] = {}
+        self._captured: list[tuple[int, bytes]] | None = None
         self._last_keepalive = 0.0
         self._last_role: tuple[str | None, bool] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -214,9 +219,17 @@ class ReplicatedLog(SyncObj):
         index = self.raftLastApplied + 1
         try:
             with self.state_lock:
+                if self._freezes:
+                    # PySyncObj's own entries never come here: the state after index - 1 is
+                    # the state at every index since the last entry applied here.
+                    self._fire_freezes(index - 1)
                 outcome = self._processor.apply_entry(index, payload)
                 digest = self._processor.store.digest()
                 self._applied = (index, digest)
+                if self._captured is not None:
+                    self._captured.append((index, payload))
+                if self._freezes:
+                    self._fire_freezes(index)
         except Exception:  # the processor never raises; this guards the cluster if it does
             log.exception("node %s: applying entry %d failed; the entry is skipped", self.selfNode, index)
             return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
@@ -225,6 +238,85 @@ class ReplicatedLog(SyncObj):
         except Exception:
             log.exception("node %s: a listener failed on entry %d", self.selfNode, index)
         return outcome.results
+
+    # --- repair support (any thread) ---
+
+    def processor_for(self, store: _core.StateStore) -> CommandProcessor:
+        """A processor like this node's own (same replicated settings) over ``store``."""
+        return self._processor_factory(store)
+
+    def freeze_at(self, index: int) -> concurrent.futures.Future:
+        """A future of (index, FrozenState) of the state right after entry ``index``; fails at
+        once with ValueError if this node has already applied past it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.state_lock:
+            applied = self.applied()[0]
+            if applied > index:
+                fut.set_exception(ValueError(f"index {index} is already applied here (at {applied})"))
+            elif applied == index:
+                fut.set_result((index, self._processor.store.freeze()))
+            else:
+                self._freezes.setdefault(index, []).append(fut)
+        return fut
+
+    def cancel_freeze(self, fut: concurrent.futures.Future) -> None:
+        with self.state_lock:
+            for index, waiting in list(self._freezes.items()):
+                if fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._freezes[index]
+        fut.cancel()
+
+    def _fire_freezes(self, index: int) -> None:
+        due = [i for i in self._freezes if i <= index]
+        if not due:
+            return
+        frozen = self._processor.store.freeze()
+        for i in due:
+            for fut in self._freezes.pop(i):
+                if not fut.done():
+                    # i < index only when i was one of PySyncObj's own entries: same state.
+                    fut.set_result((i, frozen))
+
+    def start_capture(self) -> None:
+        """Starts keeping (index, payload) of every entry applied from now on, for
+        ``install_repaired``; call it before ``freeze_at`` so nothing after the frozen index
+        is missed."""
+        with self.state_lock:
+            self._captured = []
+
+    def captured(self, after: int) -> list[tuple[int, bytes]]:
+        with self.state_lock:
+            return [e for e in (self._captured or []) if e[0] > after]
+
+    def install_repaired(self, processor: CommandProcessor, at_index: int) -> tuple[int, _core.StateStore]:
+        """Swaps in a repaired processor whose state is at ``at_index``: under the state lock
+        (an entry boundary) it first replays the captured entries after ``at_index``, so the
+        new state is at this node's applied index. Returns (that index, the old store)."""
+        with self.state_lock:
+            for index, payload in self._captured or []:
+                if index > at_index:
+                    processor.apply_entry(index, payload)
+            old = self._processor.store
+            self._processor = processor
+            self._captured = None
+            applied = self.applied()[0]
+            self._applied = (applied, processor.store.digest())
+            return applied, old
+
+    def stop_capture(self) -> None:
+        with self.state_lock:
+            self._captured = None
+
+    def inject_fault(self, ops: list[tuple[bytes, bytes | None]]) -> bytes:
+        """Writes ``ops`` straight into this node's store, behind the log's back (fault
+        injection for tests and chaos runs). Returns the new digest."""
+        with self.state_lock:
+            self._processor.store.apply(ops)
+            index, digest = self._applied[0], self._processor.store.digest()
+            self._applied = (index, digest)
+            return digest
 
     # --- reads from other threads ---
 

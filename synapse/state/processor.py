@@ -47,6 +47,9 @@ class EntryOutcome:
     changes: list[KvChange]
     # The audit chain head after this entry (the index is the entry's).
     chain: bytes = keys.GENESIS_CHAIN
+    # What happened to checkpoints, for the node's integrity tracker: ("checkpoint", index)
+    # when this entry made one; ("report", checkpoint, node_id, agreed pair or None) per report.
+    events: tuple = ()
 
 
 class CommandProcessor:
@@ -65,7 +68,7 @@ class CommandProcessor:
         PySyncObj re-apply the entry forever); every failure is a result."""
         if type(index) is not int or not 0 <= index <= MAX_UINT64:
             return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
-        count, changes = 1, []
+        count, changes, events = 1, [], ()
         try:
             # PySyncObj hands over bytes; anything else is chained as empty (and is a bad entry).
             chained = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b""
@@ -83,17 +86,17 @@ class CommandProcessor:
                 run = _EntryRun(self.store, index)
                 results = [run.apply(command) for command in commands]
                 self._bound_dedup(run.writes)
-                ops, changes = run.writes.ops(), run.changes
+                ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
             self.store.apply([*ops, link])
         except Exception as exc:
             # Nothing reached the store: store.apply validates its whole batch before changing
             # anything, and it is the last step. The entry still extends the chain.
-            results, changes = [_internal(exc) for _ in range(count)], []
+            results, changes, events = [_internal(exc) for _ in range(count)], [], ()
             try:
                 self.store.apply([link])
             except Exception:
                 pass
-        return EntryOutcome(results, changes, chain)
+        return EntryOutcome(results, changes, chain, events)
 
     def chain(self) -> tuple[int, bytes]:
         """(index of the last applied entry, audit chain head after it)."""
@@ -216,10 +219,11 @@ class _EntryRun:
         self.index = index
         self.writes = _Overlay(store)
         self.changes: list[KvChange] = []
+        self.events: list[tuple] = []
 
     def apply(self, command: Any) -> Result:
         """One command, atomically: all its writes (and its dedup record) or none."""
-        changes_before = len(self.changes)
+        changes_before, events_before = len(self.changes), len(self.events)
         try:
             rid = _rid_of(command)
             if rid is not None:
@@ -241,6 +245,7 @@ class _EntryRun:
         except Exception as exc:
             self.writes.rollback()
             del self.changes[changes_before:]
+            del self.events[events_before:]
             return _internal(exc)
 
     # --- ops --------------------------------------------------------------------------------
@@ -289,6 +294,8 @@ class _EntryRun:
             if name in command:
                 record[name] = command[name]
         self.writes.set(key, keys.encode_checkpoint(record))
+        if ("checkpoint", self.index) not in self.events:
+            self.events.append(("checkpoint", self.index))
         return {"ok": True, "index": self.index, "checkpoint": self.index}
 
     def _evict_checkpoints(self) -> None:
@@ -316,6 +323,7 @@ class _EntryRun:
             if sum(1 for r in record["reports"].values() if r == report) >= voters // 2 + 1:
                 record["agreed"], record["agreed_index"], newly = report, self.index, True
         self.writes.set(keys.ckpt_key(index), keys.encode_checkpoint(record))
+        self.events.append(("report", index, node_id, record["agreed"]))
         return {
             "ok": True,
             "index": self.index,

@@ -1,0 +1,214 @@
+"""This node's side of checkpoints (DESIGN.md): it remembers its own digest and audit-chain
+head at every checkpoint it applies, reports them through the log, watches the agreement the
+state records, and says when this node has diverged. On the leader it also proposes the
+periodic checkpoints.
+
+``entry_applied`` runs on PySyncObj's tick thread and only records and hands over; everything
+that proposes runs on the node's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from synapse.cluster.committer import ProposalError
+
+if TYPE_CHECKING:
+    from synapse.state.processor import CommandProcessor, EntryOutcome
+
+log = logging.getLogger("synapse.integrity")
+
+# How many of its own checkpoint digests a node remembers (a report usually lands within
+# milliseconds; a node that restarts replays the entries and remembers them again).
+_REMEMBERED = 64
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    every_entries: int = 1000  # 0 turns periodic checkpoints off
+    every_seconds: float = 60.0  # ...and at least this often while entries change the state
+
+
+class Service:
+    """Whether this node serves kv requests, by integrity state."""
+
+    SERVING = "serving"
+    DIVERGED = "diverged"  # found, not repaired yet
+    REPAIRING = "repairing"
+    PROVING = "proving"  # repaired; waiting for a checkpoint that agrees with this node
+
+
+class CheckpointTracker:
+    def __init__(
+        self,
+        node_id: str,
+        loop: asyncio.AbstractEventLoop,
+        propose: Callable[[dict, int], Awaitable[dict]],
+        read: Callable[[Callable[["CommandProcessor"], object]], object],
+        on_diverged: Callable[[int], None],
+        policy: CheckpointPolicy = CheckpointPolicy(),
+    ) -> None:
+        self.node_id = node_id
+        self.policy = policy
+        self._loop = loop
+        self._propose = propose
+        self._read = read
+        self._on_diverged = on_diverged
+        self._lock = threading.Lock()  # the tick thread writes, the loop reads
+        self._mine: OrderedDict[int, list[bytes]] = OrderedDict()
+        self.service = Service.SERVING
+        self.diverged_at: int | None = None
+        self.proof_after = 0  # in PROVING: the first checkpoint that can prove the repair
+        self.last_checkpoint = 0
+        self.last_agreed: int | None = None  # newest agreed checkpoint this node matched
+        self._changed_since_checkpoint = False
+        self._last_checkpoint_time = time.monotonic()
+        self._proposing = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- tick thread ---
+
+    def entry_applied(self, index: int, outcome: "EntryOutcome", digest: bytes) -> None:
+        if outcome.changes:
+            self._changed_since_checkpoint = True
+        for event in outcome.events:
+            if event[0] == "checkpoint":
+                with self._lock:
+                    self._mine[index] = [digest, outcome.chain]
+                    while len(self._mine) > _REMEMBERED:
+                        self._mine.popitem(last=False)
+                    self.last_checkpoint = max(self.last_checkpoint, index)
+                self._changed_since_checkpoint = False
+                self._last_checkpoint_time = time.monotonic()
+                self._call(self._report, index, digest, outcome.chain)
+            elif event[0] == "report" and event[3] is not None:
+                self._judge(event[1], event[3])
+
+    def state_replaced(self, index: int) -> None:
+        """A dump replaced the state: digests remembered before it say nothing about it."""
+        with self._lock:
+            self._mine.clear()
+            self.last_checkpoint = max(self.last_checkpoint, index)
+
+    def _judge(self, checkpoint: int, agreed: list[bytes]) -> None:
+        with self._lock:
+            mine = self._mine.get(checkpoint)
+            if mine is None:
+                return  # not applied here since the last restart or dump: nothing to compare
+            if mine == agreed:
+                if self.last_agreed is None or checkpoint > self.last_agreed:
+                    self.last_agreed = checkpoint
+                if self.service == Service.PROVING and checkpoint >= self.proof_after:
+                    self.service, self.diverged_at = Service.SERVING, None
+                    log.warning("node %s: checkpoint %d agrees with this node again; serving", self.node_id, checkpoint)
+                return
+            if self.service not in (Service.SERVING, Service.PROVING):
+                return
+            self.service, self.diverged_at = Service.DIVERGED, checkpoint
+        log.error(
+            "node %s: DIVERGED: at checkpoint %d this node's digest %s differs from the agreed %s; "
+            "refusing kv requests until repaired",
+            self.node_id, checkpoint, mine[0].hex()[:16], agreed[0].hex()[:16],
+        )
+        self._call(self._on_diverged, checkpoint)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the node is stopping
+            pass
+
+    # --- event loop ---
+
+    def my_checkpoint(self, index: int) -> list[bytes] | None:
+        with self._lock:
+            return self._mine.get(index)
+
+    def repairing(self) -> None:
+        with self._lock:
+            self.service = Service.REPAIRING
+
+    def repaired(self, proof_after: int) -> None:
+        """The state was repaired at index ``proof_after - 1``: serve again once a checkpoint at
+        or after ``proof_after`` agrees with this node."""
+        with self._lock:
+            self.service, self.proof_after = Service.PROVING, proof_after
+
+    def repair_failed(self) -> None:
+        with self._lock:
+            self.service = Service.DIVERGED
+
+    def _report(self, index: int, digest: bytes, chain: bytes) -> None:
+        self._spawn(self._send_report(index, digest, chain))
+
+    async def _send_report(self, index: int, digest: bytes, chain: bytes) -> None:
+        command = {
+            "op": "checkpoint_report",
+            "checkpoint": index,
+            "node_id": self.node_id,
+            "digest": digest,
+            "chain": chain,
+            "rid": f"ckpt-report/{index}/{self.node_id}",  # a retry lands once
+        }
+        for attempt in range(6):
+            record = self._read(lambda p: p.checkpoint(index))
+            if record is None or self.node_id in record["reports"]:
+                return  # evicted, or already reported (a restarted node replaying its log)
+            try:
+                await self._propose(command, 160)
+                return
+            except ProposalError as e:
+                log.info("node %s: report for checkpoint %d not committed (%s); retrying", self.node_id, index, e.reason)
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    async def propose_checkpoint(self, label: str | None = None) -> dict:
+        command: dict = {"op": "checkpoint", "created_ms": int(time.time() * 1000)}
+        if label is not None:
+            command["label"] = label
+        return await self._propose(command, 200)
+
+    def checkpoint_due(self, applied_index: int) -> bool:
+        if self.policy.every_entries <= 0 or self._proposing:
+            return False
+        if applied_index - self.last_checkpoint >= self.policy.every_entries:
+            return True
+        return self._changed_since_checkpoint and (
+            time.monotonic() - self._last_checkpoint_time >= self.policy.every_seconds
+        )
+
+    async def propose_if_due(self, applied_index: int) -> None:
+        """Leader only: one periodic checkpoint at a time."""
+        if not self.checkpoint_due(applied_index):
+            return
+        self._proposing = True
+        try:
+            await self.propose_checkpoint()
+        except ProposalError as e:
+            log.info("node %s: periodic checkpoint not committed (%s)", self.node_id, e.reason)
+        finally:
+            self._proposing = False
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "service": self.service,
+                "diverged_at": self.diverged_at,
+                "last_checkpoint": self.last_checkpoint or None,
+                "last_agreed": self.last_agreed,
+            }

@@ -1,0 +1,321 @@
+"""Self-repair of a diverged node from a healthy peer, by bucket diff (DESIGN.md).
+
+Both sides freeze their state right after the same log index J. The repairing node walks the
+peer's bucket tree of that view top-down (one request per level, only for the nodes that
+differ), fetches the entries of the differing buckets, and builds the diff from its own view;
+the diff must reach the peer's digest at J. A worker thread thaws the local view and applies
+the diff (digest-checked), the entries applied here since J are replayed onto it, and the
+repaired store is swapped in at an entry boundary. The node then asks for a checkpoint and
+serves again once that checkpoint agrees with it.
+
+``RepairSessions`` is the serving side: frozen views held for a peer, with an expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from synapse import _core
+from synapse.state import keys
+from synapse.state.records import KvChange
+
+if TYPE_CHECKING:
+    from synapse.node import Node
+
+log = logging.getLogger("synapse.integrity")
+
+# How far ahead of both nodes the shared freeze index is placed, in log entries.
+_MARGIN = 3
+_FREEZE_TIMEOUT = 10.0
+_SESSION_TTL = 60.0
+_MAX_SESSIONS = 4
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+class RepairError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Session:
+    index: int
+    frozen: _core.FrozenState
+    expires: float = field(default_factory=lambda: time.monotonic() + _SESSION_TTL)
+
+
+class RepairSessions:
+    """Frozen views this node holds for peers that repair from it."""
+
+    def __init__(self, node: "Node") -> None:
+        self._node = node
+        self._sessions: dict[str, _Session] = {}
+
+    async def open(self, index: int) -> tuple[str, int, bytes]:
+        """Freezes this node's state right after entry ``index`` (waiting for it to be
+        applied) and returns (session id, index, digest). ValueError if already past it."""
+        self._expire()
+        if len(self._sessions) >= _MAX_SESSIONS:
+            raise RepairError(f"{_MAX_SESSIONS} repair sessions are open already; retry shortly")
+        fut = self._node.raft.freeze_at(index)
+        try:
+            at, frozen = await asyncio.wait_for(asyncio.wrap_future(fut), _FREEZE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._node.raft.cancel_freeze(fut)
+            raise RepairError(f"this node did not reach index {index} within {_FREEZE_TIMEOUT:g} s") from None
+        sid = secrets.token_hex(8)
+        self._sessions[sid] = _Session(at, frozen)
+        return sid, at, frozen.digest()
+
+    def get(self, sid: str) -> _core.FrozenState:
+        self._expire()
+        session = self._sessions.get(sid)
+        if session is None:
+            raise KeyError(sid)
+        session.expires = time.monotonic() + _SESSION_TTL
+        return session.frozen
+
+    def close(self, sid: str) -> None:
+        self._sessions.pop(sid, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
+            del self._sessions[sid]
+
+
+@dataclass
+class RepairReport:
+    """What the last repair did, for status and metrics."""
+
+    checkpoint: int
+    peer: str | None = None
+    index: int | None = None
+    differing_buckets: int = 0
+    records: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    outcome: str = "running"
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Repairer:
+    """Runs repairs for a node: at most one at a time, retried until one succeeds."""
+
+    def __init__(self, node: "Node") -> None:
+        self._node = node
+        self._task: asyncio.Task | None = None
+        self.last: RepairReport | None = None
+        self.repairs = 0
+
+    def start(self, checkpoint: int) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(checkpoint), name="repair")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self, checkpoint: int) -> None:
+        node = self._node
+        node.integrity.repairing()
+        if node.raft.status()["is_leader"]:
+            # A diverged leader answers with results computed from the wrong state.
+            node.raft.transferLeadership(None)
+        delay = 0.5
+        while True:
+            report = RepairReport(checkpoint)
+            self.last = report
+            started = time.monotonic()
+            try:
+                await self._repair_once(report)
+                report.outcome = "repaired"
+                report.seconds = round(time.monotonic() - started, 3)
+                self.repairs += 1
+                log.warning(
+                    "node %s: repaired from %s at index %d: %d differing buckets, %d records, %d bytes in %.2f s",
+                    node.config.node_id, report.peer, report.index, report.differing_buckets, report.records,
+                    report.bytes_received, report.seconds,
+                )
+                return
+            except asyncio.CancelledError:
+                node.raft.stop_capture()
+                raise
+            except Exception as e:  # any failure: report it, try again (maybe another peer)
+                node.raft.stop_capture()
+                report.outcome, report.error = "failed", f"{type(e).__name__}: {e}"
+                report.seconds = round(time.monotonic() - started, 3)
+                log.error("node %s: repair attempt failed: %s; retrying in %.1f s", node.config.node_id, report.error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _healthy_peers(self, checkpoint: int) -> list[tuple[str, str]]:
+        """(node_id, api address) of the nodes whose report matched the agreed digest."""
+        node = self._node
+
+        def pick(processor) -> list[tuple[str, str]]:
+            record = processor.checkpoint(checkpoint)
+            members = processor.nodes()
+            if record is None or record["agreed"] is None:
+                return []
+            return [
+                (n, members[n]["api"]) for n, report in record["reports"].items()
+                if report == record["agreed"] and n != node.config.node_id and n in members
+            ]
+
+        return node.read(pick)
+
+    async def _repair_once(self, report: RepairReport) -> None:
+        node = self._node
+        peers = self._healthy_peers(report.checkpoint)
+        if not peers:
+            raise RepairError(f"no healthy peer is known for checkpoint {report.checkpoint}")
+        headers = {"Authorization": f"Bearer {node.root_token}"}
+        timeout = aiohttp.ClientTimeout(total=30)
+        last_error: Exception | None = None
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+            for peer_id, api in peers:
+                try:
+                    await self._repair_from(http, f"http://{api}", peer_id, report)
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError, RepairError) as e:
+                    last_error = e
+                    log.warning("node %s: repair from %s failed: %s", node.config.node_id, peer_id, e)
+        raise RepairError(f"every healthy peer failed; last: {last_error}")
+
+    async def _repair_from(self, http: aiohttp.ClientSession, base: str, peer_id: str, report: RepairReport) -> None:
+        node, raft = self._node, self._node.raft
+        report.peer = peer_id
+
+        async def call(path: str, body: dict) -> dict:
+            data = _json_bytes(body)
+            report.bytes_sent += len(data)
+            async with http.post(base + path, data=data, headers={"Content-Type": "application/json"}) as resp:
+                raw = await resp.read()
+                report.bytes_received += len(raw)
+                payload = _json_loads(raw)
+                if resp.status != 200:
+                    raise RepairError(f"{path}: {resp.status} {payload.get('error')}: {payload.get('message')}")
+                return payload
+
+        # 1. Both sides freeze right after the same index, a little ahead of both.
+        async with http.get(base + "/v1/cluster/status") as resp:
+            peer_applied = (await resp.json())["applied_index"]
+        target = max(raft.applied()[0], peer_applied) + _MARGIN
+        raft.start_capture()
+        local = raft.freeze_at(target)
+        try:
+            opened = await call("/v1/internal/repair/sessions", {"index": target})
+        except BaseException:
+            raft.cancel_freeze(local)
+            raise
+        sid = opened["session"]
+        try:
+            at, mine = await self._wait_for_freeze(local)
+            peer_digest = unb64(opened["digest"])
+            report.index = at
+            # 2. Walk the tree where it differs, then fetch the differing buckets.
+            frontier = [0] if mine.digest() != peer_digest else []
+            for level in range(_core.TREE_DEPTH):
+                if not frontier:
+                    break
+                remote = await call(f"/v1/internal/repair/sessions/{sid}/children", {"level": level, "parents": frontier})
+                frontier = mine.compare_children(level, frontier, unb64(remote["digests"]))
+            report.differing_buckets = len(frontier)
+            remote_entries: list[tuple[bytes, bytes]] = []
+            if frontier:
+                fetched = await call(f"/v1/internal/repair/sessions/{sid}/buckets", {"buckets": frontier})
+                remote_entries = [(unb64(k), unb64(v)) for k, v in fetched["entries"]]
+        finally:
+            await _quietly(http.delete(base + f"/v1/internal/repair/sessions/{sid}"))
+        loop = asyncio.get_running_loop()
+
+        # 3. Off the event loop and the tick thread: thaw, apply the diff, replay what came since.
+        def rebuild():
+            diff = mine.diff_buckets(frontier, remote_entries)
+            if diff.to_digest != peer_digest:
+                raise RepairError("the peer's buckets do not add up to its digest; the peer changed or is unhealthy")
+            store = _core.StateStore.thaw(mine)
+            store.apply_diff(diff)  # digest-checked: refuses to land anywhere but peer_digest
+            processor = raft.processor_for(store)
+            replayed = at
+            for index, payload in raft.captured(after=at):
+                processor.apply_entry(index, payload)
+                replayed = index
+            return processor, replayed, len(diff)
+
+        processor, replayed, records = await loop.run_in_executor(None, rebuild)
+        report.records = records
+        applied, old = raft.install_repaired(processor, replayed)
+        self._send_changes_to_view(old, processor.store, applied)
+        node.integrity.repaired(proof_after=applied + 1)
+        await node.integrity.propose_checkpoint(label=f"repair of {node.config.node_id}")
+
+    async def _wait_for_freeze(self, fut) -> tuple[int, _core.FrozenState]:
+        """Pushes the log with barriers until the local freeze fires."""
+        node, deadline = self._node, time.monotonic() + _FREEZE_TIMEOUT
+        wrapped = asyncio.wrap_future(fut)
+        while not wrapped.done():
+            if time.monotonic() > deadline:
+                node.raft.cancel_freeze(fut)
+                raise RepairError("this node did not reach the freeze index in time")
+            try:
+                await node.committer.barrier(1.0)
+            except Exception:
+                await asyncio.sleep(0.05)
+        return wrapped.result()
+
+    def _send_changes_to_view(self, old: _core.StateStore, new: _core.StateStore, index: int) -> None:
+        """The SQL view follows the state: send it the kv keys the repair changed."""
+        diff = old.freeze().diff(new.freeze())
+        changes = []
+        for key, value in diff.added + diff.changed:
+            if key.startswith(keys.KV):
+                r = keys.decode_kv(keys.kv_name(key), value)
+                changes.append(KvChange(r.key, r.value, r.version, r.create_index, r.mod_index, index))
+        for key in diff.removed:
+            if key.startswith(keys.KV):
+                changes.append(KvChange(keys.kv_name(key), None, 0, 0, 0, index))
+        if changes and self._node.materializer is not None:
+            self._node.materializer.submit(index, changes)
+
+
+def _json_bytes(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _json_loads(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"error": "bad_response", "message": raw[:200].decode(errors="replace")}
+    return value if isinstance(value, dict) else {"error": "bad_response", "message": "not an object"}
+
+
+async def _quietly(request) -> None:
+    try:
+        async with request:
+            pass
+    except Exception:
+        pass
