@@ -112,6 +112,22 @@ def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluste
                  len(c.checkpoints(1)[0]["nodes"]) == 3, 10, "all three agree") and latest["agreed"]
 
 
+def test_a_replica_corrupted_on_an_idle_cluster_is_repaired_after_the_next_checkpoint(cluster):
+    """Nothing else is written: the repair itself pushes the log to the index both sides freeze
+    at. A deleted key comes back too."""
+    c = cluster.client()
+    c.put("idle/kept", "value")
+    victim = next(n for n in cluster.nodes if n.node_id != c.status()["leader"])
+    on_victim = Client(victim.url, cluster.token)
+    before = on_victim.status()["checkpoint"].get("repairs", 0)
+    code, _ = _post(victim, "/v1/debug/corrupt", {"key": "idle/kept", "delete": True}, cluster.token)
+    assert code == 200 and on_victim.get("idle/kept", consistency="stale") is None
+    c.checkpoint(label="idle check")
+    _wait(lambda: (s := on_victim.status()["checkpoint"]).get("repairs", 0) > before and s["service"] == "serving",
+          30, "the repair")
+    assert on_victim.get("idle/kept", consistency="stale")["value"] == "value"
+
+
 def test_a_diverged_node_refuses_kv_requests_until_it_serves_again(tmp_path):
     """While its state is known to be wrong a node answers kv requests with 503 `diverged`
     (clients go to another node) and is not ready; status says why."""

@@ -148,24 +148,20 @@ class CheckpointTracker:
         self._spawn(self._send_report(index, digest, chain))
 
     async def _send_report(self, index: int, digest: bytes, chain: bytes) -> None:
-        command = {
-            "op": "checkpoint_report",
-            "checkpoint": index,
-            "node_id": self.node_id,
-            "digest": digest,
-            "chain": chain,
-            "rid": f"ckpt-report/{index}/{self.node_id}",  # a retry lands once
-        }
-        for attempt in range(6):
+        command = {"op": "checkpoint_report", "checkpoint": index, "node_id": self.node_id, "digest": digest, "chain": chain}
+        for attempt in range(8):
             record = self._read(lambda p: p.checkpoint(index))
             if record is None or self.node_id in record["reports"]:
                 return  # evicted, or already reported (a restarted node replaying its log)
             try:
-                await self._propose(command, 160)
-                return
+                # A retry after an unknown outcome lands once; a report refused because this
+                # node is not registered yet (a checkpoint right after start) is sent anew.
+                result = await self._propose(dict(command, rid=f"ckpt-report/{index}/{self.node_id}/{attempt}"), 160)
+                if result.get("ok") or result.get("error") != "unknown_node":
+                    return
             except ProposalError as e:
                 log.info("node %s: report for checkpoint %d not committed (%s); retrying", self.node_id, index, e.reason)
-                await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
     async def propose_checkpoint(self, label: str | None = None) -> dict:
         command: dict = {"op": "checkpoint", "created_ms": int(time.time() * 1000)}

@@ -225,14 +225,24 @@ class Repairer:
         target = max(raft.applied()[0], peer_applied) + _MARGIN
         raft.start_capture()
         local = raft.freeze_at(target)
+        # Both sides wait for the log to reach the target: push it (on an idle cluster nothing
+        # else would) until this node's view is frozen.
+        pusher = asyncio.get_running_loop().create_task(self._push_log_until(local))
         try:
             opened = await call("/v1/internal/repair/sessions", {"index": target})
         except BaseException:
+            pusher.cancel()
             raft.cancel_freeze(local)
             raise
         sid = opened["session"]
         try:
-            at, mine = await self._wait_for_freeze(local)
+            try:
+                at, mine = await asyncio.wait_for(asyncio.wrap_future(local), _FREEZE_TIMEOUT)
+            except asyncio.TimeoutError:
+                raft.cancel_freeze(local)
+                raise RepairError(f"this node did not reach index {target} in time") from None
+            finally:
+                pusher.cancel()
             peer_digest = unb64(opened["digest"])
             report.index = at
             # 2. Walk the tree where it differs, then fetch the differing buckets.
@@ -272,19 +282,13 @@ class Repairer:
         node.integrity.repaired(proof_after=applied + 1)
         await node.integrity.propose_checkpoint(label=f"repair of {node.config.node_id}")
 
-    async def _wait_for_freeze(self, fut) -> tuple[int, _core.FrozenState]:
-        """Pushes the log with barriers until the local freeze fires."""
-        node, deadline = self._node, time.monotonic() + _FREEZE_TIMEOUT
-        wrapped = asyncio.wrap_future(fut)
-        while not wrapped.done():
-            if time.monotonic() > deadline:
-                node.raft.cancel_freeze(fut)
-                raise RepairError("this node did not reach the freeze index in time")
+    async def _push_log_until(self, fut) -> None:
+        """Commits barrier entries until ``fut`` (a freeze at a future index) is done."""
+        while not fut.done():
             try:
-                await node.committer.barrier(1.0)
+                await self._node.committer.barrier(1.0)
             except Exception:
                 await asyncio.sleep(0.05)
-        return wrapped.result()
 
     def _send_changes_to_view(self, old: _core.StateStore, new: _core.StateStore, index: int) -> None:
         """The SQL view follows the state: send it the kv keys the repair changed."""
