@@ -152,6 +152,10 @@ class _Calls:
             body["label"] = label
         return _Request("POST", "/v1/checkpoints", json.dumps(body).encode(), {REQUEST_ID_HEADER: uuid.uuid4().hex})
 
+    def _rollback(self, checkpoint: int) -> _Request:
+        body = json.dumps({"checkpoint": checkpoint}).encode()
+        return _Request("POST", "/v1/rollback", body, {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
     def _checkpoints(self, limit: int) -> _Request:
         return _Request("GET", "/v1/checkpoints?" + urlencode({"limit": limit}))
 
@@ -211,6 +215,11 @@ class Client(_Calls):
 
     def checkpoints(self, limit: int = 20) -> list[dict]:
         return self._call(self._checkpoints(limit))["checkpoints"]
+
+    def rollback(self, checkpoint: int) -> dict:
+        """Rolls the whole cluster back to an agreed, retained checkpoint (writes after it are
+        undone); the answer says how many log entries were undone."""
+        return self._call(self._rollback(checkpoint))
 
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """Any other API call (e.g. membership), with the same retry policy."""
@@ -310,6 +319,9 @@ class AsyncClient(_Calls):
 
     async def checkpoints(self, limit: int = 20) -> list[dict]:
         return (await self._call(self._checkpoints(limit)))["checkpoints"]
+
+    async def rollback(self, checkpoint: int) -> dict:
+        return await self._call(self._rollback(checkpoint))
 
     async def _call(self, req: _Request) -> Any:
         import aiohttp

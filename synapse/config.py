@@ -44,6 +44,9 @@ class NodeConfig:
     checkpoint_interval: int = 1000
     # ...and at least this often while writes come in.
     checkpoint_seconds: float = 60.0
+    # Snapshots of the newest this-many checkpoints are kept in data_dir/checkpoints: the
+    # checkpoints `synapse rollback` can go back to (0: none).
+    checkpoint_retain: int = 5
     # Allows POST /v1/debug/corrupt (synapse debug corrupt) on this node: tests and chaos
     # runs only — it changes this node's state behind the log's back.
     debug_fault_injection: bool = False
@@ -145,6 +148,11 @@ def _coerce(name: str, raw: Any) -> Any:
             v = int(raw)
             if not 0 <= v <= 10_000_000:
                 raise ConfigError(name, f"{v} is out of range; use 0 (on demand only) to 10,000,000 entries")
+            return v
+        if name == "checkpoint_retain":
+            v = int(raw)
+            if not 0 <= v <= 10_000:
+                raise ConfigError(name, f"{v} is out of range; use 0 (no rollback) to 10,000 snapshots")
             return v
         if name == "checkpoint_seconds":
             v = float(raw)

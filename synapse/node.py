@@ -18,8 +18,12 @@ from synapse.api.http import start_api
 from synapse.cluster.committer import GroupCommitter, ProposalError
 from synapse.cluster.raft import ReplicatedLog
 from synapse.config import ConfigError, NodeConfig
+from synapse.integrity.audit import TRAIL as AUDIT_TRAIL
+from synapse.integrity.audit import AuditTrail
+from synapse.integrity.catchup import CatchUpPlanner, ContainerLoader
 from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
+from synapse.integrity.snapshots import CheckpointSnapshots, NotRetained
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
 from synapse.storage import open_storage
@@ -62,6 +66,9 @@ class Node:
         self.integrity: CheckpointTracker | None = None
         self.repairer: Repairer | None = None
         self.repair_sessions: RepairSessions | None = None
+        self.audit: AuditTrail | None = None
+        self.snapshots: CheckpointSnapshots | None = None
+        self.catchup: CatchUpPlanner | None = None
         self.started = False
 
     # --- lifecycle (asyncio) ---
@@ -89,6 +96,8 @@ class Node:
         )
         self.repairer = Repairer(self)
         self.repair_sessions = RepairSessions(self)
+        self.audit = AuditTrail(data_dir / AUDIT_TRAIL)
+        self.snapshots = CheckpointSnapshots(data_dir / "checkpoints", cfg.checkpoint_retain)
         self.raft = ReplicatedLog(
             raft_addr=cfg.raft,
             peers=sorted(cfg.peers.values()),
@@ -100,6 +109,9 @@ class Node:
             bind_address=cfg.raft,
             fsync=cfg.raft_fsync,
         )
+        self.catchup = CatchUpPlanner(self)
+        self.raft.set_catchup_planner(self.catchup.payload_for)
+        self.raft.catchup_loader = ContainerLoader(self.catchup.stats)
         try:
             await self._loop.run_in_executor(None, self.raft.waitBinded)
         except Exception as e:
@@ -135,6 +147,11 @@ class Node:
         if self.raft is not None:
             # Waits for the tick thread; off the event loop so in-flight callbacks can land.
             await self._loop.run_in_executor(None, self.raft.close)
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
+        if self.snapshots is not None:
+            self.snapshots.wait(60)
         if self.materializer is not None:
             await self.materializer.stop()
         if self._materializer_task is not None:
@@ -200,9 +217,9 @@ class Node:
     def check_token(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self.root_token.encode())
 
-    async def propose(self, command: dict, size_hint: int) -> dict:
+    async def propose(self, command: dict, size_hint: int, alone: bool = False) -> dict:
         assert self.committer is not None
-        return await self.committer.submit(command, size_hint, self.config.request_timeout)
+        return await self.committer.submit(command, size_hint, self.config.request_timeout, alone)
 
     async def read_barrier(self) -> None:
         assert self.committer is not None
@@ -221,6 +238,28 @@ class Node:
             self.materializer.submit(index, outcome.changes)
         if self.integrity is not None:
             self.integrity.entry_applied(index, outcome, digest)
+        if self.audit is not None:
+            self.audit.append(index, outcome.chain, digest)
+            if index % 10_000 == 0 and len(self.raft.journal):
+                self.audit.trim_below(self.raft.journal[0][1])  # nothing before the log verifies
+
+    def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None:
+        if self.snapshots is not None:
+            self.snapshots.take(index, frozen)
+
+    def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore:
+        if self.snapshots is None:
+            raise NotRetained("this node keeps no checkpoint snapshots")
+        return self.snapshots.load(index, digest)
+
+    def rollback_failed(self, index: int, target: int, error: Exception) -> None:
+        if self.integrity is not None:
+            self.integrity.cannot_follow(index, f"rollback to checkpoint {target}: {error}")
+
+    def state_repaired(self, records: list[tuple[int, bytes, bytes]]) -> None:
+        # Under the state lock: the next entry's record comes after these.
+        if self.audit is not None:
+            self.audit.rewrite(records)
 
     def state_replaced(self, index: int, store: _core.StateStore) -> None:
         if self.integrity is not None:
@@ -228,6 +267,16 @@ class Node:
         if self.materializer is not None:
             frozen = store.clone()
             self.materializer.submit_snapshot(index, _kv_records(frozen))
+        # The new state may predate this node's registration (a rollback, an old dump).
+        if self.started and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._reregister)
+            except RuntimeError:  # the loop is closed: stopping
+                pass
+
+    def _reregister(self) -> None:
+        if self._register_task is None or self._register_task.done():
+            self._register_task = self._loop.create_task(self._register_self(), name="register")
 
     def role_changed(self, leader: str | None, is_leader: bool) -> None:
         log.info("node %s: leader is now %s%s", self.config.node_id, leader, " (this node)" if is_leader else "")

@@ -733,3 +733,26 @@ def test_old_checkpoint_records_are_evicted(log, proc, monkeypatch):
     made = [log.one({"op": "checkpoint"})["checkpoint"] for _ in range(5)]
     assert [i for i, _ in proc.checkpoints()] == made[:1:-1]
     assert proc.checkpoint(made[0]) is None
+
+
+def test_rollback_announces_an_agreed_checkpoint_and_must_be_alone(log, proc):
+    _register(log, "n1")
+    index = log.one({"op": "checkpoint"})["checkpoint"]
+    assert log.one({"op": "rollback", "checkpoint": index})["error"] == "not_agreed"
+    assert log.one({"op": "rollback", "checkpoint": 999})["error"] == "unknown_checkpoint"
+    _report(log, index, "n1", b"d" * 32, b"c" * 32)
+    log.one(put("later"))
+    outcome = log.entry({"op": "rollback", "checkpoint": index})
+    (result,) = outcome.results
+    assert result == {"ok": True, "index": log.index, "rollback_to": index, "undone_entries": log.index - index - 1}
+    assert ("rollback", index, b"d" * 32, b"c" * 32) in outcome.events
+    mixed = log.entry({"op": "rollback", "checkpoint": index}, put("x"))
+    assert [r["error"] for r in mixed.results] == ["bad_entry", "bad_entry"] and proc.get("x") is None
+
+
+def test_finish_rollback_continues_the_chain_and_keeps_the_agreement(proc):
+    proc.apply_entry(1, encode_entry([{"op": "checkpoint"}]))
+    proc.finish_rollback(9, b"z" * 32, 1, [b"d" * 32, b"c" * 32])
+    assert proc.chain() == (9, b"z" * 32)
+    assert proc.checkpoint(1)["agreed"] == [b"d" * 32, b"c" * 32]
+    assert keys.decode_rollback(proc.store.get(keys.ROLLBACK)) == (9, 1)

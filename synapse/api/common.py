@@ -93,18 +93,28 @@ def request_id(request: web.Request) -> str:
     return rid
 
 
-async def propose(request: web.Request, command: dict, size_hint: int) -> dict:
+# Results that refuse a command for the state it met (HTTP 409), as opposed to a bug (500).
+_REFUSED = {"unknown_checkpoint", "not_agreed", "unknown_node"}
+
+
+async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False) -> dict:
     try:
         validate_command(command)
     except LimitError as e:
         raise ApiError(413, "too_large", str(e)) from None
     except CommandError as e:
         raise ApiError(400, "bad_request", str(e)) from None
-    result = await node_of(request).propose(command, size_hint)
+    result = await node_of(request).propose(command, size_hint, alone)
     if not result.get("ok"):
         if result.get("error") == "conflict":
             raise ApiError(409, "conflict", result.get("message", "the condition failed"),
                            key=result.get("key"), current_version=result.get("current_version", 0))
-        raise ApiError(400 if result.get("error") == "bad_command" else 500, result.get("error", "internal"),
-                       result.get("message", "the command failed"))
+        error = result.get("error", "internal")
+        status = 400 if error == "bad_command" else 409 if error in _REFUSED else 500
+        raise ApiError(status, error, result.get("message", "the command failed"))
     return result
+
+
+async def propose_alone(request: web.Request, command: dict) -> dict:
+    """A command in a log entry of its own (nothing else coalesced into it)."""
+    return await propose(request, command, 128, alone=True)

@@ -58,6 +58,9 @@ class Metrics:
         self.commands = Gauge("synapse_commands_proposed", "Commands proposed by this node", registry=self.registry)
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
         self.repairs = Gauge("synapse_repairs", "Repairs completed by this node since it started", registry=self.registry)
+        self.catchup_sent = Gauge("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers", registry=self.registry)
+        self.catchup_received = Gauge("synapse_catchup_bytes_received", "Bytes of catch-up containers received from the leader", registry=self.registry)
+        self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
         self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
 
 
@@ -271,6 +274,7 @@ def cluster_status(node: "Node") -> dict:
         "state_hash": digest.hex(),
         "members": members,
         "checkpoint": checkpoint,
+        "catchup": node.catchup.stats.as_dict() if node.catchup is not None else None,
     }
 
 
@@ -305,6 +309,12 @@ async def metrics(request: web.Request) -> web.Response:
     m.entries.set(node.committer.entries_proposed)
     m.commands.set(node.committer.commands_proposed)
     m.serving.set(1 if node.serving else 0)
+    if node.catchup is not None:
+        st = node.catchup.stats
+        m.catchup_sent.set(st.container_bytes_sent)
+        m.catchup_received.set(st.container_bytes_received)
+        m.catchup_probe.labels("sent").set(st.probe_bytes_sent)
+        m.catchup_probe.labels("received").set(st.probe_bytes_received)
     if node.repairer is not None:
         m.repairs.set(node.repairer.repairs)
         m.repair_bytes.set(node.repairer.last.bytes_received if node.repairer.last else 0)

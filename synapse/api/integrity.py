@@ -7,8 +7,11 @@ import time
 
 from aiohttp import web
 
+import msgpack
+
 from synapse import _core
-from synapse.api.common import ApiError, encode_value, int_query, json_body, node_of
+from synapse.api.common import ApiError, encode_value, int_query, json_body, node_of, propose_alone, request_id
+from synapse.integrity.catchup import SHORT
 from synapse.integrity.repair import RepairError, b64
 from synapse.state import keys
 from synapse.state.commands import CommandError, check_key, check_label
@@ -18,7 +21,7 @@ MAX_CHECKPOINT_LIST = 256
 MAX_BUCKETS_PER_REQUEST = 8192
 
 
-def checkpoint_json(index: int, record: dict, registered: dict) -> dict:
+def checkpoint_json(index: int, record: dict, registered: dict, retained: set[int] | None = None) -> dict:
     agreed = record["agreed"]
     nodes = {}
     for node_id, report in record["reports"].items():
@@ -30,6 +33,7 @@ def checkpoint_json(index: int, record: dict, registered: dict) -> dict:
     return {
         "index": index,
         "label": record["label"],
+        "retained_here": retained is not None and index in retained,
         "created_ms": record["created_ms"],
         "agreed": agreed is not None,
         "digest": agreed[0].hex() if agreed else None,
@@ -55,7 +59,8 @@ async def list_checkpoints(request: web.Request) -> web.Response:
     node = node_of(request)
     limit = int_query(request, "limit", 1, MAX_CHECKPOINT_LIST) or 20
     rows, registered = node.read(lambda p: (p.checkpoints(limit), p.nodes()))
-    return web.json_response({"checkpoints": [checkpoint_json(i, r, registered) for i, r in rows]})
+    retained = set(node.snapshots.retained())
+    return web.json_response({"checkpoints": [checkpoint_json(i, r, registered, retained) for i, r in rows]})
 
 
 async def create_checkpoint(request: web.Request) -> web.Response:
@@ -84,6 +89,33 @@ async def create_checkpoint(request: web.Request) -> web.Response:
             await asyncio.sleep(0.02)
     record, registered = node.read(lambda p: (p.checkpoint(index), p.nodes()))
     return web.json_response(checkpoint_json(index, record, registered))
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """Rolls the whole cluster back to a retained, agreed checkpoint: one replicated entry
+    after which every node holds the checkpoint's state (proven by its agreed digest)."""
+    node = node_of(request)
+    body = await json_body(request, {"checkpoint"}, {"checkpoint"})
+    target = body["checkpoint"]
+    if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+        raise ApiError(400, "bad_request", "checkpoint must be the log index of a checkpoint (see GET /v1/checkpoints)")
+    # This node's view may lag; the entry checks the target again where it applies, so a
+    # refusal here only saves a log entry (and changes nothing).
+    record = node.read(lambda p: p.checkpoint(target))
+    if record is None:
+        raise ApiError(404, "unknown_checkpoint", f"there is no checkpoint at index {target}; see GET /v1/checkpoints")
+    if record["agreed"] is None:
+        raise ApiError(409, "not_agreed", f"checkpoint {target} was never agreed by a majority; pick an agreed one")
+    if not node.snapshots.available(target):
+        raise ApiError(409, "not_retained", f"checkpoint {target} is not retained on this node (retained: "
+                       f"{node.snapshots.retained()}); nothing was changed. Raise checkpoint_retain to keep more")
+    result = await propose_alone(request, {"op": "rollback", "checkpoint": target, "rid": request_id(request)})
+    return web.json_response({
+        "rolled_back_to": target,
+        "index": result["index"],
+        "undone_entries": result["undone_entries"],
+        "state_hash": node.raft.applied()[1].hex(),
+    })
 
 
 # --- repair: the serving side (a diverged peer calls these) ---
@@ -144,6 +176,55 @@ async def close_repair_session(request: web.Request) -> web.Response:
     return web.json_response({"closed": True})
 
 
+# --- catch-up by diff: the follower's side (its leader calls these; msgpack bodies) ---
+
+
+async def _msgpack_body(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = msgpack.unpackb(raw, raw=False) if raw else {}
+    except Exception:
+        raise ApiError(400, "bad_request", "the body is not msgpack") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a msgpack map")
+    return body
+
+
+def _msgpack_response(value) -> web.Response:
+    return web.Response(body=msgpack.packb(value, use_bin_type=True), content_type="application/msgpack")
+
+
+async def catchup_state(request: web.Request) -> web.Response:
+    """Freezes this node's state as it is (it is behind: nothing new applies) for the leader
+    to compare with its dump."""
+    node = node_of(request)
+    for _ in range(3):
+        try:
+            sid, at, digest = await node.repair_sessions.open(node.raft.applied()[0])
+            return _msgpack_response({"session": sid, "index": at, "digest": digest})
+        except ValueError:
+            continue  # an entry applied meanwhile: freeze at the new index
+        except RepairError as e:
+            raise ApiError(503, "unavailable", str(e)) from None
+    raise ApiError(503, "unavailable", "this node keeps applying entries; it is not lagging")
+
+
+async def catchup_buckets(request: web.Request) -> web.Response:
+    """All bucket digests of the frozen state, the first 8 bytes of each, concatenated."""
+    frozen = _session(request)
+    digests = frozen.node_digests(_core.TREE_DEPTH)
+    short = b"".join(digests[i : i + SHORT] for i in range(0, len(digests), 32))
+    return web.Response(body=short, content_type="application/octet-stream")
+
+
+async def catchup_keys(request: web.Request) -> web.Response:
+    """[key, first 8 bytes of its element hash] of every entry in the given buckets."""
+    frozen = _session(request)
+    body = await _msgpack_body(request)
+    buckets = _int_list(body, "buckets", MAX_BUCKETS_PER_REQUEST, _core.BUCKETS)
+    return _msgpack_response([[k, h[:SHORT]] for k, h in frozen.bucket_element_hashes(buckets)])
+
+
 # --- fault injection ---
 
 
@@ -170,11 +251,26 @@ async def corrupt(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "node_id": node.config.node_id, "state_hash": digest.hex()})
 
 
+async def compact(request: web.Request) -> web.Response:
+    """Asks this node's Raft log to compact into a dump now (tests and benchmarks)."""
+    node = node_of(request)
+    if not node.config.debug_fault_injection:
+        raise ApiError(403, "forbidden", "debug endpoints are off on this node; start it with --debug-fault-injection")
+    node.raft.forceLogCompaction()
+    return web.json_response({"compacting": True, "node_id": node.config.node_id})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/checkpoints", list_checkpoints)
     app.router.add_post("/v1/checkpoints", create_checkpoint)
+    app.router.add_post("/v1/rollback", rollback)
     app.router.add_post("/v1/internal/repair/sessions", open_repair_session)
     app.router.add_post("/v1/internal/repair/sessions/{session}/children", repair_children)
     app.router.add_post("/v1/internal/repair/sessions/{session}/buckets", repair_buckets)
     app.router.add_delete("/v1/internal/repair/sessions/{session}", close_repair_session)
+    app.router.add_get("/v1/internal/catchup/state", catchup_state)
+    app.router.add_get("/v1/internal/catchup/{session}/buckets", catchup_buckets)
+    app.router.add_post("/v1/internal/catchup/{session}/keys", catchup_keys)
+    app.router.add_delete("/v1/internal/catchup/{session}", close_repair_session)
     app.router.add_post("/v1/debug/corrupt", corrupt)
+    app.router.add_post("/v1/debug/compact", compact)

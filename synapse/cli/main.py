@@ -43,6 +43,7 @@ def node() -> None:
 @click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")
 @click.option("--checkpoint-interval", type=int, help="Log entries between periodic checkpoints (default 1000; 0: on demand only).")
 @click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints while writes come in (default 60).")
+@click.option("--checkpoint-retain", type=int, help="Keep snapshots of the newest N checkpoints, the ones rollback can reach (default 5).")
 @click.option("--debug-fault-injection", is_flag=True, default=None, help="Allow `synapse debug corrupt` against this node (tests and chaos runs only).")
 @click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -330,6 +331,66 @@ def debug_corrupt(ctx, key, value, delete) -> None:
     body = {"key": key, "delete": True} if delete else {"key": key, "value": parsed}
     with _client(ctx) as c:
         _print(_run(lambda: c.request("POST", "/v1/debug/corrupt", body)))
+
+
+@main.command("rollback")
+@click.argument("checkpoint", type=int)
+@_client_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def rollback_cmd(ctx, checkpoint, url, token, token_file, yes) -> None:
+    """Roll the whole cluster back to CHECKPOINT (a log index from `synapse checkpoint list`):
+    every write after it is undone, on every node."""
+    if not yes:
+        click.confirm(f"Undo every write after checkpoint {checkpoint}, on every node?", abort=True)
+    with _client(ctx) as c:
+        _print(_run(lambda: c.rollback(checkpoint)))
+
+
+@main.group()
+def audit() -> None:
+    """Check a node's data dir offline: replay its log, verify the audit chain and checkpoints."""
+
+
+@audit.command("verify")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The node's data dir (read only; the node may be running).")
+@click.option("--json", "as_json", is_flag=True)
+def audit_verify(data_dir, as_json) -> None:
+    """Replays the retained log from the node's dump through the command processor (no Raft,
+    no network) and checks every entry against the node's audit trail and every agreed
+    checkpoint against the replayed state. Exits 1 naming the first entry that fails."""
+    from synapse.integrity.audit import verify
+
+    result = verify(data_dir)
+    if as_json:
+        _print(result.as_dict())
+    elif result.ok:
+        click.echo(f"audit: OK — {result.entries_replayed} entries replayed ({result.first_index} to {result.last_index}) "
+                   f"from {result.base_source}, {result.entries_checked_against_trail} checked against the trail, "
+                   f"{len(result.checkpoints_verified)} agreed checkpoints verified")
+    if not result.ok:
+        if not as_json:
+            click.echo(f"audit: FAILED at entry {result.failure['index']}: {result.failure['reason']}", err=True)
+        sys.exit(1)
+
+
+@audit.command("tail")
+@click.argument("count", type=click.IntRange(1, 100_000), default=20)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The node's data dir (read only).")
+@click.option("--json", "as_json", is_flag=True)
+def audit_tail(count, data_dir, as_json) -> None:
+    """The last COUNT log entries (default 20), decoded: index, term, kind and commands."""
+    from synapse.cluster.journal import JournalError
+    from synapse.integrity.audit import format_tail, tail
+
+    try:
+        items = tail(data_dir, count)
+    except JournalError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        _print(items)
+    else:
+        click.echo(format_tail(items))
 
 
 def _leader_client(c: Client) -> Client:

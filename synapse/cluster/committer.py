@@ -42,7 +42,7 @@ class ProposalError(Exception):
 
 @dataclass
 class _Entry:
-    commands: list[tuple[dict, int]]  # (command, size hint), aligned with futures
+    commands: list[tuple[dict, int, bool]]  # (command, size hint, alone), aligned with futures
     futures: list[asyncio.Future]
     barriers: list[asyncio.Future]
     started: float = field(default_factory=time.monotonic)
@@ -67,7 +67,7 @@ class GroupCommitter:
         self._max_bytes = max_bytes
         self._max_in_flight = max_in_flight
         self._entry_timeout = entry_timeout
-        self._pending: deque[tuple[dict, int, asyncio.Future]] = deque()
+        self._pending: deque[tuple[dict, int, asyncio.Future, bool]] = deque()
         self._barriers: list[asyncio.Future] = []
         self._in_flight: list[_Entry] = []
         self._wake = asyncio.Event()
@@ -88,17 +88,18 @@ class GroupCommitter:
             except asyncio.CancelledError:
                 pass
         error = ProposalError("shutting_down", "the node is shutting down", outcome_unknown=True)
-        for _, _, fut in self._pending:
+        for _, _, fut, _ in self._pending:
             _fail(fut, error)
         for fut in self._barriers:
             _fail(fut, error)
         for entry in list(self._in_flight):  # _finish removes from the list
             self._finish(entry, error)
 
-    async def submit(self, command: dict, size_hint: int, timeout: float) -> dict:
-        """Proposes one command and returns its result from the state machine."""
+    async def submit(self, command: dict, size_hint: int, timeout: float, alone: bool = False) -> dict:
+        """Proposes one command and returns its result from the state machine. ``alone``:
+        in an entry of its own (a rollback replaces the whole state after its entry)."""
         fut = self._loop.create_future()
-        self._pending.append((command, size_hint, fut))
+        self._pending.append((command, size_hint, fut, alone))
         self._wake.set()
         return await _wait(fut, timeout)
 
@@ -124,24 +125,28 @@ class GroupCommitter:
                 self._expiry = self._loop.call_later(1.0, self._wake.set)
 
     def _propose_next(self) -> None:
-        commands, hints, futures, size = [], [], [], 0
+        commands, hints, flags, futures, size = [], [], [], [], 0
         while self._pending and len(commands) < self._max_commands:
-            command, hint, fut = self._pending[0]
-            if commands and size + hint > self._max_bytes:
+            command, hint, fut, alone = self._pending[0]
+            if commands and (alone or size + hint > self._max_bytes):
                 break
             self._pending.popleft()
             if fut.done():  # its caller timed out before it was proposed: drop it
                 continue
             commands.append(command)
             hints.append(hint)
+            flags.append(alone)
             futures.append(fut)
             size += hint
-        barriers, self._barriers = self._barriers, []
+            if alone:
+                break
+        solo = any(flags)
+        barriers, self._barriers = ([], self._barriers) if solo else (self._barriers, [])
         if barriers:
             commands.append({"op": "noop"})
         if not commands:
             return
-        entry = _Entry(commands=list(zip(commands, hints)), futures=futures, barriers=barriers)
+        entry = _Entry(commands=list(zip(commands, hints, flags)), futures=futures, barriers=barriers)
         self._in_flight.append(entry)
         self.entries_proposed += 1
         self.commands_proposed += len(futures)
@@ -183,7 +188,7 @@ class GroupCommitter:
             self._finish(entry, None)
 
     def _requeue(self, entry: _Entry) -> None:
-        waiting = [(c, h, f) for (c, h), f in zip(entry.commands, entry.futures) if not f.done()]
+        waiting = [(c, h, f, a) for (c, h, a), f in zip(entry.commands, entry.futures) if not f.done()]
         self._pending.extendleft(reversed(waiting))
         self._barriers.extend(f for f in entry.barriers if not f.done())
         self._wake.set()

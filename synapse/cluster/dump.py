@@ -29,6 +29,7 @@ import msgpack
 
 from synapse import _core
 from synapse.cluster.fsutil import fsync_dir
+from synapse.cluster.threads import run_in_background_priority
 
 log = logging.getLogger("synapse.cluster")
 
@@ -88,8 +89,8 @@ def write_dump(
     return store.write_snapshot(str(path), int(last[1]), prefix)
 
 
-def read_dump(path: str | Path) -> Dump:
-    path = Path(path)
+def _read_meta(path: Path) -> tuple[RaftEntry, RaftEntry, list[str], int]:
+    """(last, prev, cluster, offset of the snapshot) from the dump's header."""
     with open(path, "rb") as f:
         head = f.read(len(MAGIC) + 4)
         if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
@@ -114,7 +115,18 @@ def read_dump(path: str | Path) -> Dump:
     cluster = fields.get("cluster")
     if not isinstance(cluster, list) or not all(isinstance(a, str) for a in cluster):
         raise DumpError(f"{path}: the cluster list in the dump is malformed")
-    store, info = _core.StateStore.load_snapshot(str(path), len(MAGIC) + 4 + meta_len + _CHECK)
+    return last, prev, cluster, len(MAGIC) + 4 + meta_len + _CHECK
+
+
+def dump_index(path: str | Path) -> int:
+    """The log index a dump is at, from its header alone."""
+    return _read_meta(Path(path))[0][1]
+
+
+def read_dump(path: str | Path) -> Dump:
+    path = Path(path)
+    last, prev, cluster, offset = _read_meta(path)
+    store, info = _core.StateStore.load_snapshot(str(path), offset)
     if info.log_index != last[1]:
         raise DumpError(
             f"{path}: the snapshot is at log index {info.log_index} but the Raft entry says {last[1]}"
@@ -142,6 +154,7 @@ class DumpJob:
         self._thread.start()
 
     def _run(self) -> None:
+        run_in_background_priority()
         staged = self.path.with_name(self.path.name + ".next")
         try:
             info = write_dump(staged, self._frozen, self._raft_tuple)

@@ -118,9 +118,16 @@ class SegmentedJournal:
     SEGMENT_BYTES = 64 << 20
     CACHE_BYTES = 16 << 20
 
-    def __init__(self, directory: Path, fsync: bool = False) -> None:
+    def __init__(self, directory: Path, fsync: bool = False, read_only: bool = False) -> None:
+        """``read_only``: inspect a log (offline audit) without changing a byte of it —
+        nothing is cut or unlinked; where loading stopped early is listed in ``damage``."""
         self._dir = Path(directory)
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._read_only = read_only
+        self.damage: list[str] = []
+        if not read_only:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        elif not self._dir.is_dir():
+            raise JournalError(f"{self._dir}: no Raft log here (is it a node's data dir?)")
         self._fsync = fsync
         self._head_path = self._dir / "HEAD"
         self._meta_path = self._dir / "meta"
@@ -164,12 +171,13 @@ class SegmentedJournal:
         start = head["start"]
         for path in paths:
             first = int(path.stem)
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY if self._read_only else os.O_RDWR)
             segment = _Segment(first, path, fd, os.fstat(fd).st_size)
             if start is None or not self._load_segment(segment, start):
                 # Below the start (compacted, unlink interrupted) or past a cut: not live.
                 os.close(fd)
-                path.unlink()
+                if not self._read_only:
+                    path.unlink()
                 continue
             self._segments.append(segment)
             self._segment_firsts.append(first)
@@ -184,6 +192,8 @@ class SegmentedJournal:
             raise JournalError(f"{segment.path}: not a Synapse journal segment (bad magic bytes)")
         expected = self._first + len(self._terms) if self._first is not None else start
         if segment.first > expected:
+            if self._first is not None:
+                self.damage.append(f"entries {expected} to {segment.first - 1}: missing (a gap before {segment.path.name})")
             return False  # a gap: everything from here on lies past a cut-off tail
         offset = len(_SEGMENT_MAGIC)
         live = False
@@ -192,11 +202,14 @@ class SegmentedJournal:
             end = offset + _RECORD.size + length
             command = data[offset + _RECORD.size : end]
             if end > len(data) or _crc(index, term, command) != crc:
+                what = "cut short" if end > len(data) else "checksum mismatch"
+                self.damage.append(f"entry {index}: record {what} in {segment.path.name} at byte {offset}")
                 log.warning("%s: torn or corrupt record at byte %d (index %d); the log ends before it",
                             segment.path, offset, index)
                 break
             if index >= expected:
                 if index != expected:
+                    self.damage.append(f"entry {index}: follows entry {expected - 1} in {segment.path.name}: a gap")
                     break  # not contiguous: a stale tail beyond a truncation
                 if self._first is None:
                     self._first = index
@@ -206,7 +219,7 @@ class SegmentedJournal:
                 expected += 1
                 live = True
             offset = end
-        if offset < len(data):
+        if offset < len(data) and not self._read_only:
             os.ftruncate(segment.fd, offset)
         segment.size = offset
         return live

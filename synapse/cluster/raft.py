@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ _KEEPALIVE = {"type": "synapse_keepalive"}
 # in one process).
 _CONSTRUCTION_HOOK = threading.Lock()
 
+PLAN_PENDING = object()  # a catch-up planner's "not ready: ask again"
+
 
 class BackgroundSerializer(Serializer):
     """PySyncObj's dump hook, with the dump written off the tick thread.
@@ -54,6 +57,11 @@ class BackgroundSerializer(Serializer):
         self._start_dump: Callable[[Path, tuple], DumpJob] = serializer
         self.job_lock = threading.Lock()
         self._job: DumpJob | None = None
+        # Catch-up by diff (synapse/integrity/catchup.py): ``planner(follower raft address,
+        # dump path) -> PLAN_PENDING | bytes | None`` offers a container instead of the dump.
+        self.planner: Callable[[str, Path], object] | None = None
+        self._containers: dict[object, list] = {}  # follower -> [container bytes, bytes sent]
+        self._batch = transmissionBatchSize
 
     def serialize(self, data, id) -> None:  # noqa: A002 (PySyncObj's name)
         if self._job is not None:
@@ -73,18 +81,44 @@ class BackgroundSerializer(Serializer):
                 if "file" in transmission:
                     transmission["file"].close()
             self._Serializer__transmissions = {}
+            self._containers = {}
             return SERIALIZER_STATE.SUCCESS, job.index - 1
         return SERIALIZER_STATE.FAILED, job.index - 1
 
     def getTransmissionData(self, transmissionID):  # noqa: N802, N803
         if self._job is not None:
             return None
-        return super().getTransmissionData(transmissionID)
+        sending = self._containers.get(transmissionID)
+        new = sending is None and transmissionID not in self._Serializer__transmissions
+        if new and self.planner is not None and self._path.exists():
+            payload = self.planner(str(getattr(transmissionID, "id", transmissionID)), self._path)
+            if payload is PLAN_PENDING:
+                return None  # PySyncObj asks again on its next round
+            if payload is not None:
+                sending = self._containers[transmissionID] = [payload, 0]
+        if sending is None:
+            return super().getTransmissionData(transmissionID)
+        data, sent = sending
+        chunk = data[sent : sent + self._batch]
+        sending[1] += len(chunk)
+        if not chunk:  # PySyncObj ends a transfer with an empty chunk
+            del self._containers[transmissionID]
+        return chunk, sent == 0, not chunk
+
+    def cancelTransmisstion(self, id):  # noqa: N802, A002 (PySyncObj's names and spelling)
+        self._containers.pop(id, None)
+        super().cancelTransmisstion(id)
 
     def setTransmissionData(self, data):  # noqa: N802
         with self.job_lock:
             if self._job is not None:
                 self._job.cancel()
+            if data is not None and data[1] and self._path.exists():
+                # Kept until what arrives is loaded: a catch-up container that cannot be
+                # applied is replaced by this again, so the data dir stays restartable.
+                previous = self._path.with_name(self._path.name + ".prev")
+                previous.unlink(missing_ok=True)
+                os.link(self._path, previous)
             return super().setTransmissionData(data)
 
     def wait(self, timeout: float | None = None) -> None:
@@ -139,6 +173,10 @@ class RaftTuning:
 class ApplyListener(Protocol):
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None: ...
     def state_replaced(self, index: int, store: _core.StateStore) -> None: ...
+    def state_repaired(self, records: list[tuple[int, bytes, bytes]]) -> None: ...
+    def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None: ...
+    def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore: ...
+    def rollback_failed(self, index: int, target: int, error: Exception) -> None: ...
     def role_changed(self, leader: str | None, is_leader: bool) -> None: ...
 
 
@@ -170,6 +208,9 @@ class ReplicatedLog(SyncObj):
         # right after an exact index, and the entries applied since an index.
         self._freezes: dict[int, list[concurrent.futures.Future]] = {}
         self._captured: list[tuple[int, bytes]] | None = None
+        # Catch-up by diff, follower side: ``is_container(path)``, ``install(path, store) ->
+        # (index, last, prev, cluster)`` (synapse/integrity/catchup.py); None: full dumps only.
+        self.catchup_loader = None
         self._last_keepalive = 0.0
         self._last_role: tuple[str | None, bool] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -224,22 +265,53 @@ class ReplicatedLog(SyncObj):
                     # the state at every index since the last entry applied here.
                     self._fire_freezes(index - 1)
                 outcome = self._processor.apply_entry(index, payload)
+                replaced = self._roll_back(index, outcome) if outcome.events else None
                 digest = self._processor.store.digest()
                 self._applied = (index, digest)
                 if self._captured is not None:
                     self._captured.append((index, payload))
                 if self._freezes:
                     self._fire_freezes(index)
+                checkpoint = self._processor.store.freeze() if ("checkpoint", index) in outcome.events else None
         except Exception:  # the processor never raises; this guards the cluster if it does
             log.exception("node %s: applying entry %d failed; the entry is skipped", self.selfNode, index)
             return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
         try:
+            if replaced is not None:
+                self._listener.state_replaced(index, replaced)
+            if checkpoint is not None:
+                self._listener.checkpoint_made(index, checkpoint)
             self._listener.entry_applied(index, outcome, digest)
         except Exception:
             log.exception("node %s: a listener failed on entry %d", self.selfNode, index)
         return outcome.results
 
+    def _roll_back(self, index: int, outcome: EntryOutcome) -> _core.StateStore | None:
+        """Under the state lock, for a rollback entry: replaces the state with the listener's
+        retained snapshot of the checkpoint (its digest checked against the agreed one) and
+        finishes the entry on it. If this node has no such snapshot it keeps its state — it
+        then differs from the others, finds out at the next checkpoint and repairs itself."""
+        event = next((e for e in outcome.events if e[0] == "rollback"), None)
+        if event is None:
+            return None
+        _, target, digest, chain = event
+        try:
+            store = self._listener.checkpoint_state(target, digest)
+        except Exception as e:
+            log.error("node %s: cannot roll back to checkpoint %d at entry %d: %s", self.selfNode, target, index, e)
+            self._listener.rollback_failed(index, target, e)
+            return None
+        processor = self._processor_factory(store)
+        processor.finish_rollback(index, outcome.chain, target, [digest, chain])
+        self._processor = processor
+        log.warning("node %s: rolled back to checkpoint %d at entry %d", self.selfNode, target, index)
+        return store
+
     # --- repair support (any thread) ---
+
+    def set_catchup_planner(self, planner) -> None:
+        """Leader side of catch-up by diff: see ``BackgroundSerializer.planner``."""
+        self._SyncObj__serializer.planner = planner
 
     def processor_for(self, store: _core.StateStore) -> CommandProcessor:
         """A processor like this node's own (same replicated settings) over ``store``."""
@@ -290,19 +362,29 @@ class ReplicatedLog(SyncObj):
         with self.state_lock:
             return [e for e in (self._captured or []) if e[0] > after]
 
-    def install_repaired(self, processor: CommandProcessor, at_index: int) -> tuple[int, _core.StateStore]:
+    def install_repaired(
+        self, processor: CommandProcessor, at_index: int, replayed: list[tuple[int, bytes, bytes]]
+    ) -> tuple[int, _core.StateStore]:
         """Swaps in a repaired processor whose state is at ``at_index``: under the state lock
         (an entry boundary) it first replays the captured entries after ``at_index``, so the
-        new state is at this node's applied index. Returns (that index, the old store)."""
+        new state is at this node's applied index. ``replayed`` lists (index, chain, digest)
+        of the entries the caller already replayed; the listener's ``state_repaired`` gets
+        them all before the next entry applies. Returns (the applied index, the old store)."""
         with self.state_lock:
+            records = list(replayed)
             for index, payload in self._captured or []:
                 if index > at_index:
-                    processor.apply_entry(index, payload)
+                    outcome = processor.apply_entry(index, payload)
+                    records.append((index, outcome.chain, processor.store.digest()))
             old = self._processor.store
             self._processor = processor
             self._captured = None
             applied = self.applied()[0]
             self._applied = (applied, processor.store.digest())
+            try:
+                self._listener.state_repaired(records)
+            except Exception:
+                log.exception("node %s: a listener failed on the repaired state", self.selfNode)
             return applied, old
 
     def stop_capture(self) -> None:
@@ -344,7 +426,10 @@ class ReplicatedLog(SyncObj):
         return job
 
     def _deserialize(self, path: str) -> tuple:
+        if self.catchup_loader is not None and self.catchup_loader.is_container(Path(path)):
+            return self._install_catchup(Path(path))
         dump = read_dump(path)
+        Path(path + ".prev").unlink(missing_ok=True)
         self._trim_journal_to(dump.prev, dump.last)
         with self.state_lock:
             self._processor = self._processor_factory(dump.store)
@@ -359,6 +444,31 @@ class ReplicatedLog(SyncObj):
         # peer and (alone) never win an election. Leave ourselves out here.
         me = str(self.selfNode.id)
         return (dump.last, dump.prev, [addr for addr in dump.cluster if addr != me])
+
+    def _install_catchup(self, path: Path) -> tuple:
+        """A catch-up container from the leader (synapse/integrity/catchup.py): applied to
+        the current state under the lock, then replaced on disk by a full dump. If it cannot
+        be applied, the previous dump file comes back and nothing changes (PySyncObj logs the
+        failure; the leader sends the full dump next time)."""
+        previous = path.with_name(path.name + ".prev")
+        with self.state_lock:
+            try:
+                index, last, prev, cluster = self.catchup_loader.install(path, self._processor.store)
+            except Exception:
+                if previous.exists():
+                    os.replace(previous, path)
+                else:
+                    path.unlink(missing_ok=True)
+                raise
+            self._applied = (index, self._processor.store.digest())
+        previous.unlink(missing_ok=True)
+        log.info("node %s: caught up to index %d by diff", self.selfNode, index)
+        try:
+            self._listener.state_replaced(index, self._processor.store)
+        except Exception:
+            log.exception("node %s: a listener failed on state replacement", self.selfNode)
+        me = str(self.selfNode.id)
+        return (last, prev, [addr for addr in cluster if addr != me])
 
     def _trim_journal_to(self, prev: tuple, last: tuple) -> None:
         """PySyncObj keeps the journal on loading a dump only if it starts with the dump's two

@@ -118,6 +118,16 @@ class CheckpointTracker:
         )
         self._call(self._on_diverged, checkpoint)
 
+    def cannot_follow(self, index: int, why: str) -> None:
+        """This node could not apply entry ``index`` as the others did (tick thread): its
+        state differs from theirs from here on. Repair now rather than at the next checkpoint."""
+        with self._lock:
+            if self.service not in (Service.SERVING, Service.PROVING):
+                return
+            self.service, self.diverged_at = Service.DIVERGED, index
+        log.error("node %s: DIVERGED at entry %d: %s; repairing from a peer", self.node_id, index, why)
+        self._call(self._on_diverged, index)
+
     def _call(self, fn, *args) -> None:
         try:
             self._loop.call_soon_threadsafe(fn, *args)

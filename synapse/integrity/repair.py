@@ -269,15 +269,15 @@ class Repairer:
             store = _core.StateStore.thaw(mine)
             store.apply_diff(diff)  # digest-checked: refuses to land anywhere but peer_digest
             processor = raft.processor_for(store)
-            replayed = at
+            replayed: list[tuple[int, bytes, bytes]] = []
             for index, payload in raft.captured(after=at):
-                processor.apply_entry(index, payload)
-                replayed = index
+                outcome = processor.apply_entry(index, payload)
+                replayed.append((index, outcome.chain, processor.store.digest()))
             return processor, replayed, len(diff)
 
         processor, replayed, records = await loop.run_in_executor(None, rebuild)
         report.records = records
-        applied, old = raft.install_repaired(processor, replayed)
+        applied, old = raft.install_repaired(processor, replayed[-1][0] if replayed else at, replayed)
         self._send_changes_to_view(old, processor.store, applied)
         node.integrity.repaired(proof_after=applied + 1)
         await node.integrity.propose_checkpoint(label=f"repair of {node.config.node_id}")

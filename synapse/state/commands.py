@@ -27,7 +27,7 @@ MAX_UINT64 = (1 << 64) - 1  # msgpack's integer range; versions and indexes stay
 MAX_LABEL_CHARS = 128
 DIGEST_BYTES = 32
 
-OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report")
+OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report", "rollback")
 TXN_OPS = ("put", "delete", "get")
 
 # op -> (required fields, optional fields); "op" itself is implied.
@@ -40,6 +40,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "unregister_node": (("node_id",), ("rid",)),
     "checkpoint": ((), ("label", "created_ms", "rid")),
     "checkpoint_report": (("checkpoint", "node_id", "digest", "chain"), ("rid",)),
+    "rollback": (("checkpoint",), ("rid",)),
 }
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
@@ -146,6 +147,8 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
             check_label(command["label"])
         if "created_ms" in command:
             _check_uint(command["created_ms"], "created_ms", "send milliseconds since the Unix epoch")
+    elif op == "rollback":
+        _check_uint(command["checkpoint"], "checkpoint", "send the log index of an agreed checkpoint")
     elif op == "checkpoint_report":
         _check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
         check_node_id(command["node_id"])

@@ -21,6 +21,7 @@ RID_COUNT = b"meta/rid_count"
 CHAIN = b"meta/chain"
 CKPT = b"ckpt/"
 CKPT_COUNT = b"meta/ckpt_count"
+ROLLBACK = b"meta/rollback"
 GENESIS_CHAIN = bytes(32)
 
 _INDEX_BYTES = 8  # ridx/ keys sort by big-endian log index, so key order is eviction order
@@ -158,3 +159,17 @@ def decode_checkpoint(raw: bytes) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("reports"), dict):
         raise ValueError("state ckpt/ entry: stored value is not a checkpoint record")
     return record
+
+
+def encode_rollback(index: int, target: int) -> bytes:
+    return _pack([index, target])
+
+
+def decode_rollback(raw: bytes | None) -> tuple[int, int] | None:
+    """(the rollback entry's index, the checkpoint it went back to), or None."""
+    if raw is None:
+        return None
+    record = _unpack(raw)
+    if not isinstance(record, list) or len(record) != 2:
+        raise ValueError("state meta/rollback: stored value is not [index, checkpoint]")
+    return record[0], record[1]

@@ -84,9 +84,15 @@ class CommandProcessor:
             else:
                 count = len(commands)
                 run = _EntryRun(self.store, index)
-                results = [run.apply(command) for command in commands]
-                self._bound_dedup(run.writes)
-                ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
+                if count > 1 and any(isinstance(c, dict) and c.get("op") == "rollback" for c in commands):
+                    # The whole state is replaced after a rollback: other commands in its entry
+                    # would report results that do not survive it.
+                    alone = "entry: a rollback must be the only command in its entry; send it alone"
+                    results, ops = [_error("bad_entry", alone) for _ in commands], []
+                else:
+                    results = [run.apply(command) for command in commands]
+                    self._bound_dedup(run.writes)
+                    ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
             self.store.apply([*ops, link])
         except Exception as exc:
             # Nothing reached the store: store.apply validates its whole batch before changing
@@ -111,6 +117,18 @@ class CommandProcessor:
     def checkpoint(self, index: int) -> dict[str, Any] | None:
         raw = self.store.get(keys.ckpt_key(index))
         return None if raw is None else keys.decode_checkpoint(raw)
+
+    def finish_rollback(self, index: int, chain: bytes, target: int, agreed: list[bytes]) -> None:
+        """After the state was replaced by the checkpoint's (at ``target``) for the rollback
+        entry at ``index``: the audit chain goes on from that entry (it covers the undone
+        entries too), the checkpoint keeps its agreement (reached after it, so not in its
+        state), and the rollback is recorded."""
+        record = self.checkpoint(target)
+        ops = [(keys.CHAIN, keys.encode_chain(index, chain)), (keys.ROLLBACK, keys.encode_rollback(index, target))]
+        if record is not None:
+            record["agreed"], record["agreed_index"] = agreed, record["agreed_index"] or index
+            ops.append((keys.ckpt_key(target), keys.encode_checkpoint(record)))
+        self.store.apply(ops)
 
     def get(self, key: str) -> KvRecord | None:
         """The key's record in this node's state (stale on a follower); None also for a key
@@ -332,6 +350,19 @@ class _EntryRun:
             "newly_agreed": newly,
             "matches": record["agreed"] == report if record["agreed"] is not None else None,
         }
+
+    def _op_rollback(self, command: dict[str, Any]) -> Result:
+        """Checks the target and announces it; the node replaces the state after this entry
+        with its retained snapshot of the checkpoint (synapse/integrity/DESIGN.md)."""
+        target = command["checkpoint"]
+        raw = self.writes.get(keys.ckpt_key(target))
+        if raw is None:
+            return _error("unknown_checkpoint", f"checkpoint: no checkpoint at index {target} (never made, or evicted)")
+        record = keys.decode_checkpoint(raw)
+        if record["agreed"] is None:
+            return _error("not_agreed", f"checkpoint: {target} was never agreed by a majority; pick an agreed one")
+        self.events.append(("rollback", target, record["agreed"][0], record["agreed"][1]))
+        return {"ok": True, "index": self.index, "rollback_to": target, "undone_entries": self.index - target - 1}
 
     def _op_unregister_node(self, command: dict[str, Any]) -> Result:
         node_key = keys.node_key(command["node_id"])

@@ -374,6 +374,22 @@ impl Contents {
         Ok(out)
     }
 
+    /// Every key of the given buckets with its element hash (rust/DESIGN.md, "Element"), in
+    /// key order: what a peer compares, key by key, to find which entries of a differing
+    /// bucket differ without receiving their values.
+    pub fn bucket_element_hashes(&self, buckets: &[usize]) -> Result<Vec<(&[u8], &Digest)>> {
+        let buckets = sorted_buckets(buckets)?;
+        let mut out: Vec<(&[u8], &Digest)> = buckets
+            .iter()
+            .flat_map(|&b| {
+                let (shard, local) = shard_of(b);
+                self.shards[shard].buckets[local].iter().map(|e| (e.key.as_slice(), &e.element))
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(out)
+    }
+
     /// The diff that takes `self` to `other`, found through the bucket tree.
     pub fn diff(&self, other: &Contents) -> StateDiff {
         let buckets = crate::tree::differing_buckets(self, other);

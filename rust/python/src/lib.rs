@@ -261,6 +261,15 @@ macro_rules! state_class {
                 pairs(py, &self.contents().bucket_entries(&buckets).map_err(to_py)?)
             }
 
+            fn bucket_element_hashes<'py>(&self, py: Python<'py>, buckets: Vec<usize>) -> PyResult<Bound<'py, PyList>> {
+                let rows = self.contents().bucket_element_hashes(&buckets).map_err(to_py)?;
+                let items: Vec<Bound<'py, PyTuple>> = rows
+                    .iter()
+                    .map(|(k, h)| PyTuple::new(py, [bytes(py, k), bytes(py, &h[..])]))
+                    .collect::<PyResult<_>>()?;
+                PyList::new(py, items)
+            }
+
             fn diff_buckets(&self, py: Python<'_>, buckets: Vec<usize>, remote_entries: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<StateDiff> {
                 let c = self.contents();
                 py.allow_threads(|| c.diff_buckets(&buckets, remote_entries)).map(StateDiff).map_err(to_py)

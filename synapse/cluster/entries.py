@@ -1,0 +1,85 @@
+"""PySyncObj's log entry encoding, read without running PySyncObj (offline audit, tail).
+
+An entry's command is one type byte and a pickle: ``0`` regular (a replicated method call
+``(method id, (args...))`` — ours is ``apply_entry(payload)``), ``1`` no-op (a new leader's
+first entry), ``2`` membership change, ``3`` code version. PySyncObj pickles with protocol 2,
+which spells bytes as ``_codecs.encode(text, "latin1")`` (``__builtin__.bytes()`` when empty).
+The pickle is read with an unpickler that allows exactly those two and refuses every other
+global, so a tampered log can be inspected without running anything it holds.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+
+REGULAR, NO_OP, MEMBERSHIP, VERSION = 0, 1, 2, 3
+KINDS = {REGULAR: "regular", NO_OP: "no-op", MEMBERSHIP: "membership", VERSION: "version"}
+
+
+class EntryDecodeError(ValueError):
+    pass
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise EntryDecodeError("the entry's pickle encodes bytes in an unexpected way")
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args) -> bytes:
+    if args:
+        raise EntryDecodeError("the entry's pickle builds bytes in an unexpected way")
+    return b""
+
+
+_ALLOWED = {("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _ALLOWED.get((module, name))
+        if allowed is None:
+            raise EntryDecodeError(f"the entry's pickle refers to {module}.{name}: not plain data")
+        return allowed
+
+
+def _load(data: bytes):
+    try:
+        return _DataOnly(io.BytesIO(data)).load()
+    except EntryDecodeError:
+        raise
+    except Exception as e:  # pickle raises many types on bad input
+        raise EntryDecodeError(f"not a readable pickle ({type(e).__name__})") from None
+
+
+@dataclass(frozen=True)
+class RaftCommand:
+    kind: str  # regular, no-op, membership, version
+    payload: bytes | None = None  # ours: the argument of apply_entry
+    detail: object = None  # membership: [op, address, ...]
+
+
+def decode_command(command: bytes) -> RaftCommand:
+    if not command:
+        raise EntryDecodeError("empty command")
+    kind = command[0]
+    if kind == NO_OP:
+        return RaftCommand("no-op")
+    if kind == MEMBERSHIP:
+        # [op, node id, node] — the node object is a PySyncObj class: keep the plain part.
+        try:
+            value = _load(command[1:])
+        except EntryDecodeError:
+            return RaftCommand("membership", detail="(membership change)")
+        return RaftCommand("membership", detail=value[:2] if isinstance(value, list) else value)
+    if kind == VERSION:
+        return RaftCommand("version", detail=_load(command[1:]))
+    if kind != REGULAR:
+        raise EntryDecodeError(f"unknown command type {kind}")
+    value = _load(command[1:])
+    if not (isinstance(value, tuple) and len(value) >= 2 and isinstance(value[1], tuple) and len(value[1]) == 1
+            and isinstance(value[1][0], bytes)):
+        raise EntryDecodeError("a regular entry that is not apply_entry(payload)")
+    return RaftCommand("regular", payload=value[1][0])
