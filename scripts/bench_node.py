@@ -24,6 +24,8 @@ Prints one JSON object (and writes it to --json FILE):
   entries against one with none (``--checkpoint-interval 0``), both started side by side and
   driven alternately, ``--checkpoint-rounds`` runs of ``--checkpoint-duration`` s each (median):
   ``(off - on) / off × 100``; ``checkpoint_detail`` says how many checkpoints the runs made.
+  ``checkpoint_cpu_overhead_pct`` compares the nodes' CPU time per write instead (medians),
+  which a shared machine's swings disturb far less than throughput.
 - ``repair_s_1m_100``: in the RSS cluster (1M keys), 100 keys corrupted on one follower behind
   the log's back (``/v1/debug/corrupt``); from asking for a checkpoint to the follower reporting
   its repair done (detection plus repair). ``repair_detail`` also has the time until it serves
@@ -1380,6 +1382,9 @@ def run_checkpoint_overhead(args, tmp: Path) -> dict:
         "on": SynapseCluster(tmp / "ck-on", extra=["--checkpoint-interval", "1000", "--checkpoint-seconds", "86400"]).start(),
     }
     runs: dict[str, list[float]] = {"off": [], "on": []}
+    # CPU the 3 nodes spent per acknowledged write (ms): steadier than throughput on a shared
+    # machine, where a run's throughput swings by ±20% with whatever else is running.
+    cpu_ms: dict[str, list[float]] = {"off": [], "on": []}
     made_before = {}
     try:
         for c in clusters.values():
@@ -1394,7 +1399,10 @@ def run_checkpoint_overhead(args, tmp: Path) -> dict:
                 r = run_load("put", f"http://{leader.api}", c.token, args.clients, args.generators, pids,
                              args.warmup, args.checkpoint_duration)
                 runs[name].append(r["per_s"])
-                log(f"checkpoint: round {rnd + 1} checkpoints {name}: {r['per_s']} writes/s, p99 {r['p99_ms']} ms")
+                cpu = sum(v for v in (r.get("node_cpu_pct") or {}).values() if v is not None)
+                cpu_ms[name].append(round(cpu / 100 / r["per_s"] * 1000, 4) if r["per_s"] else None)
+                log(f"checkpoint: round {rnd + 1} checkpoints {name}: {r['per_s']} writes/s, p99 {r['p99_ms']} ms, "
+                    f"{cpu_ms[name][-1]} ms of node CPU per write")
         leader = clusters["on"].leader()
         made = http_json(leader.api, "GET", "/v1/checkpoints?limit=256", clusters["on"].token)[1]["checkpoints"]
         status = http_json(leader.api, "GET", "/v1/cluster/status", clusters["on"].token)[1]
@@ -1404,11 +1412,17 @@ def run_checkpoint_overhead(args, tmp: Path) -> dict:
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     new = [ck for ck in made if ck["index"] not in {b["index"] for b in made_before}]
     overhead = round((off - on) / off * 100, 2) if off else None
+    cpu_off = statistics.median([x for x in cpu_ms["off"] if x is not None] or [0])
+    cpu_on = statistics.median([x for x in cpu_ms["on"] if x is not None] or [0])
+    cpu_overhead = round((cpu_on - cpu_off) / cpu_off * 100, 2) if cpu_off else None
+    log(f"checkpoint: node CPU per write {cpu_off} ms without, {cpu_on} ms with ({cpu_overhead} % more)")
     log(f"checkpoint: median {off} writes/s without, {on} with ({overhead} % overhead); "
         f"{len(new)} checkpoints made, {sum(1 for ck in new if ck['agreed'])} agreed")
     return {
         "checkpoint_overhead_pct": overhead,
+        "checkpoint_cpu_overhead_pct": cpu_overhead,
         "checkpoint_detail": {
+            "node_cpu_ms_per_write_off": cpu_ms["off"], "node_cpu_ms_per_write_on": cpu_ms["on"],
             "writes_per_s_off": runs["off"], "writes_per_s_on": runs["on"],
             "median_off": off, "median_on": on, "checkpoints_made": len(new),
             "checkpoints_agreed": sum(1 for ck in new if ck["agreed"]),

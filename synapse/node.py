@@ -93,6 +93,7 @@ class Node:
         self.integrity = CheckpointTracker(
             cfg.node_id, self._loop, self._propose_when_ready, self.read, self._diverged,
             CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds),
+            is_leader=lambda: self.raft is not None and self.raft.is_leader(),
         )
         self.repairer = Repairer(self)
         self.repair_sessions = RepairSessions(self)

@@ -69,9 +69,10 @@ def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluste
     leader = c.status()["leader"]
     victim = next(n for n in cluster.nodes if n.node_id != leader)
     others = [n for n in cluster.nodes if n is not victim]
+    on_victim = Client(victim.url, cluster.token)
+    corrupted_at = on_victim.status()["applied_index"]
     code, body = _post(victim, "/v1/debug/corrupt", {"key": "rep/7", "value": "rotten"}, cluster.token)
     assert code == 200, body
-    on_victim = Client(victim.url, cluster.token)
     assert on_victim.get("rep/7", consistency="stale")["value"] == "rotten"  # undetected so far
 
     stop, written, errors = threading.Event(), [], []
@@ -98,6 +99,9 @@ def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluste
         stop.set()
         thread.join()
     assert repaired["repair"]["outcome"] == "repaired"
+    # Found at the first checkpoint after the damage: within one interval (plus the entries
+    # already in flight then).
+    assert 0 < repaired["repair"]["checkpoint"] - corrupted_at <= INTERVAL + 10, (repaired, corrupted_at)
     assert repaired["repair"]["differing_buckets"] >= 1
     assert on_victim.get("rep/7", consistency="stale")["value"] == {"i": 7}
     assert not errors and len(written) > 10

@@ -527,6 +527,9 @@ class ReplicatedLog(SyncObj):
 
     # --- status, for the API (any thread; values may be a tick old) ---
 
+    def is_leader(self) -> bool:
+        return self._isLeader()
+
     def status(self) -> dict:
         leader = self._getLeader()
         others = sorted(self.otherNodes, key=lambda n: str(n.id))  # otherNodes is a copy

@@ -53,6 +53,7 @@ class CheckpointTracker:
         read: Callable[[Callable[["CommandProcessor"], object]], object],
         on_diverged: Callable[[int], None],
         policy: CheckpointPolicy = CheckpointPolicy(),
+        is_leader: Callable[[], bool] = lambda: False,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
@@ -60,6 +61,7 @@ class CheckpointTracker:
         self._propose = propose
         self._read = read
         self._on_diverged = on_diverged
+        self._is_leader = is_leader
         self._lock = threading.Lock()  # the tick thread writes, the loop reads
         self._mine: OrderedDict[int, list[bytes]] = OrderedDict()
         self.service = Service.SERVING
@@ -77,6 +79,13 @@ class CheckpointTracker:
     def entry_applied(self, index: int, outcome: "EntryOutcome", digest: bytes) -> None:
         if outcome.changes:
             self._changed_since_checkpoint = True
+        if (
+            self.policy.every_entries > 0 and not self._proposing and self._is_leader()
+            and index - self.last_checkpoint >= self.policy.every_entries
+        ):
+            # Right at the K-th entry rather than at the next poll: under load the log moves
+            # dozens of entries between polls.
+            self._call(self._spawn_periodic, index)
         for event in outcome.events:
             if event[0] == "checkpoint":
                 with self._lock:
@@ -199,6 +208,10 @@ class CheckpointTracker:
             log.info("node %s: periodic checkpoint not committed (%s)", self.node_id, e.reason)
         finally:
             self._proposing = False
+
+    def _spawn_periodic(self, index: int) -> None:
+        if not self._proposing:
+            self._spawn(self.propose_if_due(index))
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)

@@ -171,18 +171,22 @@ class Repairer:
                 delay = min(delay * 2, 10.0)
 
     def _healthy_peers(self, checkpoint: int) -> list[tuple[str, str]]:
-        """(node_id, api address) of the nodes whose report matched the agreed digest."""
+        """(node_id, api address) of the peers to repair from: those whose report matched
+        the agreed digest of ``checkpoint`` — or of the newest agreed checkpoint when that one
+        is unknown (a divergence found at an entry, not a checkpoint) — then the rest."""
         node = self._node
+        me = node.config.node_id
 
         def pick(processor) -> list[tuple[str, str]]:
-            record = processor.checkpoint(checkpoint)
             members = processor.nodes()
+            record = processor.checkpoint(checkpoint)
             if record is None or record["agreed"] is None:
-                return []
-            return [
-                (n, members[n]["api"]) for n, report in record["reports"].items()
-                if report == record["agreed"] and n != node.config.node_id and n in members
+                record = next((r for _, r in processor.checkpoints() if r["agreed"] is not None), None)
+            agreeing = [] if record is None else [
+                n for n, report in record["reports"].items() if report == record["agreed"]
             ]
+            ordered = agreeing + sorted(set(members) - set(agreeing))
+            return [(n, members[n]["api"]) for n in ordered if n != me and n in members]
 
         return node.read(pick)
 
