@@ -1241,15 +1241,7 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
             result.update(run_failover(cluster, args.failover_trials, args.failover_pause))
             log(f"failover: median {result['failover_median_s']} s, p90 {result['failover_p90_s']} s, "
                 f"max {result['failover_max_s']} s")
-        for m in cluster.members:
-            _signal_group(m.proc, signal.SIGTERM)
-        for m in cluster.members:
-            try:
-                m.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                log(f"synapse node {m.name} did not stop within 20 s of SIGTERM; killing it")
-                _signal_group(m.proc, signal.SIGKILL)
-                m.proc.wait(10)
+        stop_cluster(cluster)
 
     if "checkpoint" not in skip:
         result.update(run_checkpoint_overhead(args, tmp))
@@ -1369,6 +1361,7 @@ def stop_cluster(cluster: SynapseCluster) -> None:
         try:
             m.proc.wait(30)
         except subprocess.TimeoutExpired:
+            log(f"synapse node {m.name} did not stop within 30 s of SIGTERM; killing it")
             _signal_group(m.proc, signal.SIGKILL)
             m.proc.wait(10)
 
@@ -1412,8 +1405,8 @@ def run_checkpoint_overhead(args, tmp: Path) -> dict:
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     new = [ck for ck in made if ck["index"] not in {b["index"] for b in made_before}]
     overhead = round((off - on) / off * 100, 2) if off else None
-    cpu_off = statistics.median([x for x in cpu_ms["off"] if x is not None] or [0])
-    cpu_on = statistics.median([x for x in cpu_ms["on"] if x is not None] or [0])
+    cpu_off = round(statistics.median([x for x in cpu_ms["off"] if x is not None] or [0]), 4)
+    cpu_on = round(statistics.median([x for x in cpu_ms["on"] if x is not None] or [0]), 4)
     cpu_overhead = round((cpu_on - cpu_off) / cpu_off * 100, 2) if cpu_off else None
     log(f"checkpoint: node CPU per write {cpu_off} ms without, {cpu_on} ms with ({cpu_overhead} % more)")
     log(f"checkpoint: median {off} writes/s without, {on} with ({overhead} % overhead); "

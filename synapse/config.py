@@ -128,6 +128,15 @@ def check_node_id(setting: str, node_id: str) -> str:
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+# Numeric settings: (type, lowest, highest, how to say the range).
+_RANGES: dict[str, tuple[type, float, float, str]] = {
+    "request_timeout": (float, 0.1, 300, "0.1 to 300 seconds"),
+    "checkpoint_interval": (int, 0, 10_000_000, "0 (on demand only) to 10,000,000 entries"),
+    "checkpoint_retain": (int, 0, 10_000, "0 (no rollback) to 10,000 snapshots"),
+    "checkpoint_seconds": (float, 0.1, 86_400, "0.1 to 86,400 seconds"),
+}
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """Turns a flag/env/TOML value into the field's type, or raises ConfigError naming it."""
     try:
@@ -139,25 +148,11 @@ def _coerce(name: str, raw: Any) -> Any:
             if isinstance(raw, bool):
                 return raw
             return _BOOL[str(raw).strip().lower()]
-        if name == "request_timeout":
-            v = float(raw)
-            if not 0.1 <= v <= 300:
-                raise ConfigError(name, f"{v} s is out of range; use 0.1 to 300 seconds")
-            return v
-        if name == "checkpoint_interval":
-            v = int(raw)
-            if not 0 <= v <= 10_000_000:
-                raise ConfigError(name, f"{v} is out of range; use 0 (on demand only) to 10,000,000 entries")
-            return v
-        if name == "checkpoint_retain":
-            v = int(raw)
-            if not 0 <= v <= 10_000:
-                raise ConfigError(name, f"{v} is out of range; use 0 (no rollback) to 10,000 snapshots")
-            return v
-        if name == "checkpoint_seconds":
-            v = float(raw)
-            if not 0.1 <= v <= 86_400:
-                raise ConfigError(name, f"{v} s is out of range; use 0.1 to 86,400 seconds")
+        if name in _RANGES:
+            kind, low, high, fix = _RANGES[name]
+            v = kind(raw)
+            if not low <= v <= high:
+                raise ConfigError(name, f"{v} is out of range; use {fix}")
             return v
         if name == "node_id":
             return check_node_id(name, str(raw))

@@ -17,6 +17,18 @@ SYNAPSE = [sys.executable, "-m", "synapse.cli.main"]
 SECRET = "test-cluster-secret-0123456789abcdef"
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """Polls ``predicate`` until it returns something truthy (returned), or fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):

@@ -5,25 +5,13 @@ not the whole dump, and ends on the same state — which survives its own restar
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 from synapse.client import Client
 from synapse.cluster.dump import dump_index
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_until
 
 KEYS = 3000
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _post(node, path: str, token: str) -> dict:
@@ -51,7 +39,7 @@ def test_a_node_past_compaction_catches_up_by_diff(tmp_path):
         for node in up:  # both compact: whoever leads has a dump past the lagging node's log
             before = dump_index(node.data_dir / "raft.dump") if (node.data_dir / "raft.dump").exists() else 0
             _post(node, "/v1/debug/compact", cluster.token)
-            _wait(lambda: (node.data_dir / "raft.dump").exists() and dump_index(node.data_dir / "raft.dump") > before,
+            wait_until(lambda: (node.data_dir / "raft.dump").exists() and dump_index(node.data_dir / "raft.dump") > before,
                   30, f"a dump on {node.node_id}")
         dump_size = max((n.data_dir / "raft.dump").stat().st_size for n in up)
         lagging.start()

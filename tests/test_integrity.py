@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.request
 
 import pytest
 
 from synapse.client import Client, SynapseError
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_until
 
 INTERVAL = 20  # log entries between periodic checkpoints in these tests
 
@@ -28,17 +27,6 @@ def _post(node, path: str, body: dict, token: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
@@ -51,11 +39,11 @@ def test_checkpoints_are_agreed_by_every_node(cluster):
     c = cluster.client()
     made = c.checkpoint(label="first", wait=True)
     assert made["agreed"] and made["label"] == "first"
-    everyone = _wait(lambda: (r := c.checkpoints(1)[0]) and len(r["nodes"]) == 3 and r, 10, "three reports")
+    everyone = wait_until(lambda: (r := c.checkpoints(1)[0]) and len(r["nodes"]) == 3 and r, 10, "three reports")
     assert {n["agrees"] for n in everyone["nodes"].values()} == {True}
     for i in range(3 * INTERVAL):  # periodic checkpoints follow the writes
         c.put(f"ck/{i}", i)
-    periodic = _wait(lambda: [x for x in c.checkpoints() if x["label"] is None and x["agreed"]], 10, "a periodic checkpoint")
+    periodic = wait_until(lambda: [x for x in c.checkpoints() if x["label"] is None and x["agreed"]], 10, "a periodic checkpoint")
     assert periodic[0]["index"] > made["index"]
     status = c.status()
     assert all(m["checkpoint_agrees"] in (True, None) for m in status["members"])
@@ -91,7 +79,7 @@ def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluste
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        repaired = _wait(
+        repaired = wait_until(
             lambda: (s := on_victim.status()["checkpoint"]).get("repairs", 0) >= 1 and s["service"] == "serving" and s,
             60, "detection and repair",
         )
@@ -112,7 +100,7 @@ def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluste
         one = Client(node.url, cluster.token)
         assert all(one.get(f"during/{i}", consistency="stale")["value"] == i for i in written[-20:])
     latest = c.checkpoint(label="after repair", wait=True)
-    assert _wait(lambda: all(n["agrees"] for n in c.checkpoints(1)[0]["nodes"].values()) and
+    assert wait_until(lambda: all(n["agrees"] for n in c.checkpoints(1)[0]["nodes"].values()) and
                  len(c.checkpoints(1)[0]["nodes"]) == 3, 10, "all three agree") and latest["agreed"]
 
 
@@ -127,7 +115,7 @@ def test_a_replica_corrupted_on_an_idle_cluster_is_repaired_after_the_next_check
     code, _ = _post(victim, "/v1/debug/corrupt", {"key": "idle/kept", "delete": True}, cluster.token)
     assert code == 200 and on_victim.get("idle/kept", consistency="stale") is None
     c.checkpoint(label="idle check")
-    _wait(lambda: (s := on_victim.status()["checkpoint"]).get("repairs", 0) > before and s["service"] == "serving",
+    wait_until(lambda: (s := on_victim.status()["checkpoint"]).get("repairs", 0) > before and s["service"] == "serving",
           30, "the repair")
     assert on_victim.get("idle/kept", consistency="stale")["value"] == "value"
 
@@ -143,7 +131,7 @@ def test_a_diverged_node_refuses_kv_requests_until_it_serves_again(tmp_path):
     api, raft = free_ports(2)
     cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}")
     with synapse.Node(cfg) as node, Client(node.api_url, node.root_token, timeout=1.0) as c:
-        _wait(lambda: c.status()["leader"] is not None, 10, "a leader")
+        wait_until(lambda: c.status()["leader"] is not None, 10, "a leader")
         c.put("k", 1)
         node.integrity.service, node.integrity.diverged_at = Service.REPAIRING, 7
         for call in (lambda: c.get("k"), lambda: c.put("k", 2), lambda: c.txn(then=[{"op": "get", "key": "k"}])):

@@ -11,20 +11,9 @@ import pytest
 
 from synapse.client import Client, SynapseError
 from synapse.integrity.audit import verify
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_until
 
 EXTRA = ["--checkpoint-interval", "0", "--checkpoint-retain", "3"]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -114,7 +103,7 @@ def test_rollback_is_refused_for_an_unknown_unagreed_or_unretained_checkpoint(cl
     for i in range(3):  # retain is 3: the first one's snapshot goes
         c.put(f"r/{i}", i)
         c.checkpoint(wait=True)
-    _wait(lambda: all(first["index"] not in _retained(n, cluster.token) for n in cluster.nodes), 10, "pruning")
+    wait_until(lambda: all(first["index"] not in _retained(n, cluster.token) for n in cluster.nodes), 10, "pruning")
     before = c.status()["state_hash"]
     for target, status, error in [(first["index"], 409, "not_retained"), (10**9, 404, "unknown_checkpoint")]:
         with pytest.raises(SynapseError) as e:

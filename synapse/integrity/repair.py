@@ -111,6 +111,9 @@ class RepairReport:
     bytes_received: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
+    # Seconds per step: freeze (both sides at the same index), walk (tree and buckets over
+    # HTTP), rebuild (thaw, diff, replay), install (swap, view), prove (a checkpoint proposed).
+    steps: dict = field(default_factory=dict)
     outcome: str = "running"
     error: str | None = None
 
@@ -223,6 +226,14 @@ class Repairer:
                     raise RepairError(f"{path}: {resp.status} {payload.get('error')}: {payload.get('message')}")
                 return payload
 
+        mark = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            report.steps[name] = round(now - mark, 3)
+            mark = now
+
         # 1. Both sides freeze right after the same index, a little ahead of both.
         async with http.get(base + "/v1/cluster/status") as resp:
             peer_applied = (await resp.json())["applied_index"]
@@ -249,6 +260,7 @@ class Repairer:
                 pusher.cancel()
             peer_digest = unb64(opened["digest"])
             report.index = at
+            step("freeze")
             # 2. Walk the tree where it differs, then fetch the differing buckets.
             frontier = [0] if mine.digest() != peer_digest else []
             for level in range(_core.TREE_DEPTH):
@@ -270,21 +282,30 @@ class Repairer:
             diff = mine.diff_buckets(frontier, remote_entries)
             if diff.to_digest != peer_digest:
                 raise RepairError("the peer's buckets do not add up to its digest; the peer changed or is unhealthy")
+            t0 = time.monotonic()
             store = _core.StateStore.thaw(mine)
+            t1 = time.monotonic()
             store.apply_diff(diff)  # digest-checked: refuses to land anywhere but peer_digest
+            t2 = time.monotonic()
             processor = raft.processor_for(store)
             replayed: list[tuple[int, bytes, bytes]] = []
             for index, payload in raft.captured(after=at):
                 outcome = processor.apply_entry(index, payload)
                 replayed.append((index, outcome.chain, processor.store.digest()))
+            report.steps["rebuild_detail"] = {"thaw": round(t1 - t0, 3), "apply_diff": round(t2 - t1, 3),
+                                              "replay": round(time.monotonic() - t2, 3), "replayed": len(replayed)}
             return processor, replayed, len(diff)
 
+        step("walk")
         processor, replayed, records = await loop.run_in_executor(None, rebuild)
+        step("rebuild")
         report.records = records
         applied, old = raft.install_repaired(processor, replayed[-1][0] if replayed else at, replayed)
         self._send_changes_to_view(old, processor.store, applied)
         node.integrity.repaired(proof_after=applied + 1)
+        step("install")
         await node.integrity.propose_checkpoint(label=f"repair of {node.config.node_id}")
+        step("prove")
 
     async def _push_log_until(self, fut) -> None:
         """Commits barrier entries until ``fut`` (a freeze at a future index) is done."""
