@@ -141,6 +141,8 @@ class Node:
                 await asyncio.gather(task, return_exceptions=True)
         if self.repairer is not None:
             await self.repairer.close()
+        if self.catchup is not None:
+            await self.catchup.close()
         if self.integrity is not None:
             await self.integrity.close()
         if self.committer is not None:

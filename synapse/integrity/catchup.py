@@ -129,8 +129,10 @@ class CatchUpPlanner:
 
     def __init__(self, node: "Node") -> None:
         self._node = node
+        self._loop = asyncio.get_running_loop()  # made by the node on its loop
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}
+        self._tasks: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
         self.stats = CatchUpStats()
 
     def payload_for(self, raft_addr: str, dump_path: Path):
@@ -151,7 +153,7 @@ class CatchUpPlanner:
             state = plan.state
         if start:
             try:
-                self._node._loop.call_soon_threadsafe(self._start, raft_addr, dump_path, dump_size, plan)
+                self._loop.call_soon_threadsafe(self._start, raft_addr, dump_path, dump_size, plan)
             except RuntimeError:
                 return None
             return PLAN_PENDING
@@ -169,7 +171,14 @@ class CatchUpPlanner:
         return None
 
     def _start(self, raft_addr: str, dump_path: Path, dump_size: int, plan: _Plan) -> None:
-        self._node._loop.create_task(self._prepare(raft_addr, dump_path, dump_size, plan), name="catch-up plan")
+        task = self._loop.create_task(self._prepare(raft_addr, dump_path, dump_size, plan), name="catch-up plan")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _prepare(self, raft_addr: str, dump_path: Path, dump_size: int, plan: _Plan) -> None:
         try:
