@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.netns import Topology, unavailable_reason
+from synapse.chaos.netns import Topology, unavailable_reason
 
 SECRET = "partition-test-secret-0123456789abcdef"
 API_PORT, RAFT_PORT = 7070, 7071

@@ -1,9 +1,10 @@
 """Real network partitions on one machine: Linux network namespaces, veth pairs, a bridge and
-iptables (FIELD-NOTES.md, "Fault injection on one machine"). Root only.
+iptables (FIELD-NOTES.md, "Fault injection on one machine"). Root only. Used by the chaos
+runs (issue 5) and by tests/test_partition.py.
 
 Topology of one ``Topology`` (every name carries a per-run prefix, ``syn-<pid>-<random>``)::
 
-    <prefix>-br   bridge namespace: br0 with 10.231.0.254/24 (the test's own address)
+    <prefix>-br   bridge namespace: br0 with 10.231.0.254/24 (the controlling process's own address)
        |-- veth p1 <-> eth0 in <prefix>-n1 (10.231.0.1/24)
        |-- veth p2 <-> eth0 in <prefix>-n2 (10.231.0.2/24)
        `-- ...
@@ -12,7 +13,7 @@ The /24 exists only inside these namespaces (never in the root namespace), so pa
 and leftovers of killed runs cannot collide, and the host's network is never touched: every
 ``ip`` command names one of our namespaces (``ip -n NS`` / ``ip netns exec NS``).
 
-How the test process (in the root namespace) reaches the nodes' APIs: through ``call`` (and
+How the controlling process (in the root namespace) reaches the nodes' APIs: through ``call`` (and
 ``pool``), which run a function on worker threads that have joined the bridge namespace with
 ``setns(2)``. A network namespace is a per-thread attribute, and a socket stays in the
 namespace it was created in, so any blocking client code (``http.client``, ``synapse.client``)
@@ -20,14 +21,14 @@ works unchanged from those threads, with no route or address added to the root n
 no subprocess per request.
 
 Cutting a node off: ``isolate(node, from_=peers)`` adds iptables DROP rules inside the node's
-own namespace (INPUT from and OUTPUT to each peer address); traffic to and from the test's
+own namespace (INPUT from and OUTPUT to each peer address); traffic to and from the controller's
 address 10.231.0.254 keeps flowing. ``heal(node)`` flushes them.
 
 Teardown (``close``; also registered with ``atexit``, and SIGTERM is turned into
 KeyboardInterrupt while a topology is up so that both run) kills the node processes, then
 anything else still running in our namespaces, then deletes the namespaces (which destroys
 their veths and bridge). It only ever acts on namespaces this object created. Only SIGKILL of
-the test process can leave namespaces behind; their names (``syn-<pid>-<random>-*``) keep them
+the controlling process can leave namespaces behind; their names (``syn-<pid>-<random>-*``) keep them
 from colliding with later runs.
 """
 
@@ -62,7 +63,7 @@ def _run(*args: str, check: bool = True, timeout: float = 10) -> subprocess.Comp
 
 
 def unavailable_reason() -> str | None:
-    """Why partition tests cannot run here, or None. Probes by creating (and deleting) a
+    """Why partitions cannot be made here, or None. Probes by creating (and deleting) a
     namespace of our own."""
     if os.geteuid() != 0:
         return "network namespaces need root (run the suite as root, as CI does)"
@@ -155,7 +156,7 @@ class Topology:
         self.created.append(name)
 
     def _wait_reachable(self, timeout: float = 10.0) -> None:
-        """Until the test's address reaches every node address: a TCP connect to a closed port
+        """Until the controller's address reaches every node address: a TCP connect to a closed port
         that is refused (not timed out) went there and back."""
         import socket
 
@@ -237,7 +238,7 @@ class Topology:
         self.created.clear()
 
 
-# atexit does not run when the test process is ended by SIGTERM (a cancelled CI job): while a
+# atexit does not run when the controlling process is ended by SIGTERM (a cancelled CI job): while a
 # topology is up, SIGTERM raises KeyboardInterrupt instead, so fixture finalizers and atexit run.
 # Installed only over the default handler, and put back when the last topology is closed.
 _live: set = set()
@@ -245,7 +246,7 @@ _sigterm_installed = False
 
 
 def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}: tearing down the test namespaces")
+    raise KeyboardInterrupt(f"signal {signum}: tearing down our network namespaces")
 
 
 def _catch_sigterm() -> None:
