@@ -82,7 +82,7 @@ def unavailable_reason() -> str | None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _enter_netns(name: str) -> None:
+def enter_netns(name: str) -> None:
     """Moves the calling thread (only) into the named network namespace."""
     fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
     try:
@@ -143,7 +143,7 @@ class Topology:
                 _run("ip", "-n", ns, "link", "set", "eth0", "up")
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=16, thread_name_prefix=f"{self.prefix}-client",
-                initializer=_enter_netns, initargs=(self.bridge_ns,),
+                initializer=enter_netns, initargs=(self.bridge_ns,),
             )
             self._wait_reachable()
         except BaseException:
