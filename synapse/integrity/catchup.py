@@ -46,6 +46,7 @@ MAGIC = b"SYNCATCH"
 _CHECK_TAG = b"SYNCATCM"
 SHORT = 8  # bytes of a bucket digest or element hash compared over the network
 _PLAN_TIMEOUT = 30.0
+_API_WAIT = 10.0
 
 
 class CatchUpError(ValueError):
@@ -221,7 +222,16 @@ class CatchUpPlanner:
                         raise CatchUpError(f"{path}: {resp.status} {raw[:200]!r}")
                     return raw
 
-            status = msgpack.unpackb(await call("GET", "/v1/internal/catchup/state"), raw=False)
+            # A restarted follower's Raft port can be up a moment before its API: wait for it.
+            deadline = time.monotonic() + _API_WAIT
+            while True:
+                try:
+                    status = msgpack.unpackb(await call("GET", "/v1/internal/catchup/state"), raw=False)
+                    break
+                except aiohttp.ClientConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             sid = status["session"]
             try:
                 theirs = await call("GET", f"/v1/internal/catchup/{sid}/buckets")
