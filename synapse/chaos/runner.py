@@ -26,8 +26,8 @@ from synapse.chaos.history import CAS, FAIL, OK, READ, UNKNOWN, WRITE, Op
 from synapse.chaos.linearizability import check
 from synapse.integrity.audit import verify
 
-LOOPBACK_NEMESES = ("kill", "kill-leader", "kill-majority", "pause", "restart-all", "corrupt")
-NETNS_NEMESES = ("partition-halves", "isolate-leader", "one-way", "ring", "bridge")
+LOOPBACK_NEMESES = ("kill", "kill-leader", "kill-majority", "pause", "restart-all", "corrupt", "membership")
+NETNS_NEMESES = ("partition-halves", "isolate-leader", "one-way", "ring", "bridge", "packet-loss")
 ALL_NEMESES = LOOPBACK_NEMESES + NETNS_NEMESES
 
 
@@ -53,6 +53,7 @@ class Fault:
     start: float
     end: float | None = None
     note: str = ""
+    removed: bool = False
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Run:
         self._lock = threading.Lock()
         self._ids = iter(range(1, 1 << 62))
         self._stop = threading.Event()
-        self._t0 = 0.0
+        self._t0 = self._started = time.monotonic()
+        self._threads: list[threading.Thread] = []
 
     def now(self) -> float:
         return round(time.monotonic() - self._t0, 4)
@@ -167,8 +169,10 @@ class Run:
     def _inject(self, kind: str) -> Fault:
         c, ids = self.cluster, list(self.cluster.ids)
         leader = c.leader()
-        if kind in ("kill", "pause", "corrupt"):
+        if kind in ("kill", "pause", "corrupt", "packet-loss"):
             targets = [self.rnd.choice(ids)]
+        elif kind == "membership":
+            targets = [self.rnd.choice([i for i in ids if i != leader] or ids)]
         elif kind in ("kill-leader", "isolate-leader"):
             targets = [leader or self.rnd.choice(ids)]
         elif kind == "kill-majority":
@@ -196,6 +200,16 @@ class Run:
                 c.isolate(i, others)
             for j in others:
                 c.isolate(j, targets)
+        elif kind == "packet-loss":
+            loss = self.rnd.choice([0.1, 0.2, 0.3])
+            c.topology.iptables(targets[0], "-A", "INPUT", "-m", "statistic", "--mode", "random",
+                                "--probability", str(loss), "-j", "DROP")
+            fault.note = f"drops {int(loss * 100)}% of what it receives"
+        elif kind == "membership":
+            # Removed from the voters (through the leader) while clients go on; added back at heal.
+            code, body = c.request(leader or targets[0], "DELETE", f"/v1/cluster/members/{c.name(targets[0])}", timeout=10)
+            fault.note = f"remove: HTTP {code} {body.get('error', '')}".strip()
+            fault.removed = code == 200
         elif kind == "one-way":
             a, b = targets
             c.topology.iptables(a, "-A", "INPUT", "-s", c.topology.addr(b), "-j", "DROP")
@@ -222,6 +236,20 @@ class Run:
     def _heal(self, fault: Fault) -> None:
         c = self.cluster
         c.heal_all()
+        if fault.kind == "membership" and fault.removed:
+            i = int(fault.targets[0][1:])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # one membership change at a time: retry
+                leader = c.leader()
+                if leader is not None:
+                    code, body = c.request(leader, "POST", "/v1/cluster/members",
+                                           {"node_id": c.name(i), "raft": c.raft[i], "api": c.api[i]}, timeout=10)
+                    if code == 200:
+                        fault.note += "; added back"
+                        break
+                time.sleep(0.5)
+            else:
+                fault.note += "; NOT added back"
         for i in c.ids:
             if not c.alive(i):
                 c.start(i)
@@ -239,20 +267,42 @@ class Run:
     # --- the run ---
 
     def execute(self) -> RunResult:
-        cfg = self.config
-        started = time.monotonic()
+        """The whole run: faults on a random schedule for ``duration`` seconds."""
+        self.start(scheduled_faults=True)
         try:
-            self.cluster.start_all()
-            self._t0 = time.monotonic()
-            threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(cfg.clients)]
-            threads += [threading.Thread(target=self._monitor, daemon=True)]
-            if cfg.nemeses:
-                threads.append(threading.Thread(target=self._nemesis, daemon=True))
-            for t in threads:
-                t.start()
-            time.sleep(cfg.duration)
+            time.sleep(self.config.duration)
+        finally:
+            result = self.finish()
+        return result
+
+    def start(self, scheduled_faults: bool = False) -> None:
+        """Starts the cluster, the clients and the leader monitor (and, if asked, the random
+        fault schedule). Call ``finish`` afterwards, whatever happens."""
+        self._started = time.monotonic()
+        self.cluster.start_all()
+        self._t0 = time.monotonic()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.config.clients)]
+        self._threads.append(threading.Thread(target=self._monitor, daemon=True))
+        if scheduled_faults and self.config.nemeses:
+            self._threads.append(threading.Thread(target=self._nemesis, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def apply(self, kind: str, hold: float) -> Fault:
+        """One fault now, held for ``hold`` seconds, then healed (a step of a given schedule)."""
+        if kind not in ALL_NEMESES or (kind in NETNS_NEMESES and not self.cluster.can_partition):
+            raise ValueError(f"nemesis {kind!r} is not available in {self.config.mode} mode")
+        fault = self._inject(kind)
+        time.sleep(hold)
+        self._heal(fault)
+        return fault
+
+    def finish(self) -> RunResult:
+        """Stops the clients, heals everything, judges the history, tears the cluster down."""
+        cfg = self.config
+        try:
             self._stop.set()
-            for t in threads:
+            for t in self._threads:
                 t.join(cfg.request_timeout * 3 + 10)
             for fault in self.faults:
                 if fault.end is None:
@@ -269,7 +319,7 @@ class Run:
             counts[f"{op.kind}:{op.outcome}"] = counts.get(f"{op.kind}:{op.outcome}", 0) + 1
         return RunResult(
             ok=ok, config=asdict(cfg), ops=counts, faults=[asdict(f) for f in self.faults], leaders=self.leaders,
-            checks=checks, workdir=str(self.workdir), duration_s=round(time.monotonic() - started, 2),
+            checks=checks, workdir=str(self.workdir), duration_s=round(time.monotonic() - self._started, 2),
             history=[_op_json(o) for o in self.history],
         )
 
