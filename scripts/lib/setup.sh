@@ -44,11 +44,12 @@ build_core() {
     }
 }
 
-# Debian packages the tests need: the network-partition tests (tests/test_partition.py) use
-# `ip netns` (iproute2) and iptables. Installed only when running as root with apt-get; not as
+# Debian packages the tests need: the network-partition tests (tests/test_partition.py) and
+# chaos runs in namespaces use `ip netns` (iproute2) and iptables; the chaos clock nemesis
+# uses libfaketime's `faketime`. Installed only when running as root with apt-get; not as
 # root, those tests skip themselves. Quiet and idempotent: `apt-get update` runs only when
 # something is missing.
-DEB_PACKAGES=(iproute2 iptables)
+DEB_PACKAGES=(iproute2 iptables faketime)
 
 ensure_debian_packages() {
     [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 || return 0

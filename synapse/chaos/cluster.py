@@ -48,6 +48,7 @@ class ClusterUnderTest:
             self.raft = {i: f"127.0.0.1:{ports[2 * i - 1]}" for i in self.ids}
         self.procs: dict[int, subprocess.Popen] = {}
         self.paused: set[int] = set()
+        self.clock: dict[int, str | None] = {}  # the faketime spec each node runs under
         self.checkpoint_interval = checkpoint_interval
         self._token = ""
         atexit.register(self.close)
@@ -71,15 +72,20 @@ class ClusterUnderTest:
                 "--peers", peers, "--secret-file", str(self.secret),
                 "--checkpoint-interval", str(self.checkpoint_interval), "--debug-fault-injection"]
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, clock: str | None = None) -> None:
+        """Starts node i; ``clock``: a libfaketime spec (``+1h``, ``+0 x2``...) it runs under."""
         if self.alive(i):
             return
+        args = self._args(i)
+        if clock is not None:
+            args = ["faketime", "-f", clock, *args]
         log = open(self.workdir / f"{self.name(i)}.log", "ab")
         if self.topology is not None:
-            self.procs[i] = self.topology.popen(i, self._args(i), stdout=log, stderr=subprocess.STDOUT)
+            self.procs[i] = self.topology.popen(i, args, stdout=log, stderr=subprocess.STDOUT)
         else:
-            self.procs[i] = subprocess.Popen(self._args(i), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.procs[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.paused.discard(i)
+        self.clock[i] = clock
 
     def start_all(self, timeout: float = 60.0) -> None:
         for i in self.ids:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -26,7 +27,10 @@ from synapse.chaos.history import CAS, FAIL, OK, READ, UNKNOWN, WRITE, Op
 from synapse.chaos.linearizability import check
 from synapse.integrity.audit import verify
 
-LOOPBACK_NEMESES = ("kill", "kill-leader", "kill-majority", "pause", "restart-all", "corrupt", "membership")
+LOOPBACK_NEMESES = ("kill", "kill-leader", "kill-majority", "pause", "restart-all", "corrupt", "membership", "clock")
+# libfaketime specs for the clock nemesis: jumps (the wall clock and the monotonic clock both
+# move) and rates (a node whose timers run fast calls elections early; slow, late).
+CLOCKS = ("+1h", "-1h", "+0 x2", "+0 x0.5", "+10m x1.5")
 NETNS_NEMESES = ("partition-halves", "isolate-leader", "one-way", "ring", "bridge", "packet-loss")
 ALL_NEMESES = LOOPBACK_NEMESES + NETNS_NEMESES
 
@@ -77,6 +81,8 @@ class Run:
         network = set(config.nemeses) & set(NETNS_NEMESES)
         if network and config.mode != "netns":
             raise ValueError(f"{', '.join(sorted(network))} need network namespaces (--mode netns, as root)")
+        if "clock" in config.nemeses and shutil.which("faketime") is None:
+            raise ValueError("the clock nemesis needs libfaketime's `faketime` (Debian: apt-get install faketime)")
         self.config = config
         self.workdir = Path(workdir)
         self.rnd = random.Random(config.seed)
@@ -169,7 +175,7 @@ class Run:
     def _inject(self, kind: str) -> Fault:
         c, ids = self.cluster, list(self.cluster.ids)
         leader = c.leader()
-        if kind in ("kill", "pause", "corrupt", "packet-loss"):
+        if kind in ("kill", "pause", "corrupt", "packet-loss", "clock"):
             targets = [self.rnd.choice(ids)]
         elif kind == "membership":
             targets = [self.rnd.choice([i for i in ids if i != leader] or ids)]
@@ -200,6 +206,11 @@ class Run:
                 c.isolate(i, others)
             for j in others:
                 c.isolate(j, targets)
+        elif kind == "clock":
+            spec = self.rnd.choice(CLOCKS)
+            c.kill(targets[0])
+            c.start(targets[0], clock=spec)
+            fault.note = f"restarted under faketime {spec!r}"
         elif kind == "packet-loss":
             loss = self.rnd.choice([0.1, 0.2, 0.3])
             c.topology.iptables(targets[0], "-A", "INPUT", "-m", "statistic", "--mode", "random",
@@ -236,6 +247,9 @@ class Run:
     def _heal(self, fault: Fault) -> None:
         c = self.cluster
         c.heal_all()
+        for i in c.ids:
+            if c.clock.get(i) is not None:  # back to the real clock
+                c.kill(i)
         if fault.kind == "membership" and fault.removed:
             i = int(fault.targets[0][1:])
             deadline = time.monotonic() + 30
