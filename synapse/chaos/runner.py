@@ -46,6 +46,7 @@ class RunConfig:
     seed: int = 0
     fault_every: tuple[float, float] = (2.0, 5.0)  # seconds between one heal and the next fault
     fault_for: tuple[float, float] = (1.0, 4.0)  # seconds a fault lasts
+    mix: int = 1  # up to this many different faults at once
     converge_timeout: float = 60.0
     request_timeout: float = 2.0
 
@@ -272,11 +273,14 @@ class Run:
     def _nemesis(self) -> None:
         self.cluster.enter_network()
         while not self._stop.wait(self.rnd.uniform(*self.config.fault_every)):
-            fault = self._inject(self.rnd.choice(self.config.nemeses))
-            if self._stop.wait(self.rnd.uniform(*self.config.fault_for)):
+            # Up to ``mix`` different faults at once, healed together.
+            kinds = self.rnd.sample(self.config.nemeses, self.rnd.randint(1, min(self.config.mix, len(self.config.nemeses))))
+            faults = [self._inject(kind) for kind in kinds]
+            stopped = self._stop.wait(self.rnd.uniform(*self.config.fault_for))
+            for fault in faults:
                 self._heal(fault)
+            if stopped:
                 break
-            self._heal(fault)
 
     # --- the run ---
 

@@ -359,10 +359,11 @@ def chaos() -> None:
 @click.option("--keys", type=click.IntRange(1, 10_000), default=6, help="Keys they share (default 6).")
 @click.option("--nemesis", default="kill,pause", help="Comma-separated faults, or 'all' (loopback: kill, kill-leader, kill-majority, pause, restart-all, corrupt; netns adds partition-halves, isolate-leader, one-way, ring, bridge).")
 @click.option("--mode", type=click.Choice(["auto", "loopback", "netns"]), default="auto", help="netns: each node in its own network namespace (root); loopback: 127.0.0.1, kills and pauses only. auto: netns when possible.")
+@click.option("--mix", type=click.IntRange(1, 5), default=1, help="Up to this many different faults at once (default 1).")
 @click.option("--runs", type=click.IntRange(1, 10_000), default=1, help="Runs, each with its own cluster and seed.")
 @click.option("--seed", type=int, default=None, help="Seed of the first run (default: random).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("chaos-runs"), help="Where each run's result.json, report.html and node logs go.")
-def chaos_run(nodes, duration, clients, keys, nemesis, mode, runs, seed, out) -> None:
+def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, out) -> None:
     """Start a cluster, load it, break it, heal it, and check: linearizability per key, no
     acknowledged write lost, convergence of every node, the audit chain of every node.
     Exits 1 if any run found a violation."""
@@ -387,7 +388,7 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, runs, seed, out) ->
     failed = 0
     for n in range(runs):
         config = RunConfig(nodes=nodes, duration=duration, clients=clients, keys=keys, nemeses=tuple(chosen),
-                           mode=mode, seed=seed + n)
+                           mode=mode, seed=seed + n, mix=mix)
         try:
             result = Run(config, out / f"run-{seed + n}").execute()
         except ValueError as e:
