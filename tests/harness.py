@@ -4,13 +4,13 @@ with its own data dir, so tests kill, pause and restart real processes."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synapse.chaos.cluster import free_ports  # noqa: F401  (tests import it from here)
 from synapse.client import Client
 
 SYNAPSE = [sys.executable, "-m", "synapse.cli.main"]
@@ -27,18 +27,6 @@ def wait_until(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass

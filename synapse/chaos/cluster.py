@@ -43,7 +43,7 @@ class ClusterUnderTest:
             self.api = {i: f"{Topology.addr(i)}:{API_PORT}" for i in self.ids}
             self.raft = {i: f"{Topology.addr(i)}:{RAFT_PORT}" for i in self.ids}
         else:
-            ports = _free_ports(2 * size)
+            ports = free_ports(2 * size)
             self.api = {i: f"127.0.0.1:{ports[2 * i - 2]}" for i in self.ids}
             self.raft = {i: f"127.0.0.1:{ports[2 * i - 1]}" for i in self.ids}
         self.procs: dict[int, subprocess.Popen] = {}
@@ -210,7 +210,7 @@ def _die_with_parent() -> None:  # in the child, between fork and exec
         pass
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     import socket
 
     socks, ports = [], []

@@ -34,6 +34,7 @@ import blake3
 import msgpack
 
 from synapse import _core
+from synapse.background import TaskGroup
 from synapse.cluster.dump import dump_index, read_dump, write_dump
 from synapse.cluster.raft import PLAN_PENDING
 
@@ -133,7 +134,7 @@ class CatchUpPlanner:
         self._loop = asyncio.get_running_loop()  # made by the node on its loop
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}
-        self._tasks: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+        self._tasks = TaskGroup(self._loop)
         self.stats = CatchUpStats()
 
     def payload_for(self, raft_addr: str, dump_path: Path):
@@ -172,14 +173,10 @@ class CatchUpPlanner:
         return None
 
     def _start(self, raft_addr: str, dump_path: Path, dump_size: int, plan: _Plan) -> None:
-        task = self._loop.create_task(self._prepare(raft_addr, dump_path, dump_size, plan), name="catch-up plan")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._prepare(raft_addr, dump_path, dump_size, plan), name="catch-up plan")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     async def _prepare(self, raft_addr: str, dump_path: Path, dump_size: int, plan: _Plan) -> None:
         try:

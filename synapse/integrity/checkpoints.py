@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from synapse.background import TaskGroup
 from synapse.cluster.committer import ProposalError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class CheckpointTracker:
         self._changed_since_checkpoint = False
         self._last_checkpoint_time = time.monotonic()
         self._proposing = False
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskGroup(loop)
 
     # --- tick thread ---
 
@@ -214,14 +215,10 @@ class CheckpointTracker:
             self._spawn(self.propose_if_due(index))
 
     def _spawn(self, coro) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def status(self) -> dict:
         with self._lock:
