@@ -96,23 +96,26 @@ class ClusterUnderTest:
         p = self.procs.get(i)
         return p is not None and p.poll() is None
 
+    # Signals go to the node's whole process group (its own session): under the clock nemesis
+    # the node is a child of `faketime`, not the process we started.
+
     def kill(self, i: int) -> None:
         p = self.procs.get(i)
         if p is not None and p.poll() is None:
             if i in self.paused:
-                os.kill(p.pid, signal.SIGCONT)
-            p.kill()
+                _signal_group(p, signal.SIGCONT)
+            _signal_group(p, signal.SIGKILL)
             p.wait(10)
         self.paused.discard(i)
 
     def pause(self, i: int) -> None:
         if self.alive(i):
-            os.kill(self.procs[i].pid, signal.SIGSTOP)
+            _signal_group(self.procs[i], signal.SIGSTOP)
             self.paused.add(i)
 
     def resume(self, i: int) -> None:
         if self.alive(i) and i in self.paused:
-            os.kill(self.procs[i].pid, signal.SIGCONT)
+            _signal_group(self.procs[i], signal.SIGCONT)
         self.paused.discard(i)
 
     # --- network faults (netns only) ---
@@ -198,6 +201,13 @@ class ClusterUnderTest:
                 pass
         if self.topology is not None:
             self.topology.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _die_with_parent() -> None:  # in the child, between fork and exec
