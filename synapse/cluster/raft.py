@@ -484,7 +484,9 @@ class ReplicatedLog(SyncObj):
             log.info("node %s: cut the Raft log to the dump at index %d before loading it", self.selfNode, last[1])
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
-        """Fixes a catch-up livelock in PySyncObj 0.3.17 before its handler sees the message.
+        """Fixes three PySyncObj 0.3.17 defects before its handler sees the message.
+
+        First, a catch-up livelock.
 
         The leader pipelines every AppendEntries batch a lagging follower needs. A follower
         whose log diverges (an old leader that appended entries while cut off) answers the
@@ -499,6 +501,23 @@ class ReplicatedLog(SyncObj):
             current = self._SyncObj__raftNextIndex.get(node)
             if current is not None and message["next_node_idx"] > current:
                 message = dict(message, next_node_idx=current)
+        if isinstance(message, dict) and message.get("type") == "append_entries" and "prevLogIdx" not in message:
+            # Second defect: PySyncObj moves a follower's commit index to min(leader's commit,
+            # own log end) on *every* append_entries — also on the snapshot-transfer messages,
+            # which carry no log-consistency check. A lagging follower whose log has a divergent
+            # tail (entries it appended as a cut-off leader) then applies that tail as if it were
+            # committed, and later logs "truncating already-applied log entries": its state has
+            # diverged. Found by a chaos run (a follower behind the leader's compacted log while
+            # the leader planned a catch-up). The commit index may only move with a checked
+            # batch, so these messages do not move it.
+            message = dict(message, commit_index=min(message.get("commit_index", 0), self.raftCommitIndex))
+        if isinstance(message, dict) and message.get("type") == "request_vote" and node not in self.otherNodes:
+            # Third: a voter removed from the cluster (`synapse cluster remove`) but still
+            # running hears no leader, calls elections with ever higher terms, and — with no
+            # pre-vote in PySyncObj — makes the real leader step down over and over (Raft §6's
+            # disruptive server). Found by a chaos run that removed a voter under load. Only
+            # the current members' vote requests count.
+            return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _on_tick(self) -> None:
