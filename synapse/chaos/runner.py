@@ -275,7 +275,12 @@ class Run:
         while not self._stop.wait(self.rnd.uniform(*self.config.fault_every)):
             # Up to ``mix`` different faults at once, healed together.
             kinds = self.rnd.sample(self.config.nemeses, self.rnd.randint(1, min(self.config.mix, len(self.config.nemeses))))
-            faults = [self._inject(kind) for kind in kinds]
+            faults = []
+            for kind in kinds:
+                try:
+                    faults.append(self._inject(kind))
+                except Exception as e:  # e.g. corrupting a node another fault just killed
+                    self.faults.append(Fault(kind, [], self.now(), self.now(), f"not applied: {type(e).__name__}: {e}"))
             stopped = self._stop.wait(self.rnd.uniform(*self.config.fault_for))
             for fault in faults:
                 self._heal(fault)
