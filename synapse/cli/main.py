@@ -395,6 +395,9 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, ou
             raise click.UsageError(str(e)) from None
         _, html = write_report(result, out / f"run-{seed + n}")
         verdicts = ", ".join(f"{k} {'ok' if v['ok'] else 'VIOLATION'}" for k, v in result.checks.items())
+        undecided = result.checks["linearizable"].get("undecided") or []
+        if undecided:  # the search budget ran out on some keys: not checked, and said so
+            verdicts += f" ({len(undecided)} keys UNDECIDED: use more --keys for fewer operations per key)"
         click.echo(f"run {n + 1}/{runs} (seed {seed + n}): {'PASSED' if result.ok else 'FAILED'} — {verdicts}; "
                    f"{sum(result.ops.values())} operations, {len(result.faults)} faults; report {html}")
         for name, v in result.checks.items():
