@@ -81,8 +81,9 @@ class CheckpointTracker:
         if outcome.changes:
             self._changed_since_checkpoint = True
         if (
-            self.policy.every_entries > 0 and not self._proposing and self._is_leader()
-            and index - self.last_checkpoint >= self.policy.every_entries
+            # Cheapest test first: this runs on the tick thread for every entry.
+            self.policy.every_entries > 0 and index - self.last_checkpoint >= self.policy.every_entries
+            and not self._proposing and self._is_leader()
         ):
             # Right at the K-th entry rather than at the next poll: under load the log moves
             # dozens of entries between polls.

@@ -110,9 +110,10 @@ class CommandProcessor:
 
     def checkpoints(self, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
         """Checkpoint records, newest first: ``[(index, record)]`` (see keys.decode_checkpoint)."""
-        rows = [(keys.ckpt_index(k), keys.decode_checkpoint(v)) for k, v in self.store.scan_prefix(keys.CKPT)]
-        rows.reverse()
-        return rows if limit is None else rows[:limit]
+        rows = self.store.scan_prefix(keys.CKPT)  # oldest first (key order is index order)
+        newest = rows[::-1] if limit is None else rows[: -limit - 1 : -1]
+        # Only the records asked for are decoded: /v1/cluster/status asks for one of up to 256.
+        return [(keys.ckpt_index(k), keys.decode_checkpoint(v)) for k, v in newest]
 
     def checkpoint(self, index: int) -> dict[str, Any] | None:
         raw = self.store.get(keys.ckpt_key(index))
