@@ -1,4 +1,4 @@
-"""Our guards against two PySyncObj 0.3.17 defects, checked on the messages PySyncObj's own
+"""Our guards against four PySyncObj 0.3.17 defects, checked on the messages PySyncObj's own
 handler receives (the end-to-end reproductions are tests/test_partition.py and the chaos runs)."""
 
 from __future__ import annotations
@@ -18,8 +18,19 @@ def _handled(monkeypatch, me, message) -> dict:
     return forwarded
 
 
-def _follower(commit: int):
-    return SimpleNamespace(raftCommitIndex=commit, _isLeader=lambda: False, otherNodes={"peer"})
+def _follower(commit: int, log: list | None = None):
+    """A follower whose log holds ``log`` ((command, index, term) tuples)."""
+    log = log or []
+
+    def entries(first, count):
+        if not log or first < log[0][1]:
+            return []
+        return log[first - log[0][1]:][:count]
+
+    replies = []
+    return SimpleNamespace(raftCommitIndex=commit, raftCurrentTerm=5, _isLeader=lambda: False, otherNodes={"peer"},
+                           _SyncObj__getEntries=entries, replies=replies,
+                           _SyncObj__sendNextNodeIdx=lambda node, **kw: replies.append(kw))
 
 
 def test_snapshot_transfer_messages_never_move_a_followers_commit_index(monkeypatch):
@@ -47,3 +58,34 @@ def test_vote_requests_from_removed_voters_are_ignored(monkeypatch):
     ReplicatedLog._SyncObj__onMessageReceived(me, "removed", vote)
     ReplicatedLog._SyncObj__onMessageReceived(me, "member", vote)
     assert seen == [("member", vote)]
+
+
+_LOG = [(b"c%d" % i, i, 5) for i in range(40, 61)]  # indexes 40..60, term 5
+
+
+def test_a_resent_batch_never_cuts_entries_the_follower_already_has(monkeypatch):
+    seen = []
+    monkeypatch.setattr(SyncObj, "_SyncObj__onMessageReceived", lambda self, node, msg: seen.append(msg))
+    me = _follower(58, _LOG)
+    # The leader resends 46..50 (a lower nextIndex); the follower has them and 51..60 too.
+    message = {"type": "append_entries", "term": 5, "commit_index": 58, "prevLogIdx": 45, "prevLogTerm": 5,
+               "entries": [e for e in _LOG if 46 <= e[1] <= 50]}
+    ReplicatedLog._SyncObj__onMessageReceived(me, "peer", message)
+    (handed,) = seen
+    assert "prevLogIdx" not in handed and "entries" not in handed  # PySyncObj cuts nothing
+    assert handed["commit_index"] == 50  # only as far as this batch proved
+    assert me.replies == [{"nextNodeIdx": 51, "success": True}]
+
+
+def test_a_conflict_is_still_cut_from_the_first_conflicting_entry(monkeypatch):
+    newer = [(b"x", 48, 6), (b"y", 49, 6)]
+    message = {"type": "append_entries", "term": 6, "commit_index": 47, "prevLogIdx": 45, "prevLogTerm": 5,
+               "entries": [_LOG[6], _LOG[7], *newer]}  # 46, 47 match; 48 conflicts
+    handed = _handled(monkeypatch, _follower(40, _LOG), message)
+    assert (handed["prevLogIdx"], handed["prevLogTerm"], handed["entries"]) == (47, 5, newer)
+
+
+def test_a_batch_past_the_followers_log_end_is_appended_as_before(monkeypatch):
+    message = {"type": "append_entries", "term": 5, "commit_index": 60, "prevLogIdx": 60, "prevLogTerm": 5,
+               "entries": [(b"n", 61, 5)]}
+    assert _handled(monkeypatch, _follower(40, _LOG), message) is message

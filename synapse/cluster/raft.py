@@ -40,6 +40,40 @@ _CONSTRUCTION_HOOK = threading.Lock()
 PLAN_PENDING = object()  # a catch-up planner's "not ready: ask again"
 
 
+def _cut_only_on_conflict(raft, node, message: dict) -> dict | None:
+    """The fourth defect: on every checked AppendEntries, PySyncObj deletes the follower's
+    log after ``prevLogIdx`` and appends the message's entries — also when those entries are
+    all there already and the log goes on after them. A batch resent from a lower nextIndex
+    (after a rejection, or cut short by the batch byte limit) then deletes entries the
+    follower had acknowledged and applied ("truncating already-applied log entries", dozens
+    per chaos run with membership changes): an acknowledged write held by a bare majority
+    is one follower crash from being lost. Raft (§5.3) deletes only from the first entry
+    whose term conflicts. So: entries already present are skipped; if a conflict (or the
+    end of the local log) comes, PySyncObj appends from there; if none does, nothing is cut
+    — the leader hears success up to the last entry it sent, and the commit index moves only
+    that far. Returns the message to hand on, or None when it was fully handled here."""
+    entries = message.get("entries") or []
+    prev = message["prevLogIdx"]
+    local = raft._SyncObj__getEntries(prev, len(entries) + 2)  # the entry at prev, then what follows
+    if not local or local[0][2] != message["prevLogTerm"] or len(local) == 1:
+        return message  # a rejection, or nothing after prev to protect: PySyncObj's way is right
+    following = local[1:]
+    same = 0
+    while same < len(entries) and same < len(following) and tuple(following[same][1:3]) == tuple(entries[same][1:3]):
+        same += 1
+    if same < len(entries):
+        if same == 0:
+            return message
+        last = entries[same - 1]
+        return dict(message, prevLogIdx=last[1], prevLogTerm=last[2], entries=entries[same:])
+    verified = entries[-1][1] if entries else prev
+    rest = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries", "serialized")}
+    rest["commit_index"] = min(message.get("commit_index", 0), verified)
+    SyncObj._SyncObj__onMessageReceived(raft, node, rest)  # leader, term, election timer, commit index
+    raft._SyncObj__sendNextNodeIdx(node, nextNodeIdx=verified + 1, success=True)
+    return None
+
+
 class BackgroundSerializer(Serializer):
     """PySyncObj's dump hook, with the dump written off the tick thread.
 
@@ -484,7 +518,7 @@ class ReplicatedLog(SyncObj):
             log.info("node %s: cut the Raft log to the dump at index %d before loading it", self.selfNode, last[1])
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
-        """Fixes three PySyncObj 0.3.17 defects before its handler sees the message.
+        """Fixes four PySyncObj 0.3.17 defects before its handler sees the message.
 
         First, a catch-up livelock.
 
@@ -501,6 +535,11 @@ class ReplicatedLog(SyncObj):
             current = self._SyncObj__raftNextIndex.get(node)
             if current is not None and message["next_node_idx"] > current:
                 message = dict(message, next_node_idx=current)
+        if (isinstance(message, dict) and message.get("type") == "append_entries" and "prevLogIdx" in message
+                and "transmission" not in message and message.get("term", -1) >= self.raftCurrentTerm):
+            message = _cut_only_on_conflict(self, node, message)
+            if message is None:
+                return
         if isinstance(message, dict) and message.get("type") == "append_entries" and "prevLogIdx" not in message:
             # Second defect: PySyncObj moves a follower's commit index to min(leader's commit,
             # own log end) on *every* append_entries — also on the snapshot-transfer messages,
