@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_RETRY_STATUSES = {502, 503, 504}
+_RETRY_STATUSES = {421, 502, 503, 504}  # 421: only the leader answers this (worker heartbeats)
 
 
 class SynapseError(Exception):
@@ -65,6 +65,20 @@ class _Endpoints:
 
     def rotate(self) -> None:
         self.urls.append(self.urls.pop(0))
+
+    def follow(self, status: int, payload: bytes) -> bool:
+        """After a 421 that names the leader: put the leader first. False if none is named."""
+        if status != 421:
+            return False
+        try:
+            leader = json.loads(payload).get("leader_api")
+        except (ValueError, AttributeError):
+            return False
+        if not leader:
+            return False
+        url = f"http://{leader}"
+        self.urls = [url] + [u for u in self.urls if u != url]
+        return True
 
     def learn(self, status: dict) -> None:
         seen = {m["api"] for m in status.get("members", []) if m.get("api")}
@@ -160,6 +174,25 @@ class _Calls:
         return _Request("GET", "/v1/checkpoints?" + urlencode({"limit": limit}))
 
 
+    def _submit_task(self, spec: dict, idempotency_key: str | None) -> _Request:
+        body = dict(spec, **({"idempotency_key": idempotency_key} if idempotency_key else {}))
+        return _Request("POST", "/v1/tasks", json.dumps(body).encode(), {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+    def _task(self, task_id: str, wait: float) -> _Request:
+        query = f"?wait={wait:g}" if wait else ""
+        return _Request("GET", f"/v1/tasks/{quote(task_id, safe='')}{query}")
+
+    def _tasks(self, state: str | None, limit: int, start_after: str | None) -> _Request:
+        query = {"limit": limit, **({"state": state} if state else {}), **({"start_after": start_after} if start_after else {})}
+        return _Request("GET", "/v1/tasks?" + urlencode(query))
+
+    def _cancel_task(self, task_id: str) -> _Request:
+        return _Request("POST", f"/v1/tasks/{quote(task_id, safe='')}/cancel", b"{}", {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+    def _task_logs(self, task_id: str) -> _Request:
+        return _Request("GET", f"/v1/tasks/{quote(task_id, safe='')}/logs")
+
+
 class Client(_Calls):
     """Blocking client. ``Client("http://127.0.0.1:7070", token=...)``; several URLs may be
     given (a list or comma-separated); the rest are learned from the cluster."""
@@ -221,6 +254,24 @@ class Client(_Calls):
         undone); the answer says how many log entries were undone."""
         return self._call(self._rollback(checkpoint))
 
+    def submit_task(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        """Submits a task (the spec's fields: README, "Tasks"); ``{"task_id", "duplicate", "task"}``.
+        With an idempotency key, a second submission returns the first task."""
+        return self._call(self._submit_task(spec, idempotency_key))
+
+    def task(self, task_id: str, wait: float = 0.0) -> dict:
+        """The task's state; ``wait`` > 0: until it ends or that many seconds pass."""
+        return self._call(self._task(task_id, wait))
+
+    def tasks(self, state: str | None = None, limit: int = 100, start_after: str | None = None) -> dict:
+        return self._call(self._tasks(state, limit, start_after))
+
+    def cancel_task(self, task_id: str) -> dict:
+        return self._call(self._cancel_task(task_id))
+
+    def task_logs(self, task_id: str) -> dict:
+        return self._call(self._task_logs(task_id))
+
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """Any other API call (e.g. membership), with the same retry policy."""
         headers = {REQUEST_ID_HEADER: uuid.uuid4().hex} if method != "GET" else {}
@@ -228,7 +279,7 @@ class Client(_Calls):
 
     def _call(self, req: _Request) -> Any:
         deadline = time.monotonic() + self._timeout
-        attempt, last = 0, None
+        attempt, last, follows = 0, None, 0
         while True:
             url = self._endpoints.urls[0]
             try:
@@ -236,6 +287,9 @@ class Client(_Calls):
                 if status not in _RETRY_STATUSES:
                     return _interpret(status, payload)
                 last = _interpret_quiet(status, payload)
+                if follows < 3 and self._endpoints.follow(status, payload):
+                    follows += 1  # bounded: two nodes that name each other must not spin
+                    continue
             except (OSError, http.client.HTTPException) as e:
                 self._conns.pop(url, None)
                 last = SynapseError(503, "unreachable", f"{url}: {e}", {"outcome_unknown": True})
@@ -323,6 +377,18 @@ class AsyncClient(_Calls):
     async def rollback(self, checkpoint: int) -> dict:
         return await self._call(self._rollback(checkpoint))
 
+    async def submit_task(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        return await self._call(self._submit_task(spec, idempotency_key))
+
+    async def task(self, task_id: str, wait: float = 0.0) -> dict:
+        return await self._call(self._task(task_id, wait))
+
+    async def tasks(self, state: str | None = None, limit: int = 100, start_after: str | None = None) -> dict:
+        return await self._call(self._tasks(state, limit, start_after))
+
+    async def cancel_task(self, task_id: str) -> dict:
+        return await self._call(self._cancel_task(task_id))
+
     async def _call(self, req: _Request) -> Any:
         import aiohttp
 
@@ -330,7 +396,7 @@ class AsyncClient(_Calls):
             self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._token}"})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        attempt, last = 0, None
+        attempt, last, follows = 0, None, 0
         while True:
             url = self._endpoints.urls[0]
             try:
@@ -343,6 +409,9 @@ class AsyncClient(_Calls):
                     if resp.status not in _RETRY_STATUSES:
                         return _interpret(resp.status, payload)
                     last = _interpret_quiet(resp.status, payload)
+                    if follows < 3 and self._endpoints.follow(resp.status, payload):
+                        follows += 1  # bounded: two nodes that name each other must not spin
+                        continue
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 last = SynapseError(503, "unreachable", f"{url}: {e!r}", {"outcome_unknown": True})
             self._endpoints.rotate()

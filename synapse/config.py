@@ -4,6 +4,7 @@ over defaults. Every bad setting is refused with a message naming it and the fix
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -50,11 +51,25 @@ class NodeConfig:
     # Allows POST /v1/debug/corrupt (synapse debug corrupt) on this node: tests and chaos
     # runs only — it changes this node's state behind the log's back.
     debug_fault_injection: bool = False
+    # An execution node silent this long is marked down and its tasks rescheduled.
+    heartbeat_timeout: float = 5.0
+    # Task slots of the worker embedded in this node: -1 (auto) is the CPU count in local
+    # mode (no peers) and none in a cluster, where `synapse worker start` runs them.
+    worker_slots: int = -1
+    # The embedded worker's sandbox: auto (bubblewrap when usable, else a plain process),
+    # bwrap, process or container (synapse/execution/DESIGN.md).
+    worker_driver: str = "auto"
     tuning: RaftTuning = field(default_factory=RaftTuning)
 
     @property
     def multi_node(self) -> bool:
         return bool(self.peers)
+
+    @property
+    def embedded_worker_slots(self) -> int:
+        if self.worker_slots >= 0:
+            return self.worker_slots
+        return 0 if self.multi_node else (os.cpu_count() or 1)
 
     def api_host_port(self) -> tuple[str, int]:
         return split_address("api", self.api)
@@ -134,6 +149,8 @@ _RANGES: dict[str, tuple[type, float, float, str]] = {
     "checkpoint_interval": (int, 0, 10_000_000, "0 (on demand only) to 10,000,000 entries"),
     "checkpoint_retain": (int, 0, 10_000, "0 (no rollback) to 10,000 snapshots"),
     "checkpoint_seconds": (float, 0.1, 86_400, "0.1 to 86,400 seconds"),
+    "heartbeat_timeout": (float, 0.5, 600, "0.5 to 600 seconds"),
+    "worker_slots": (int, -1, 4096, "-1 (auto), 0 (no embedded worker) to 4096 slots"),
 }
 
 
@@ -158,6 +175,10 @@ def _coerce(name: str, raw: Any) -> Any:
             return check_node_id(name, str(raw))
         if name in ("api", "raft"):
             split_address(name, str(raw))
+            return str(raw)
+        if name == "worker_driver":
+            if str(raw) not in ("auto", "bwrap", "process", "container"):
+                raise ConfigError(name, f"{raw!r} is not auto, bwrap, process or container")
             return str(raw)
         if name == "storage":
             s = str(raw)

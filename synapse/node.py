@@ -24,6 +24,7 @@ from synapse.integrity.catchup import CatchUpPlanner, ContainerLoader
 from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots, NotRetained
+from synapse.orchestrator.scheduler import Scheduler
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
 from synapse.storage import open_storage
@@ -69,6 +70,8 @@ class Node:
         self.audit: AuditTrail | None = None
         self.snapshots: CheckpointSnapshots | None = None
         self.catchup: CatchUpPlanner | None = None
+        self.scheduler = Scheduler(self, self.config.heartbeat_timeout)
+        self.worker = None  # the embedded execution node (local mode)
         self.started = False
 
     # --- lifecycle (asyncio) ---
@@ -127,11 +130,19 @@ class Node:
             raise NodeError(f"cannot listen on the API address {cfg.api}: {e.strerror}") from e
         self._register_task = self._loop.create_task(self._register_self(), name="register")
         self._checkpoint_task = self._loop.create_task(self._periodic_checkpoints(), name="checkpoints")
+        self.scheduler.start()
+        if cfg.embedded_worker_slots > 0:
+            await self._start_worker(cfg.embedded_worker_slots)
         self.started = True
         log.info("node %s: API on http://%s, Raft on %s, data in %s", cfg.node_id, cfg.api, cfg.raft, data_dir)
 
     async def stop(self) -> None:
         """Stops serving, then Raft, then writes out what the materializer still holds."""
+        if self.worker is not None:
+            # Its tasks are cancelled; their leases lapse when the cluster marks it down.
+            await self._loop.run_in_executor(None, self.worker.close)
+            self.worker = None
+        await self.scheduler.close()
         if self._api_runner is not None:
             await self._api_runner.cleanup()
             self._api_runner = None
@@ -241,6 +252,8 @@ class Node:
             self.materializer.submit(index, outcome.changes)
         if self.integrity is not None:
             self.integrity.entry_applied(index, outcome, digest)
+        if outcome.events:
+            self.scheduler.entry_applied(outcome.events)
         if self.audit is not None:
             self.audit.append(index, outcome.chain, digest)
             if index % 10_000 == 0 and len(self.raft.journal):
@@ -308,6 +321,18 @@ class Node:
                 await self.integrity.propose_if_due(self.raft.applied()[0])
 
     # --- internals ---
+
+    async def _start_worker(self, slots: int) -> None:
+        from synapse.execution.worker import Worker  # the sandbox is only needed with a worker
+
+        cfg = self.config
+        try:
+            self.worker = Worker(self.api_url, self.root_token, worker_id=cfg.node_id, slots=slots,
+                                 driver=cfg.worker_driver, request_timeout=cfg.request_timeout)
+        except Exception as e:  # SandboxUnavailable: the driver asked for cannot run here
+            await self.stop()
+            raise NodeError(f"the embedded worker cannot start: {e}") from e
+        self.worker.start()
 
     async def _register_self(self) -> None:
         """Publishes this node's API address in the replicated state, so any node can tell

@@ -74,9 +74,51 @@ class NodeProc:
 
 
 @dataclass
+class WorkerProc:
+    """An execution node: `synapse worker start` in its own process group (a SIGKILL of the
+    worker leaves its sandboxes to their own death-with-parent, as on a real machine)."""
+
+    worker_id: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProc":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
 class Cluster:
     root: Path
     nodes: list[NodeProc] = field(default_factory=list)
+    workers: list[WorkerProc] = field(default_factory=list)
     token: str = ""
 
     @classmethod
@@ -117,7 +159,21 @@ class Cluster:
         self.token = (self.nodes[0].data_dir / "root.token").read_text().strip()
         return self
 
+    def worker(self, worker_id: str, slots: int = 2, extra: list[str] | None = None) -> WorkerProc:
+        """An execution node joining this cluster (not started)."""
+        args = SYNAPSE + ["worker", "start", "--join", ",".join(n.url for n in self.nodes), "--token", self.token,
+                          "--id", worker_id, "--slots", str(slots), *(extra or [])]
+        w = WorkerProc(worker_id, args, self.root / f"{worker_id}.log")
+        self.workers.append(w)
+        return w
+
     def close(self) -> None:
+        for w in self.workers:
+            try:
+                w.resume()
+            except (ProcessLookupError, AttributeError):
+                pass
+            w.stop()
         for n in self.nodes:
             if n.alive():
                 try:

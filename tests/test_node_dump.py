@@ -1,5 +1,9 @@
 """Log compaction through our dump file: a node restarts from it, and a node that missed the
-compacted entries catches up by receiving it from the leader (FIELD-NOTES.md: raw chunks)."""
+compacted entries catches up by receiving it from the leader (FIELD-NOTES.md: raw chunks).
+
+Single nodes here run without the embedded execution node (``worker_slots=0``): its
+registration at every start is a write, and these tests compare the exact state across
+restarts."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def _compact(node: synapse.Node, dump: Path) -> None:
 
 def test_restart_from_the_dump_keeps_state_and_hash(tmp_path):
     api, raft = free_ports(2)
-    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}")
+    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}", worker_slots=0)
     with synapse.Node(cfg) as node, synapse.Client(node.api_url, node.root_token) as c:
         _wait(lambda: c.status()["leader"] is not None, what="a leader")
         for i in range(50):
@@ -89,7 +93,7 @@ def test_writes_go_on_while_a_dump_is_written_and_all_survive_a_restart(tmp_path
     """The dump is written from a frozen view on its own thread: writes proposed meanwhile are
     acknowledged, land after the dump's index, and are replayed from the log on restart."""
     api, raft = free_ports(2)
-    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}")
+    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}", worker_slots=0)
     with synapse.Node(cfg) as node, synapse.Client(node.api_url, node.root_token) as c:
         _wait(lambda: c.status()["leader"] is not None, what="a leader")
         c.txn(then=[{"op": "put", "key": f"big/{i}", "value": "x" * 100} for i in range(128)])
@@ -117,7 +121,7 @@ def test_a_kill_between_the_dump_rename_and_the_log_cut_loses_nothing(tmp_path, 
     from synapse.cluster.journal import SegmentedJournal
 
     api, raft = free_ports(2)
-    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}")
+    cfg = NodeConfig(data_dir=tmp_path, api=f"127.0.0.1:{api}", raft=f"127.0.0.1:{raft}", worker_slots=0)
     monkeypatch.setattr(SegmentedJournal, "deleteEntriesTo", lambda self, n: None)
     with synapse.Node(cfg) as node, synapse.Client(node.api_url, node.root_token) as c:
         _wait(lambda: c.status()["leader"] is not None, what="a leader")

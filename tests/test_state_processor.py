@@ -752,7 +752,7 @@ def test_rollback_announces_an_agreed_checkpoint_and_must_be_alone(log, proc):
 
 def test_finish_rollback_continues_the_chain_and_keeps_the_agreement(proc):
     proc.apply_entry(1, encode_entry([{"op": "checkpoint"}]))
-    proc.finish_rollback(9, b"z" * 32, 1, [b"d" * 32, b"c" * 32])
+    proc.finish_rollback(9, b"z" * 32, 1, [b"d" * 32, b"c" * 32], proc.store.clone())
     assert proc.chain() == (9, b"z" * 32)
     assert proc.checkpoint(1)["agreed"] == [b"d" * 32, b"c" * 32]
     assert keys.decode_rollback(proc.store.get(keys.ROLLBACK)) == (9, 1)

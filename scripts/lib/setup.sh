@@ -42,14 +42,19 @@ build_core() {
         echo "error: the extension synapse._core did not build; see the maturin output above" >&2
         exit 1
     }
+    # The native task launcher the sandbox runs per task (rust/launch), next to its module.
+    echo "== building synapse-launch (cargo, release)"
+    cargo build --release --quiet -p synapse-launch
+    install -m 0755 target/release/synapse-launch synapse/execution/synapse-launch
 }
 
 # Debian packages the tests need: the network-partition tests (tests/test_partition.py) and
 # chaos runs in namespaces use `ip netns` (iproute2) and iptables; the chaos clock nemesis
-# uses libfaketime's `faketime`. Installed only when running as root with apt-get; not as
-# root, those tests skip themselves. Quiet and idempotent: `apt-get update` runs only when
-# something is missing.
-DEB_PACKAGES=(iproute2 iptables faketime)
+# uses libfaketime's `faketime`; the task sandbox's bwrap driver (synapse/execution,
+# tests/test_sandbox.py) runs tasks under bubblewrap. Installed only when running as root
+# with apt-get; not as root, those tests skip themselves. Quiet and idempotent:
+# `apt-get update` runs only when something is missing.
+DEB_PACKAGES=(iproute2 iptables faketime bubblewrap)
 
 ensure_debian_packages() {
     [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 || return 0

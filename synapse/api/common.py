@@ -94,7 +94,9 @@ def request_id(request: web.Request) -> str:
 
 
 # Results that refuse a command for the state it met (HTTP 409), as opposed to a bug (500).
-_REFUSED = {"unknown_checkpoint", "not_agreed", "unknown_node"}
+_REFUSED = {"unknown_checkpoint", "not_agreed", "unknown_node", "already_finished", "lease_revoked", "not_pending",
+            "not_due", "worker_not_up", "stale_epoch", "task_exists"}
+_NOT_FOUND = {"unknown_task", "unknown_worker"}
 
 
 async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False) -> dict:
@@ -110,7 +112,7 @@ async def propose(request: web.Request, command: dict, size_hint: int, alone: bo
             raise ApiError(409, "conflict", result.get("message", "the condition failed"),
                            key=result.get("key"), current_version=result.get("current_version", 0))
         error = result.get("error", "internal")
-        status = 400 if error == "bad_command" else 409 if error in _REFUSED else 500
+        status = 400 if error == "bad_command" else 404 if error in _NOT_FOUND else 409 if error in _REFUSED else 500
         raise ApiError(status, error, result.get("message", "the command failed"))
     return result
 

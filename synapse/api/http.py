@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from synapse.api import integrity
+from synapse.api import integrity, tasks
 from synapse.api.common import (
     MAX_BODY,
     NODE_KEY,
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 MAX_SCAN_LIMIT = 10_000
 _PUBLIC = {"/health"}
 # Refused by a node whose state is known to differ from the agreed one (it is repairing).
-_KV_PATHS = ("/v1/kv", "/v1/txn")
+# Answered from this node's state: refused while it is known to differ from the agreed one.
+_STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers")
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
 
 
@@ -76,7 +77,7 @@ async def errors_and_auth(request: web.Request, handler):
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token or not node.check_token(token.strip()):
                 raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (the root token printed at first start)")
-        if request.path.startswith(_KV_PATHS) and not node.serving:
+        if request.path.startswith(_STATE_PATHS) and not node.serving:
             status = node.integrity.status()
             raise ApiError(503, "diverged", f"this node's state differs from the one agreed at checkpoint "
                            f"{status['diverged_at']}; it is repairing itself ({status['service']}) — send the "
@@ -273,6 +274,7 @@ def cluster_status(node: "Node") -> dict:
         "applied_index": applied_index,
         "state_hash": digest.hex(),
         "members": members,
+        "workers": tasks.workers_view(node),
         "checkpoint": checkpoint,
         "catchup": node.catchup.stats.as_dict() if node.catchup is not None else None,
     }
@@ -333,6 +335,13 @@ def _raft_callback(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, Any
     return fut, done
 
 
+def _voters(node: "Node") -> set[str]:
+    """The Raft configuration as this node applies it (it changes when appended, so a
+    follower's view can run ahead of a commit by one change)."""
+    raft = node.raft.status()
+    return {raft["raft_addr"], *raft["peers"]}
+
+
 async def add_member(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await json_body(request, {"node_id", "raft", "api"}, {"node_id", "raft", "api"})
@@ -342,11 +351,13 @@ async def add_member(request: web.Request) -> web.Response:
         split_address("api", str(body["api"]))
     except ConfigError as e:
         raise ApiError(400, "bad_request", str(e)) from None
-    fut, done = _raft_callback(asyncio.get_running_loop())
-    node.raft.addNodeToCluster(body["raft"], callback=done)
-    err = await asyncio.wait_for(fut, node.config.request_timeout)
-    if err != 0:
-        raise ApiError(409, "membership_change_failed", f"adding {body['raft']} failed (PySyncObj reason {err}); only one change at a time, on a cluster with a leader")
+    # Idempotent: a retry after a timed-out add (the voter is in already) only registers it.
+    if body["raft"] not in _voters(node):
+        fut, done = _raft_callback(asyncio.get_running_loop())
+        node.raft.addNodeToCluster(body["raft"], callback=done)
+        err = await asyncio.wait_for(fut, node.config.request_timeout)
+        if err != 0:
+            raise ApiError(409, "membership_change_failed", f"adding {body['raft']} failed (PySyncObj reason {err}); only one change at a time, on a cluster with a leader")
     await propose(request, {"op": "register_node", "node_id": body["node_id"], "raft": body["raft"], "api": body["api"], "rid": request_id(request)}, 256)
     return web.json_response({"added": body["node_id"]})
 
@@ -362,11 +373,13 @@ async def remove_member(request: web.Request) -> web.Response:
         status = cluster_status(node)
         raise ApiError(409, "send_elsewhere", "this node is the one being removed; send the request to another node",
                        leader=status["leader"], leader_api=status["leader_api"])
-    fut, done = _raft_callback(asyncio.get_running_loop())
-    node.raft.removeNodeFromCluster(info["raft"], callback=done)
-    err = await asyncio.wait_for(fut, node.config.request_timeout)
-    if err != 0:
-        raise ApiError(409, "membership_change_failed", f"removing {node_id} failed (PySyncObj reason {err})")
+    # Idempotent: a retry after a timed-out removal (the voter is out already) only unregisters it.
+    if info["raft"] in _voters(node):
+        fut, done = _raft_callback(asyncio.get_running_loop())
+        node.raft.removeNodeFromCluster(info["raft"], callback=done)
+        err = await asyncio.wait_for(fut, node.config.request_timeout)
+        if err != 0:
+            raise ApiError(409, "membership_change_failed", f"removing {node_id} failed (PySyncObj reason {err})")
     await propose(request, {"op": "unregister_node", "node_id": node_id, "rid": request_id(request)}, 128)
     return web.json_response({"removed": node_id})
 
@@ -408,6 +421,7 @@ def make_app(node: "Node") -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     integrity.add_routes(app)
+    tasks.add_routes(app)
     return app
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from synapse.client import Client, ConflictError, SynapseError
+from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.tasks import task, worker
+from synapse.client import Client
 from synapse.config import ConfigError, load_config
 
 
@@ -46,6 +48,9 @@ def node() -> None:
 @click.option("--checkpoint-retain", type=int, help="Keep snapshots of the newest N checkpoints, the ones rollback can reach (default 5).")
 @click.option("--debug-fault-injection", is_flag=True, default=None, help="Allow `synapse debug corrupt` against this node (tests and chaos runs only).")
 @click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
+@click.option("--heartbeat-timeout", type=float, help="Seconds of silence before an execution node is marked down and its tasks rescheduled (default 5).")
+@click.option("--worker-slots", type=int, help="Slots of the embedded execution node (-1 auto: the CPU count in local mode, none in a cluster; 0: none).")
+@click.option("--worker-driver", type=click.Choice(["auto", "bwrap", "process", "container"]), help="The embedded execution node's sandbox (default auto).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def node_start(config_file, log_level, **flags) -> None:
     """Start a node in the foreground; Ctrl-C stops it cleanly."""
@@ -106,51 +111,8 @@ def _announce(node) -> None:
 # --- clients ---
 
 
-def _option(ctx: click.Context, name: str):
-    """The value of a client option given on the group (``synapse kv --url ... get``)."""
-    while ctx is not None:
-        if ctx.params.get(name) is not None:
-            return ctx.params[name]
-        ctx = ctx.parent
-    return None
-
-
-def _client(ctx: click.Context) -> Client:
-    url = _option(ctx, "url") or os.environ.get("SYNAPSE_URL") or "http://127.0.0.1:7070"
-    token = _option(ctx, "token") or os.environ.get("SYNAPSE_TOKEN")
-    if not token:
-        token_file = Path(_option(ctx, "token_file") or os.environ.get("SYNAPSE_TOKEN_FILE") or "synapse-data/root.token")
-        try:
-            token = token_file.read_text().strip()
-        except OSError:
-            raise click.UsageError(
-                f"no token: pass --token, set SYNAPSE_TOKEN, or --token-file (tried {token_file})"
-            ) from None
-    return Client(url, token)
-
-
-def _client_options(f):
-    f = click.option("--url", help="A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070).")(f)
-    f = click.option("--token", help="API token (default $SYNAPSE_TOKEN).")(f)
-    f = click.option("--token-file", help="File holding the API token (default ./synapse-data/root.token).")(f)
-    return f
-
-
-def _run(fn):
-    try:
-        return fn()
-    except ConflictError as e:
-        raise click.ClickException(f"conflict: {e.body.get('message')} (current version {e.current_version})") from None
-    except SynapseError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _print(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
 @main.group()
-@_client_options
+@client_options
 def kv(url, token, token_file) -> None:
     """Read and write keys."""
 
@@ -160,11 +122,11 @@ def kv(url, token, token_file) -> None:
 @click.option("--stale", is_flag=True, help="Read this node's local state (may lag).")
 @click.pass_context
 def kv_get(ctx, key, stale) -> None:
-    with _client(ctx) as c:
-        r = _run(lambda: c.get(key, "stale" if stale else "linearizable"))
+    with client_from(ctx) as c:
+        r = run_call(lambda: c.get(key, "stale" if stale else "linearizable"))
     if r is None:
         raise click.ClickException(f"key {key!r} does not exist")
-    _print(r)
+    print_json(r)
 
 
 @kv.command("put")
@@ -180,8 +142,8 @@ def kv_put(ctx, key, value, if_version, string) -> None:
             value = json.loads(value)
         except ValueError:
             raise click.UsageError(f"VALUE {value!r} is not JSON; quote it as '\"...\"' or pass --string") from None
-    with _client(ctx) as c:
-        _print(_run(lambda: c.put(key, value, if_version)))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.put(key, value, if_version)))
 
 
 @kv.command("delete")
@@ -189,8 +151,8 @@ def kv_put(ctx, key, value, if_version, string) -> None:
 @click.option("--if-version", type=int)
 @click.pass_context
 def kv_delete(ctx, key, if_version) -> None:
-    with _client(ctx) as c:
-        _print(_run(lambda: c.delete(key, if_version)))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.delete(key, if_version)))
 
 
 @kv.command("scan")
@@ -198,14 +160,14 @@ def kv_delete(ctx, key, if_version) -> None:
 @click.option("--limit", type=int, default=100)
 @click.pass_context
 def kv_scan(ctx, prefix, limit) -> None:
-    with _client(ctx) as c:
-        r = _run(lambda: c.scan(prefix, limit))
+    with client_from(ctx) as c:
+        r = run_call(lambda: c.scan(prefix, limit))
     for item in r["items"]:
         click.echo(f"{item['key']}\t{json.dumps(item['value'], ensure_ascii=False)}\tv{item['version']}")
 
 
 @main.group()
-@_client_options
+@client_options
 def cluster(url, token, token_file) -> None:
     """Inspect and change the cluster."""
 
@@ -214,10 +176,10 @@ def cluster(url, token, token_file) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def cluster_status(ctx, as_json) -> None:
-    with _client(ctx) as c:
-        s = _run(c.status)
+    with client_from(ctx) as c:
+        s = run_call(c.status)
     if as_json:
-        _print(s)
+        print_json(s)
         return
     click.echo(f"node {s['node_id']}  leader {s['leader']}  term {s['term']}  "
                f"commit {s['commit_index']}  applied {s['applied_index']}")
@@ -235,13 +197,16 @@ def cluster_status(ctx, as_json) -> None:
         agrees = {True: "agrees", False: "DIFFERS", None: "-"}[m.get("checkpoint_agrees")]
         rows.append((m["node_id"] or "?", m["raft"], m["api"] or "?", role + (" (this)" if m["self"] else ""),
                      "yes" if m["connected"] else "NO", agrees))
-    _table(rows)
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    table(rows)
+    if s.get("workers"):
+        click.echo("")
+        rows = [("WORKER", "STATE", "RUNNING", "SLOTS", "SANDBOX", "HEARD", "LABELS")]
+        for w in s["workers"]:
+            heard = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f} s ago"
+            state = w["state"] + (f" ({w['reason']})" if w["state"] == "down" and w.get("reason") else "")
+            rows.append((w["worker_id"], state, str(w["running"]), str(w["slots"]), w.get("driver") or "?", heard,
+                         ",".join(f"{k}={v}" for k, v in w["labels"].items()) or "-"))
+        table(rows)
 
 
 @cluster.command("add")
@@ -251,8 +216,8 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @click.pass_context
 def cluster_add(ctx, node_id, raft, api) -> None:
     """Add a voter (start it with --peers listing the current voters first)."""
-    with _client(ctx) as c:
-        _print(_run(lambda: c.request("POST", "/v1/cluster/members", {"node_id": node_id, "raft": raft, "api": api})))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.request("POST", "/v1/cluster/members", {"node_id": node_id, "raft": raft, "api": api})))
 
 
 @cluster.command("remove")
@@ -260,8 +225,8 @@ def cluster_add(ctx, node_id, raft, api) -> None:
 @click.pass_context
 def cluster_remove(ctx, node_id) -> None:
     """Remove a voter (sent to the leader: a node cannot see its own removal through)."""
-    with _client(ctx) as c, _leader_client(c) as leader:
-        _print(_run(lambda: leader.request("DELETE", f"/v1/cluster/members/{node_id}")))
+    with client_from(ctx) as c, _leader_client(c) as leader:
+        print_json(run_call(lambda: leader.request("DELETE", f"/v1/cluster/members/{node_id}")))
 
 
 @cluster.command("transfer-leader")
@@ -269,12 +234,12 @@ def cluster_remove(ctx, node_id) -> None:
 @click.pass_context
 def cluster_transfer(ctx, node_id) -> None:
     """Hand leadership to NODE_ID (default: the most caught-up follower)."""
-    with _client(ctx) as c, _leader_client(c) as leader:
-        _print(_run(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
+    with client_from(ctx) as c, _leader_client(c) as leader:
+        print_json(run_call(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
 
 
 @main.group()
-@_client_options
+@client_options
 def checkpoint(url, token, token_file) -> None:
     """Make and list checkpoints (state digests agreed by a majority)."""
 
@@ -284,8 +249,8 @@ def checkpoint(url, token, token_file) -> None:
 @click.option("--wait/--no-wait", default=True, help="Wait until a majority agreed on its digest (default).")
 @click.pass_context
 def checkpoint_create(ctx, label, wait) -> None:
-    with _client(ctx) as c:
-        _print(_run(lambda: c.checkpoint(label, wait)))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.checkpoint(label, wait)))
 
 
 @checkpoint.command("list")
@@ -293,10 +258,10 @@ def checkpoint_create(ctx, label, wait) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def checkpoint_list(ctx, limit, as_json) -> None:
-    with _client(ctx) as c:
-        items = _run(lambda: c.checkpoints(limit))
+    with client_from(ctx) as c:
+        items = run_call(lambda: c.checkpoints(limit))
     if as_json:
-        _print(items)
+        print_json(items)
         return
     rows = [("INDEX", "LABEL", "AGREED DIGEST", "NODES")]
     for ck in items:
@@ -306,11 +271,11 @@ def checkpoint_list(ctx, limit, as_json) -> None:
         missing = " ".join(f"{n}:-" for n in ck["missing"])
         rows.append((str(ck["index"]), ck["label"] or "", ck["digest"][:16] if ck["agreed"] else "(not agreed)",
                      (nodes + " " + missing).strip()))
-    _table(rows)
+    table(rows)
 
 
 @main.group()
-@_client_options
+@client_options
 def debug(url, token, token_file) -> None:
     """Fault injection for tests and chaos runs (the node must allow it)."""
 
@@ -329,13 +294,13 @@ def debug_corrupt(ctx, key, value, delete) -> None:
     except ValueError:
         raise click.UsageError(f"--value {value!r} is not JSON") from None
     body = {"key": key, "delete": True} if delete else {"key": key, "value": parsed}
-    with _client(ctx) as c:
-        _print(_run(lambda: c.request("POST", "/v1/debug/corrupt", body)))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.request("POST", "/v1/debug/corrupt", body)))
 
 
 @main.command("rollback")
 @click.argument("checkpoint", type=int)
-@_client_options
+@client_options
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def rollback_cmd(ctx, checkpoint, url, token, token_file, yes) -> None:
@@ -343,8 +308,8 @@ def rollback_cmd(ctx, checkpoint, url, token, token_file, yes) -> None:
     every write after it is undone, on every node."""
     if not yes:
         click.confirm(f"Undo every write after checkpoint {checkpoint}, on every node?", abort=True)
-    with _client(ctx) as c:
-        _print(_run(lambda: c.rollback(checkpoint)))
+    with client_from(ctx) as c:
+        print_json(run_call(lambda: c.rollback(checkpoint)))
 
 
 @main.group()
@@ -357,8 +322,8 @@ def chaos() -> None:
 @click.option("--duration", type=float, default=30.0, help="Seconds of load and faults per run (default 30).")
 @click.option("--clients", type=click.IntRange(1, 256), default=8, help="Concurrent clients (default 8).")
 @click.option("--keys", type=click.IntRange(1, 10_000), default=6, help="Keys they share (default 6).")
-@click.option("--nemesis", default="kill,pause", help="Comma-separated faults, or 'all' (loopback: kill, kill-leader, kill-majority, pause, restart-all, corrupt; netns adds partition-halves, isolate-leader, one-way, ring, bridge).")
-@click.option("--mode", type=click.Choice(["auto", "loopback", "netns"]), default="auto", help="netns: each node in its own network namespace (root); loopback: 127.0.0.1, kills and pauses only. auto: netns when possible.")
+@click.option("--nemesis", default="kill,pause", help="Comma-separated faults, or 'all' (loopback: kill, kill-leader, kill-majority, pause, restart-all, corrupt, membership, clock; netns adds partition-halves, isolate-leader, one-way, ring, bridge, packet-loss).")
+@click.option("--mode", type=click.Choice(["auto", "loopback", "netns"]), default="auto", help="netns: each node in its own network namespace (root); loopback: 127.0.0.1, no network faults. auto: netns when possible.")
 @click.option("--mix", type=click.IntRange(1, 5), default=1, help="Up to this many different faults at once (default 1).")
 @click.option("--runs", type=click.IntRange(1, 10_000), default=1, help="Runs, each with its own cluster and seed.")
 @click.option("--seed", type=int, default=None, help="Seed of the first run (default: random).")
@@ -425,7 +390,7 @@ def audit_verify(data_dir, as_json) -> None:
 
     result = verify(data_dir)
     if as_json:
-        _print(result.as_dict())
+        print_json(result.as_dict())
     elif result.ok:
         click.echo(f"audit: OK — {result.entries_replayed} entries replayed ({result.first_index} to {result.last_index}) "
                    f"from {result.base_source}, {result.entries_checked_against_trail} checked against the trail, "
@@ -450,17 +415,20 @@ def audit_tail(count, data_dir, as_json) -> None:
     except JournalError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        _print(items)
+        print_json(items)
     else:
         click.echo(format_tail(items))
 
 
 def _leader_client(c: Client) -> Client:
-    s = _run(c.status)
+    s = run_call(c.status)
     if not s.get("leader_api"):
         raise click.ClickException("the cluster has no leader right now; try again in a moment")
     return Client(f"http://{s['leader_api']}", c.token)
 
+
+main.add_command(task)
+main.add_command(worker)
 
 if __name__ == "__main__":
     main()

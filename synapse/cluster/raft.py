@@ -336,7 +336,7 @@ class ReplicatedLog(SyncObj):
             self._listener.rollback_failed(index, target, e)
             return None
         processor = self._processor_factory(store)
-        processor.finish_rollback(index, outcome.chain, target, [digest, chain])
+        processor.finish_rollback(index, outcome.chain, target, [digest, chain], self._processor.store)
         self._processor = processor
         log.warning("node %s: rolled back to checkpoint %d at entry %d", self.selfNode, target, index)
         return store

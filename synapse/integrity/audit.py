@@ -194,8 +194,8 @@ def verify(data_dir: Path, strict: bool = True) -> Verification:
             if restored is None:
                 return v.fail(index, f"entry {index} rolls back to checkpoint {rollback[1]}, whose state is neither "
                                      "in the replayed range nor retained in checkpoints/; cannot replay past it")
-            processor = CommandProcessor(restored)
-            processor.finish_rollback(index, outcome.chain, rollback[1], [rollback[2], rollback[3]])
+            before, processor = processor.store, CommandProcessor(restored)
+            processor.finish_rollback(index, outcome.chain, rollback[1], [rollback[2], rollback[3]], before)
         digest = processor.store.digest()
         v.entries_replayed += 1
         recorded = trail.get(index)

@@ -14,6 +14,18 @@ from typing import Any
 
 import msgpack
 
+from synapse.state import tasks
+from synapse.state.validation import (
+    CommandError,
+    LimitError,
+    check_fields,
+    check_uint,
+    is_int,
+    kind_of,
+    join_names,
+    short,
+)
+
 SCHEMA_VERSION = 1
 
 MAX_KEY_BYTES = 1024
@@ -23,11 +35,11 @@ MAX_TXN_CONDS = 64
 MAX_RID_CHARS = 128
 MAX_NODE_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 255
-MAX_UINT64 = (1 << 64) - 1  # msgpack's integer range; versions and indexes stay inside it
 MAX_LABEL_CHARS = 128
 DIGEST_BYTES = 32
 
-OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report", "rollback")
+OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report", "rollback",
+       "task_submit", "task_cancel", "task_assign", "task_start", "task_finish", "worker_register", "worker_down")
 TXN_OPS = ("put", "delete", "get")
 
 # op -> (required fields, optional fields); "op" itself is implied.
@@ -41,30 +53,15 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "checkpoint": ((), ("label", "created_ms", "rid")),
     "checkpoint_report": (("checkpoint", "node_id", "digest", "chain"), ("rid",)),
     "rollback": (("checkpoint",), ("rid",)),
+    **tasks.FIELDS,  # the task and worker ops: synapse/state/tasks.py
 }
+_TASK_OPS = frozenset(tasks.FIELDS)
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
     "delete": ("key",),
     "get": ("key",),
 }
 _COND_TESTS = ("version", "value", "exists")
-
-
-class CommandError(ValueError):
-    """A command is malformed.
-
-    ``field`` is the path of the offending field (``key``, ``then[2].value``, ``if[0]``);
-    ``message`` is the whole human-readable text, which starts with that path and says how to
-    fix it. ``str(error) == error.message``."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class LimitError(CommandError):
-    """A command is well formed but over a size or count limit (HTTP 413, not 400)."""
 
 
 class EntryError(ValueError):
@@ -88,17 +85,17 @@ def decode_entry(payload: bytes) -> list[Any]:
     if not isinstance(entry, list) or len(entry) != 2:
         raise EntryError(
             f"entry: expected a 2-element array [schema_version, [command, ...]], "
-            f"got {_kind(entry)}; build entries with encode_entry"
+            f"got {kind_of(entry)}; build entries with encode_entry"
         )
     version, commands = entry
-    if not _is_int(version) or version != SCHEMA_VERSION:
+    if not is_int(version) or version != SCHEMA_VERSION:
         raise EntryError(
-            f"entry: schema version {_short(version)} is not supported (this node reads version "
+            f"entry: schema version {short(version)} is not supported (this node reads version "
             f"{SCHEMA_VERSION}); upgrade the node or re-encode the entry"
         )
     if not isinstance(commands, list):
         raise EntryError(
-            f"entry: expected an array of commands, got {_kind(commands)}; build entries with encode_entry"
+            f"entry: expected an array of commands, got {kind_of(commands)}; build entries with encode_entry"
         )
     return commands
 
@@ -113,23 +110,23 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
     if not isinstance(command, dict):
         raise CommandError(
             "command",
-            f'command: expected a map with an "op" field, got {_kind(command)}; '
+            f'command: expected a map with an "op" field, got {kind_of(command)}; '
             'send a map such as {"op": "put", "key": ..., "value": ...}',
         )
     if "op" not in command:
-        raise CommandError("op", f'op: missing; set "op" to one of {_names(OPS)}')
+        raise CommandError("op", f'op: missing; set "op" to one of {join_names(OPS)}')
     op = command["op"]
     if not isinstance(op, str) or op not in _FIELDS:
-        raise CommandError("op", f"op: unknown op {_short(op)}; use one of {_names(OPS)}")
+        raise CommandError("op", f"op: unknown op {short(op)}; use one of {join_names(OPS)}")
     required, optional = _FIELDS[op]
-    _check_fields(command, "", op, required, ("op", *optional))
+    check_fields(command, "", op, required, ("op", *optional))
 
     if "rid" in command:
         check_rid(command["rid"])
     if op in ("put", "delete"):
         check_key(command["key"])
         if "if_version" in command:
-            _check_uint(
+            check_uint(
                 command["if_version"], "if_version", 'use 0 for "must not exist" or the version you read'
             )
     if op == "put":
@@ -146,21 +143,23 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
         if "label" in command:
             check_label(command["label"])
         if "created_ms" in command:
-            _check_uint(command["created_ms"], "created_ms", "send milliseconds since the Unix epoch")
+            check_uint(command["created_ms"], "created_ms", "send milliseconds since the Unix epoch")
     elif op == "rollback":
-        _check_uint(command["checkpoint"], "checkpoint", "send the log index of an agreed checkpoint")
+        check_uint(command["checkpoint"], "checkpoint", "send the log index of an agreed checkpoint")
+    elif op in _TASK_OPS:
+        tasks.check_command(op, command, check_uint)
     elif op == "checkpoint_report":
-        _check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
+        check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
         check_node_id(command["node_id"])
         for name in ("digest", "chain"):
             if not isinstance(command[name], bytes) or len(command[name]) != DIGEST_BYTES:
-                raise CommandError(name, f"{name}: expected {DIGEST_BYTES} bytes, got {_short(command[name])}")
+                raise CommandError(name, f"{name}: expected {DIGEST_BYTES} bytes, got {short(command[name])}")
 
 
 def check_key(key: Any, field: str = "key") -> None:
     """A kv key: a string of 1 to MAX_KEY_BYTES bytes of UTF-8, with no NUL."""
     if not isinstance(key, str):
-        raise CommandError(field, f"{field}: expected a string, got {_kind(key)}; send the key as text")
+        raise CommandError(field, f"{field}: expected a string, got {kind_of(key)}; send the key as text")
     try:
         size = len(key.encode())
     except UnicodeEncodeError:
@@ -182,7 +181,7 @@ def check_value(value: Any, field: str = "value", *, check_json: bool = True) ->
     if not isinstance(value, bytes):
         raise CommandError(
             field,
-            f"{field}: expected bytes holding JSON text, got {_kind(value)}; "
+            f"{field}: expected bytes holding JSON text, got {kind_of(value)}; "
             "encode the JSON text as UTF-8 bytes",
         )
     if len(value) > MAX_VALUE_BYTES:
@@ -204,7 +203,7 @@ def check_rid(rid: Any, field: str = "rid") -> None:
     """A request id: a string of 1 to MAX_RID_CHARS characters, encodable as UTF-8."""
     if not isinstance(rid, str):
         raise CommandError(
-            field, f"{field}: expected a string, got {_kind(rid)}; send the request id as text"
+            field, f"{field}: expected a string, got {kind_of(rid)}; send the request id as text"
         )
     if not 1 <= len(rid) <= MAX_RID_CHARS:
         raise CommandError(
@@ -218,7 +217,7 @@ def check_rid(rid: Any, field: str = "rid") -> None:
 def check_node_id(node_id: Any, field: str = "node_id") -> None:
     if not isinstance(node_id, str):
         raise CommandError(
-            field, f"{field}: expected a string, got {_kind(node_id)}; send the node id as text"
+            field, f"{field}: expected a string, got {kind_of(node_id)}; send the node id as text"
         )
     if not 1 <= len(node_id) <= MAX_NODE_ID_CHARS:
         raise CommandError(
@@ -231,7 +230,7 @@ def check_node_id(node_id: Any, field: str = "node_id") -> None:
 def check_label(label: Any, field: str = "label") -> None:
     """A checkpoint label: 1 to MAX_LABEL_CHARS printable characters."""
     if not isinstance(label, str):
-        raise CommandError(field, f"{field}: expected a string, got {_kind(label)}; send the label as text")
+        raise CommandError(field, f"{field}: expected a string, got {kind_of(label)}; send the label as text")
     if not 1 <= len(label) <= MAX_LABEL_CHARS or not label.isprintable():
         raise CommandError(
             field, f"{field}: use 1 to {MAX_LABEL_CHARS} printable characters (got {len(label)} characters)"
@@ -246,7 +245,7 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
         if not isinstance(cond, dict):
             raise CommandError(
                 path,
-                f"{path}: expected a map, got {_kind(cond)}; "
+                f"{path}: expected a map, got {kind_of(cond)}; "
                 'write a condition as {"key": ..., "exists": true}',
             )
         tests = [name for name in _COND_TESTS if name in cond]
@@ -256,17 +255,17 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
                 f"{path}: has {len(tests)} tests; "
                 'give exactly one of "version", "value" or "exists" besides "key"',
             )
-        _check_fields(cond, f"{path}.", "condition", ("key", tests[0]), ())
+        check_fields(cond, f"{path}.", "condition", ("key", tests[0]), ())
         check_key(cond["key"], f"{path}.key")
         test = tests[0]
         if test == "version":
-            _check_uint(cond["version"], f"{path}.version", 'use 0 for "absent" or the version you read')
+            check_uint(cond["version"], f"{path}.version", 'use 0 for "absent" or the version you read')
         elif test == "value":
             check_value(cond["value"], f"{path}.value", check_json=check_json)
         elif not isinstance(cond["exists"], bool):
             raise CommandError(
                 f"{path}.exists",
-                f"{path}.exists: expected true or false, got {_kind(cond['exists'])}; send a boolean",
+                f"{path}.exists: expected true or false, got {kind_of(cond['exists'])}; send a boolean",
             )
     for branch in ("then", "else"):
         ops = _check_list(command.get(branch, []), branch, MAX_TXN_OPS, "operation")
@@ -275,53 +274,31 @@ def _check_txn(command: dict[str, Any], check_json: bool) -> None:
             if not isinstance(txop, dict):
                 raise CommandError(
                     path,
-                    f"{path}: expected a map, got {_kind(txop)}; "
+                    f"{path}: expected a map, got {kind_of(txop)}; "
                     'write an operation as {"op": "get", "key": ...}',
                 )
             op = txop.get("op")
             if not isinstance(op, str) or op not in _TXN_FIELDS:
                 raise CommandError(
                     f"{path}.op",
-                    f"{path}.op: unknown transaction op {_short(op)}; use one of {_names(TXN_OPS)}",
+                    f"{path}.op: unknown transaction op {short(op)}; use one of {join_names(TXN_OPS)}",
                 )
-            _check_fields(txop, f"{path}.", f"transaction {op}", _TXN_FIELDS[op], ("op",))
+            check_fields(txop, f"{path}.", f"transaction {op}", _TXN_FIELDS[op], ("op",))
             check_key(txop["key"], f"{path}.key")
             if op == "put":
                 check_value(txop["value"], f"{path}.value", check_json=check_json)
 
 
-def _check_fields(
-    item: dict[Any, Any], prefix: str, what: str, required: tuple[str, ...], optional: tuple[str, ...]
-) -> None:
-    allowed = (*required, *optional)
-    for name in item:  # a dict iterates in insertion order: the first unknown field is reported
-        if name not in allowed:
-            label = prefix + (name if isinstance(name, str) and len(name) <= 60 else _short(name))
-            raise CommandError(
-                label, f'{label}: unknown field for "{what}"; allowed fields are {_names(allowed)}'
-            )
-    for name in required:
-        if name not in item:
-            raise CommandError(
-                f"{prefix}{name}", f'{prefix}{name}: missing; "{what}" requires {_names(required)}'
-            )
-
-
 def _check_list(items: Any, field: str, limit: int, noun: str) -> list[Any]:
     if not isinstance(items, list):
         raise CommandError(
-            field, f"{field}: expected a list of {noun}s, got {_kind(items)}; send a list, even of one"
+            field, f"{field}: expected a list of {noun}s, got {kind_of(items)}; send a list, even of one"
         )
     if len(items) > limit:
         raise LimitError(
             field, f"{field}: {len(items)} {noun}s exceeds the {limit}-{noun} limit; split the transaction"
         )
     return items
-
-
-def _check_uint(number: Any, field: str, fix: str) -> None:
-    if not _is_int(number) or not 0 <= number <= MAX_UINT64:
-        raise CommandError(field, f"{field}: expected an integer >= 0, got {_short(number)}; {fix}")
 
 
 def _check_address(address: Any, field: str) -> None:
@@ -332,7 +309,7 @@ def _check_address(address: Any, field: str) -> None:
         )
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise CommandError(field, f"{field}: {_short(address)} is not host:port; {fix}")
+        raise CommandError(field, f"{field}: {short(address)} is not host:port; {fix}")
     _check_utf8(address, field)
 
 
@@ -347,31 +324,3 @@ def _check_utf8(text: str, field: str) -> None:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_KINDS = {
-    dict: "a map",
-    list: "a list",
-    str: "a string",
-    bytes: "bytes",
-    bool: "a boolean",
-    int: "an integer",
-}
-
-
-def _kind(value: Any) -> str:
-    return _KINDS.get(type(value), "null" if value is None else type(value).__name__)
-
-
-def _short(value: Any) -> str:
-    """A bounded repr: messages are returned to clients and must stay small."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _names(names: Iterable[str]) -> str:
-    return ", ".join(names)

@@ -22,6 +22,17 @@ CHAIN = b"meta/chain"
 CKPT = b"ckpt/"
 CKPT_COUNT = b"meta/ckpt_count"
 ROLLBACK = b"meta/rollback"
+TASK = b"task/"
+TASK_QUEUE = b"tq/"  # pending tasks: priority (inverted), then submit order
+TASK_LEASE = b"tlease/"  # leased tasks per worker: worker id, NUL, task id -> lease
+TASK_DONE = b"tdone/"  # ended tasks in the order they ended (retention eviction order)
+TASK_IDEM = b"tidem/"  # idempotency key -> task id
+TASK_DONE_COUNT = b"meta/task_done_count"
+LEASE_SEQ = b"meta/lease_seq"  # the last lease (fencing token) handed out
+WORKER = b"worker/"
+# Execution history (tasks, their queue and leases, workers): kept across a rollback.
+EXECUTION_PREFIXES = (TASK, TASK_QUEUE, TASK_LEASE, TASK_DONE, TASK_IDEM, WORKER)
+EXECUTION_META = (TASK_DONE_COUNT, LEASE_SEQ)
 GENESIS_CHAIN = bytes(32)
 
 _INDEX_BYTES = 8  # ridx/ keys sort by big-endian log index, so key order is eviction order
@@ -65,6 +76,54 @@ def split_ridx(store_key: bytes) -> tuple[int, str]:
     return int.from_bytes(body[:_INDEX_BYTES], "big"), body[_INDEX_BYTES:].decode()
 
 
+def task_key(task_id: str) -> bytes:
+    return TASK + task_id.encode()
+
+
+def task_name(store_key: bytes) -> str:
+    return store_key[len(TASK) :].decode()
+
+
+def task_queue_key(rank: int, index: int, task_id: str) -> bytes:
+    return TASK_QUEUE + rank.to_bytes(2, "big") + index.to_bytes(_INDEX_BYTES, "big") + task_id.encode()
+
+
+def task_queue_task(store_key: bytes) -> str:
+    return store_key[len(TASK_QUEUE) + 2 + _INDEX_BYTES :].decode()
+
+
+def task_lease_prefix(worker_id: str) -> bytes:
+    return TASK_LEASE + worker_id.encode() + b"\x00"  # ids have no NUL: no worker's prefix holds another's
+
+
+def task_lease_key(worker_id: str, task_id: str) -> bytes:
+    return task_lease_prefix(worker_id) + task_id.encode()
+
+
+def task_lease_task(store_key: bytes) -> str:
+    return store_key.split(b"\x00", 1)[1].decode()
+
+
+def task_done_key(index: int, task_id: str) -> bytes:
+    return TASK_DONE + index.to_bytes(_INDEX_BYTES, "big") + task_id.encode()
+
+
+def task_done_task(store_key: bytes) -> str:
+    return store_key[len(TASK_DONE) + _INDEX_BYTES :].decode()
+
+
+def task_idem_key(key: str) -> bytes:
+    return TASK_IDEM + key.encode()
+
+
+def worker_key(worker_id: str) -> bytes:
+    return WORKER + worker_id.encode()
+
+
+def worker_name(store_key: bytes) -> str:
+    return store_key[len(WORKER) :].decode()
+
+
 def prefix_end(prefix: bytes) -> bytes | None:
     """The smallest key greater than every key starting with ``prefix`` (None: no such key)."""
     stripped = prefix.rstrip(b"\xff")
@@ -73,21 +132,21 @@ def prefix_end(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-def _pack(value: Any) -> bytes:
+def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def _unpack(raw: bytes) -> Any:
+def unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False)
 
 
 def encode_kv(value: bytes, version: int, create_index: int, mod_index: int) -> bytes:
-    return _pack([value, version, create_index, mod_index])
+    return pack([value, version, create_index, mod_index])
 
 
 def decode_kv(key: str, raw: bytes) -> KvRecord:
     """Raises ValueError if the stored bytes are not a kv record."""
-    record = _unpack(raw)
+    record = unpack(raw)
     if (
         not isinstance(record, list)
         or len(record) != 4
@@ -99,77 +158,77 @@ def decode_kv(key: str, raw: bytes) -> KvRecord:
 
 
 def encode_node(api: str, raft: str, index: int) -> bytes:
-    return _pack({"api": api, "raft": raft, "index": index})
+    return pack({"api": api, "raft": raft, "index": index})
 
 
 def decode_node(raw: bytes) -> dict[str, Any]:
-    node = _unpack(raw)
+    node = unpack(raw)
     if not isinstance(node, dict):
         raise ValueError("state node/ entry: stored value is not a map")
     return node
 
 
 def encode_rid(index: int, result: dict[str, Any]) -> bytes:
-    return _pack([index, result])
+    return pack([index, result])
 
 
 def decode_rid(raw: bytes) -> tuple[int, dict[str, Any]]:
     """The (log index, result) of a request id's first application."""
-    record = _unpack(raw)
+    record = unpack(raw)
     if not isinstance(record, list) or len(record) != 2 or not isinstance(record[1], dict):
         raise ValueError("state rid/ entry: stored value is not [index, result]")
     return record[0], record[1]
 
 
 def encode_count(count: int) -> bytes:
-    return _pack(count)
+    return pack(count)
 
 
 def decode_count(raw: bytes | None) -> int:
     if raw is None:
         return 0
-    count = _unpack(raw)
+    count = unpack(raw)
     if type(count) is not int or count < 0:
         raise ValueError("state meta/rid_count: stored value is not a non-negative integer")
     return count
 
 
 def encode_chain(index: int, chain: bytes) -> bytes:
-    return _pack([index, chain])
+    return pack([index, chain])
 
 
 def decode_chain(raw: bytes | None) -> tuple[int, bytes]:
     """The (index, chain head) after the last applied entry; (0, 32 zero bytes) at genesis."""
     if raw is None:
         return 0, GENESIS_CHAIN
-    record = _unpack(raw)
+    record = unpack(raw)
     if not isinstance(record, list) or len(record) != 2 or not isinstance(record[1], bytes):
         raise ValueError("state meta/chain: stored value is not [index, chain]")
     return record[0], record[1]
 
 
 def encode_checkpoint(record: dict[str, Any]) -> bytes:
-    return _pack(record)
+    return pack(record)
 
 
 def decode_checkpoint(raw: bytes) -> dict[str, Any]:
     """``{"label", "created_ms", "reports": {node_id: [digest, chain]}, "agreed": [digest,
     chain] | None, "agreed_index"}``."""
-    record = _unpack(raw)
+    record = unpack(raw)
     if not isinstance(record, dict) or not isinstance(record.get("reports"), dict):
         raise ValueError("state ckpt/ entry: stored value is not a checkpoint record")
     return record
 
 
 def encode_rollback(index: int, target: int) -> bytes:
-    return _pack([index, target])
+    return pack([index, target])
 
 
 def decode_rollback(raw: bytes | None) -> tuple[int, int] | None:
     """(the rollback entry's index, the checkpoint it went back to), or None."""
     if raw is None:
         return None
-    record = _unpack(raw)
+    record = unpack(raw)
     if not isinstance(record, list) or len(record) != 2:
         raise ValueError("state meta/rollback: stored value is not [index, checkpoint]")
     return record[0], record[1]

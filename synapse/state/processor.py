@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from synapse import _core
 from synapse.state import keys
+from synapse.state.tasks import TaskOps
 from synapse.state.commands import (
-    MAX_UINT64,
     CommandError,
     EntryError,
     check_key,
@@ -28,11 +28,13 @@ from synapse.state.commands import (
     validate_command,
 )
 from synapse.state.records import KvChange, KvRecord
+from synapse.state.validation import MAX_UINT64
 
 if TYPE_CHECKING:
     from synapse._core import StateStore
 
 DEDUP_CAPACITY = 100_000
+TASK_RETENTION = 100_000  # ended tasks kept in the state, newest; older ones are evicted
 CHECKPOINT_RECORDS = 256  # ckpt/ records kept in the state, newest first
 
 Result = dict[str, Any]
@@ -92,6 +94,7 @@ class CommandProcessor:
                 else:
                     results = [run.apply(command) for command in commands]
                     self._bound_dedup(run.writes)
+                    self._bound_tasks(run.writes)
                     ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
             self.store.apply([*ops, link])
         except Exception as exc:
@@ -119,13 +122,22 @@ class CommandProcessor:
         raw = self.store.get(keys.ckpt_key(index))
         return None if raw is None else keys.decode_checkpoint(raw)
 
-    def finish_rollback(self, index: int, chain: bytes, target: int, agreed: list[bytes]) -> None:
+    def finish_rollback(self, index: int, chain: bytes, target: int, agreed: list[bytes], before: StateStore) -> None:
         """After the state was replaced by the checkpoint's (at ``target``) for the rollback
         entry at ``index``: the audit chain goes on from that entry (it covers the undone
         entries too), the checkpoint keeps its agreement (reached after it, so not in its
-        state), and the rollback is recorded."""
+        state), and the rollback is recorded.
+
+        Tasks and workers are *not* rolled back: they are carried over from ``before`` (the
+        state the rollback entry met). A rollback undoes writes; it cannot undo a task that
+        ran, and restoring the queue would run tasks pending at the checkpoint a second time."""
         record = self.checkpoint(target)
         ops = [(keys.CHAIN, keys.encode_chain(index, chain)), (keys.ROLLBACK, keys.encode_rollback(index, target))]
+        for prefix in keys.EXECUTION_PREFIXES:
+            ops += [(k, None) for k, _ in self.store.scan_prefix(prefix)]
+            ops += before.scan_prefix(prefix)
+        for key in keys.EXECUTION_META:
+            ops.append((key, before.get(key)))
         if record is not None:
             record["agreed"], record["agreed_index"] = agreed, record["agreed_index"] or index
             ops.append((keys.ckpt_key(target), keys.encode_checkpoint(record)))
@@ -190,6 +202,60 @@ class CommandProcessor:
         writes.commit()
 
 
+    def _bound_tasks(self, writes: _Overlay) -> None:
+        """Keep the newest TASK_RETENTION ended tasks; evict the oldest (tdone/ key order)."""
+        added = sum(1 for k, v in writes.ops() if k.startswith(keys.TASK_DONE) and v is not None)
+        if not added:
+            return
+        count = keys.decode_count(self.store.get(keys.TASK_DONE_COUNT)) + added
+        if count > TASK_RETENTION:
+            for victim, _ in writes.scan(keys.TASK_DONE)[: count - TASK_RETENTION]:
+                task_id = keys.task_done_task(victim)
+                raw = writes.get(keys.task_key(task_id))
+                if raw is not None and (idem := keys.unpack(raw).get("idempotency_key")) is not None:
+                    writes.set(keys.task_idem_key(idem), None)
+                writes.set(keys.task_key(task_id), None)
+                writes.set(victim, None)
+            count = TASK_RETENTION
+        writes.set(keys.TASK_DONE_COUNT, keys.encode_count(count))
+        writes.commit()
+
+    # --- tasks and workers (local, possibly stale reads; see synapse/orchestrator) ---
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.store.get(keys.task_key(task_id))
+        return None if raw is None else keys.unpack(raw)
+
+    def tasks(self, state: str | None = None, limit: int = 100, start_after: str | None = None) -> list[tuple[str, dict]]:
+        """Tasks in id order (after ``start_after``), optionally only those in ``state``."""
+        start, end = (keys.task_key(start_after) + b"\x00" if start_after else keys.TASK), keys.prefix_end(keys.TASK)
+        out: list[tuple[str, dict]] = []
+        while len(out) < limit:
+            rows = self.store.scan(start, end, 256)  # in pages: a state filter may skip many
+            for key, raw in rows:
+                task = keys.unpack(raw)
+                if state is None or task["state"] == state:
+                    out.append((keys.task_name(key), task))
+                    if len(out) >= limit:
+                        break
+            if len(rows) < 256:
+                break
+            start = rows[-1][0] + b"\x00"
+        return out
+
+    def pending_tasks(self, limit: int) -> list[str]:
+        """Pending task ids in scheduling order: priority, then submission."""
+        return [keys.task_queue_task(k) for k, _ in self.store.scan_prefix(keys.TASK_QUEUE, limit)]
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        return {keys.worker_name(k): keys.unpack(v) for k, v in self.store.scan_prefix(keys.WORKER)}
+
+    def worker_leases(self, worker_id: str) -> dict[str, int]:
+        """{task_id: lease} of the tasks leased to the worker (assigned or running)."""
+        return {keys.task_lease_task(k): keys.decode_count(v)
+                for k, v in self.store.scan_prefix(keys.task_lease_prefix(worker_id))}
+
+
 class _Overlay:
     """An entry's pending writes over the store (None deletes); reads see them first.
 
@@ -210,6 +276,17 @@ class _Overlay:
         had = key in self._writes
         self._undo.append((key, had, self._writes.get(key)))
         self._writes[key] = value
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every entry under ``prefix`` as this entry has left it so far, in key order."""
+        rows = dict(self._store.scan_prefix(prefix))
+        for key, value in self._writes.items():
+            if key.startswith(prefix):
+                if value is None:
+                    rows.pop(key, None)
+                else:
+                    rows[key] = value
+        return sorted(rows.items())
 
     def scan_before(self, prefix: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """The store's entries under ``prefix`` as they were before this entry (the overlay
@@ -364,6 +441,32 @@ class _EntryRun:
             return _error("not_agreed", f"checkpoint: {target} was never agreed by a majority; pick an agreed one")
         self.events.append(("rollback", target, record["agreed"][0], record["agreed"][1]))
         return {"ok": True, "index": self.index, "rollback_to": target, "undone_entries": self.index - target - 1}
+
+    # Tasks and workers: synapse/state/tasks.py.
+
+    def _task_ops(self) -> TaskOps:
+        return TaskOps(self.writes, self.index, self.events, keys)
+
+    def _op_task_submit(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().submit(command)
+
+    def _op_task_cancel(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().cancel(command)
+
+    def _op_task_assign(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().assign(command)
+
+    def _op_task_start(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().start(command)
+
+    def _op_task_finish(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().finish(command)
+
+    def _op_worker_register(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().register_worker(command)
+
+    def _op_worker_down(self, command: dict[str, Any]) -> Result:
+        return self._task_ops().worker_down(command)
 
     def _op_unregister_node(self, command: dict[str, Any]) -> Result:
         node_key = keys.node_key(command["node_id"])

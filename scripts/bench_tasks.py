@@ -1,0 +1,242 @@
+"""Benchmarks task orchestration: a 3-node Synapse cluster on loopback and 2 execution nodes
+(`synapse worker start`, the default sandbox), in one run. Prints one JSON object (and writes
+it to --json FILE):
+
+- ``tasks_per_s``: ``--tasks`` trivial tasks (``true``), submitted by ``--submitters``
+  concurrent clients, run across the 2 workers (``--slots`` each); tasks ended / (last task's
+  finish − first task's submit), both from the replicated task records. Every task must end
+  ``succeeded``. ``throughput_detail`` has the states, the submit rate and the per-worker
+  split.
+- ``schedule_latency_p50_ms`` (+ p90, p99): with the cluster otherwise idle, ``--latency-tasks``
+  tasks submitted one at a time; for each, its record's ``started_ms`` (the worker's clock
+  when the sandbox started) − ``submitted_ms`` (the API node's clock when it took the
+  request): submit commit + scheduling round + assignment delivery + sandbox start. Same
+  machine, so the clocks agree.
+- ``reschedule_s`` (median of ``--reschedule-trials``) and ``reschedule_detail``: a task
+  (``sleep``) runs on worker A; A is SIGKILLed; the time until the task runs on worker B
+  (its second ``running`` history entry, on the cluster's clock) after the kill. The target
+  is heartbeat timeout (``--heartbeat-timeout``, default 2 s here) + 1 s.
+
+Every process this script starts is in its own session, gets SIGKILL if this script dies and
+is torn down on exit. Only 127.0.0.1 is used.
+
+Usage: ./scripts/bench-tasks --json FILE [--tasks 2000] [--slots 16] [--heartbeat-timeout 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_node as bn  # noqa: E402  (the cluster and process plumbing, shared)
+
+from synapse.client import Client  # noqa: E402
+
+ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
+
+
+def log(msg: str) -> None:
+    print(f"bench-tasks [{time.strftime('%H:%M:%S')}]: {msg}", file=sys.stderr, flush=True)
+
+
+class Workers:
+    def __init__(self, cluster: bn.SynapseCluster, root: Path, slots: int) -> None:
+        self.cluster, self.root, self.slots = cluster, root, slots
+        self.procs: dict[str, object] = {}
+
+    def start(self, worker_id: str) -> None:
+        join = ",".join(f"http://{m.api}" for m in self.cluster.members)
+        args = bn.synapse_command() + ["worker", "start", "--join", join, "--token", self.cluster._token(),
+                                       "--id", worker_id, "--slots", str(self.slots)]
+        self.procs[worker_id] = bn.spawn(args, self.root / f"{worker_id}.log")
+
+    def kill(self, worker_id: str) -> None:
+        p = self.procs.pop(worker_id)
+        bn._signal_group(p, signal.SIGKILL)
+        p.wait(10)
+
+
+def _client(cluster: bn.SynapseCluster, timeout: float = 30.0) -> Client:
+    return Client([f"http://{m.api}" for m in cluster.members], cluster._token(), timeout=timeout)
+
+
+def _wait_workers(client: Client, ids: set[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        up = {w["worker_id"] for w in client.status()["workers"] if w["state"] == "up"}
+        if ids <= up:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"workers {sorted(ids)} not up within {timeout} s")
+
+
+def _wait_ended(client: Client, ids: list[str], timeout: float) -> list[dict]:
+    deadline, out = time.monotonic() + timeout, []
+    for t in ids:
+        while True:
+            task = client.task(t, wait=max(0.0, min(5.0, deadline - time.monotonic())))
+            if task["state"] in ENDED:
+                out.append(task)
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"task {t} still {task['state']} after {timeout} s")
+    return out
+
+
+def run_throughput(cluster, tasks: int, submitters: int) -> dict:
+    ids: list[str] = []
+    lock = threading.Lock()
+    per = [tasks // submitters + (1 if i < tasks % submitters else 0) for i in range(submitters)]
+
+    def submit(n: int) -> None:
+        with _client(cluster) as c:
+            for _ in range(n):
+                t = c.submit_task({"command": ["true"], "limits": {"wall_s": 30}})["task_id"]
+                with lock:
+                    ids.append(t)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=submit, args=(n,)) for n in per]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    submit_s = time.monotonic() - t0
+    with _client(cluster) as c:
+        done = _wait_ended(c, ids, timeout=600)
+    states: dict[str, int] = {}
+    for t in done:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    span_ms = max(t["finished_ms"] for t in done) - min(t["submitted_ms"] for t in done)
+    per_worker: dict[str, int] = {}
+    for t in done:
+        per_worker[t["worker"]] = per_worker.get(t["worker"], 0) + 1
+    return {"tasks_per_s": round(len(done) / (span_ms / 1000), 1), "throughput_detail": {
+        "tasks": len(done), "states": states, "span_s": round(span_ms / 1000, 3),
+        "submit_per_s": round(len(ids) / submit_s, 1), "per_worker": per_worker, "submitters": submitters}}
+
+
+def run_latency(cluster, count: int) -> dict:
+    lat = []
+    with _client(cluster) as c:
+        for _ in range(count):
+            t = c.submit_task({"command": ["true"], "limits": {"wall_s": 30}})["task_id"]
+            task = _wait_ended(c, [t], timeout=60)[0]
+            if task["state"] != "succeeded" or task["started_ms"] is None:
+                raise RuntimeError(f"latency task {t} ended {task['state']}")
+            lat.append(task["started_ms"] - task["submitted_ms"])
+    lat.sort()
+    return {"schedule_latency_p50_ms": bn.pct(lat, 0.5), "schedule_latency_p90_ms": bn.pct(lat, 0.9),
+            "schedule_latency_p99_ms": bn.pct(lat, 0.99), "latency_tasks": count}
+
+
+def run_reschedule(cluster, workers: Workers, trials: int, heartbeat_timeout: float) -> dict:
+    detail = []
+    with _client(cluster) as c:
+        for n in range(trials):
+            a, b = f"ra{n}", f"rb{n}"
+            workers.start(a)
+            _wait_workers(c, {a})
+            t = c.submit_task({"command": ["sleep", "30"], "retries": 1, "limits": {"wall_s": 60}})["task_id"]
+            deadline = time.monotonic() + 30
+            while c.task(t)["state"] != "running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the reschedule task did not start")
+                time.sleep(0.02)
+            workers.start(b)
+            _wait_workers(c, {b})
+            killed_ms = int(time.time() * 1000)
+            workers.kill(a)
+            deadline = time.monotonic() + heartbeat_timeout + 30
+            while True:
+                task = c.task(t)
+                runs = [h for h in task["history"] if h["state"] == "running"]
+                if len(runs) >= 2:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"task {t} was not rescheduled: {task['history']}")
+                time.sleep(0.02)
+            down = next((h["at_ms"] for h in task["history"] if "worker down" in h["detail"]), None)
+            detail.append({"reschedule_s": round((runs[1]["at_ms"] - killed_ms) / 1000, 3),
+                           "marked_down_after_s": round((down - killed_ms) / 1000, 3) if down else None,
+                           "worker": task["worker"]})
+            c.cancel_task(t)
+            workers.kill(b)
+    return {"reschedule_s": round(statistics.median(d["reschedule_s"] for d in detail), 3),
+            "reschedule_detail": detail}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="also write the JSON object to this file")
+    p.add_argument("--tasks", type=int, default=2000, help="trivial tasks for tasks_per_s (default 2000)")
+    p.add_argument("--submitters", type=int, default=32, help="concurrent submitting clients (default 32)")
+    p.add_argument("--slots", type=int, default=16, help="slots per worker (default 16)")
+    p.add_argument("--latency-tasks", type=int, default=100, help="tasks for the latency figure (default 100)")
+    p.add_argument("--reschedule-trials", type=int, default=3)
+    p.add_argument("--heartbeat-timeout", type=float, default=2.0)
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    args = p.parse_args()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, bn._raise_exit)
+    atexit.register(bn.kill_all)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
+    log(f"work dir {tmp}")
+    result: dict = {"machine": bn.machine_info(), "settings": {
+        "tasks": args.tasks, "submitters": args.submitters, "slots_per_worker": args.slots, "workers": 2,
+        "heartbeat_timeout_s": args.heartbeat_timeout, "latency_tasks": args.latency_tasks}}
+    failed = None
+    try:
+        cluster = bn.SynapseCluster(tmp / "cluster", 3, ["--heartbeat-timeout", str(args.heartbeat_timeout)]).start()
+        workers = Workers(cluster, tmp, args.slots)
+        for w in ("w1", "w2"):
+            workers.start(w)
+        with _client(cluster) as c:
+            _wait_workers(c, {"w1", "w2"})
+            result["sandbox"] = {w["worker_id"]: w["driver"] for w in c.status()["workers"]}
+        log("latency")
+        result.update(run_latency(cluster, args.latency_tasks))
+        log("throughput")
+        result.update(run_throughput(cluster, args.tasks, args.submitters))
+        workers.kill("w1")
+        workers.kill("w2")
+        log("reschedule")
+        result.update(run_reschedule(cluster, workers, args.reschedule_trials, args.heartbeat_timeout))
+    except (Exception, KeyboardInterrupt, SystemExit) as e:
+        failed = e
+        result["error"] = f"{type(e).__name__}: {e}"[:4000]
+        log(f"FAILED: {result['error']}")
+    finally:
+        bn.kill_all()
+    targets = {"tasks_per_s": (">=", 200), "schedule_latency_p50_ms": ("<=", 20),
+               "reschedule_s": ("<=", args.heartbeat_timeout + 1)}
+    result["targets"] = {k: {"target": f"{op} {v}", "measured": result.get(k),
+                             "met": None if result.get(k) is None else
+                             (result[k] >= v if op == ">=" else result[k] <= v)} for k, (op, v) in targets.items()}
+    result["notes"] = ["2-core machine shared by the 3 nodes, 2 workers, their sandboxes and the clients."]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.keep or failed is not None:
+        log(f"logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failed is not None:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.chdir(bn.ROOT)
+    main()

@@ -1,0 +1,335 @@
+"""HTTP API of task orchestration: clients submit, watch and cancel tasks; execution nodes
+(workers) register, heartbeat (a long poll for their assignments) and report.
+
+The JSON a client sends is turned here into the task spec's stored form (synapse/state/tasks.py
+checks it, the same check the command processor runs on apply)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from synapse.api.common import ApiError, int_query, json_body, node_of, propose, request_id
+from synapse.orchestrator.scheduler import now_ms
+from synapse.state.commands import CommandError, LimitError, validate_command
+from synapse.state.tasks import TASK_STATES, TERMINAL, check_id
+
+if TYPE_CHECKING:
+    from synapse.node import Node
+
+_SUBMIT_FIELDS = {"task_id", "idempotency_key", "command", "entry", "args", "env", "files", "limits",
+                  "capabilities", "labels", "priority", "retries", "backoff_ms"}
+MAX_WAIT_S = 60.0
+
+
+# --- clients ---
+
+
+async def submit_task(request: web.Request) -> web.Response:
+    body = await json_body(request, _SUBMIT_FIELDS)
+    spec = spec_from_json(body)
+    task_id = body.get("task_id") or uuid.uuid4().hex
+    command: dict[str, Any] = {"op": "task_submit", "task_id": task_id, "spec": spec, "now_ms": now_ms(),
+                               "rid": request_id(request)}
+    if body.get("idempotency_key") is not None:
+        command["idempotency_key"] = body["idempotency_key"]
+    result = await propose(request, command, 512 + sum(len(v) for v in spec.get("files", {}).values()))
+    node = node_of(request)
+    task = node.read(lambda p: p.task(result["task_id"]))
+    return web.json_response({"task_id": result["task_id"], "duplicate": result["duplicate"],
+                              "task": task_view(result["task_id"], task) if task else None},
+                             status=200 if result["duplicate"] else 201)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    node = node_of(request)
+    task_id = request.match_info["task_id"]
+    wait = _wait_query(request)
+    await node.read_barrier()
+    task = node.read(lambda p: p.task(task_id))
+    if task is None:
+        raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
+    if wait and task["state"] not in TERMINAL:
+        # Long poll: until the task ends or the wait runs out (then its current state).
+        deadline = time.monotonic() + wait
+        while task["state"] not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+            await node.scheduler.wait_for_task(task_id, left)
+            task = node.read(lambda p: p.task(task_id)) or task
+    return web.json_response(task_view(task_id, task))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    node = node_of(request)
+    state = request.query.get("state")
+    if state is not None and state not in TASK_STATES:
+        raise ApiError(400, "bad_request", f"state must be one of {', '.join(TASK_STATES)}, got {state!r}")
+    limit = int_query(request, "limit", 1, 1000) or 100
+    after = request.query.get("start_after")
+    await node.read_barrier()
+    rows = node.read(lambda p: p.tasks(state, limit, after))
+    return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows],
+                              "next": rows[-1][0] if len(rows) == limit else None})
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    task_id = request.match_info["task_id"]
+    result = await propose(request, {"op": "task_cancel", "task_id": task_id, "now_ms": now_ms(),
+                                      "rid": request_id(request)}, 128)
+    return web.json_response({"task_id": task_id, "state": result["state"], "was_on": result["worker_id"]})
+
+
+async def task_logs(request: web.Request) -> web.Response:
+    node = node_of(request)
+    task_id = request.match_info["task_id"]
+    stream = request.query.get("stream")
+    if stream not in (None, "stdout", "stderr"):
+        raise ApiError(400, "bad_request", f"stream must be stdout or stderr, got {stream!r}")
+    await node.read_barrier()
+    task = node.read(lambda p: p.task(task_id))
+    if task is None:
+        raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
+    result = task.get("result") or {}
+    if stream is not None:
+        return web.Response(body=result.get(stream, b""), content_type="application/octet-stream")
+    return web.json_response({
+        "task_id": task_id, "state": task["state"], "attempt": result.get("attempt"),
+        "stdout": result.get("stdout", b"").decode(errors="replace"),
+        "stderr": result.get("stderr", b"").decode(errors="replace"),
+        "stdout_truncated": result.get("stdout_truncated", False),
+        "stderr_truncated": result.get("stderr_truncated", False),
+    })
+
+
+# --- workers ---
+
+
+async def register_worker(request: web.Request) -> web.Response:
+    body = await json_body(request, {"worker_id", "instance", "slots", "labels", "memory_mb", "driver"},
+                           {"worker_id", "instance", "slots"})
+    command = {"op": "worker_register", "now_ms": now_ms(), "rid": request_id(request),
+               **{k: v for k, v in body.items() if v is not None}}
+    result = await propose(request, command, 512)
+    return web.json_response({"worker_id": result["worker_id"], "epoch": result["epoch"],
+                              "released": result["requeued"] + result["lost"]})
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    """The worker's heartbeat and long poll. Answered by the leader only: it keeps the
+    heartbeat times and wakes the poll when the worker's leases change."""
+    node = node_of(request)
+    worker_id = request.match_info["worker_id"]
+    body = await json_body(request, {"epoch", "holding", "wait_s"}, {"epoch"})
+    holding = body.get("holding", {})
+    if not isinstance(holding, dict) or not all(isinstance(v, int) for v in holding.values()):
+        raise ApiError(400, "bad_request", "holding must map task ids to the leases the worker runs them under")
+    wait = body.get("wait_s", 0)
+    if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
+        raise ApiError(400, "bad_request", f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
+    _leader_only(node)
+    deadline = time.monotonic() + wait
+    news = node.scheduler.news_for(worker_id)
+    while True:
+        news.clear()
+        node.scheduler.heartbeat(worker_id)
+        worker, leases = node.read(lambda p: (p.workers().get(worker_id), p.worker_leases(worker_id)))
+        if worker is None or worker["state"] != "up" or worker["epoch"] != body["epoch"]:
+            raise ApiError(409, "worker_down", f"worker {worker_id!r} is not up at epoch {body['epoch']} "
+                                               "(marked down, or registered again); register again",
+                           state=worker["state"] if worker else None, epoch=worker["epoch"] if worker else None)
+        revoked = {t: lease for t, lease in holding.items() if leases.get(t) != lease}
+        new = {t: lease for t, lease in leases.items() if holding.get(t) != lease}
+        left = deadline - time.monotonic()
+        if revoked or new or left <= 0:
+            break
+        try:
+            await asyncio.wait_for(news.wait(), left)
+        except asyncio.TimeoutError:
+            pass
+        _leader_only(node)
+    tasks = node.read(lambda p: {t: p.task(t) for t in new})
+    assignments = [{"task_id": t, "lease": lease, "spec": spec_to_json(tasks[t]["spec"])}
+                   for t, lease in new.items() if tasks.get(t) is not None]
+    return web.json_response({"assign": assignments, "revoke": revoked,
+                              "heartbeat_timeout_s": node.scheduler.heartbeat_timeout})
+
+
+async def reports(request: web.Request) -> web.Response:
+    """Start and finish reports, many per request; each is answered on its own (a refused
+    lease does not fail the others). Retries are safe: each report's request id is derived
+    from its task, lease and kind."""
+    node = node_of(request)
+    worker_id = request.match_info["worker_id"]
+    body = await json_body(request, {"reports"}, {"reports"})
+    items = body["reports"]
+    if not isinstance(items, list) or not 1 <= len(items) <= 1024:
+        raise ApiError(400, "bad_request", "reports must be a list of 1 to 1024 reports")
+    commands = [_report_command(worker_id, i, r) for i, r in enumerate(items)]
+    size = sum(len(json.dumps(r)) for r in items)
+    results = await asyncio.gather(*(node.propose(c, 256 + size // len(items)) for c in commands))
+    return web.json_response({"results": [
+        {"task_id": c["task_id"], "ok": r.get("ok", False), **({"state": r["state"]} if r.get("ok") else
+                                                                {"error": r.get("error"), "message": r.get("message")})}
+        for c, r in zip(commands, results)]})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier()
+    return web.json_response({"workers": workers_view(node)})
+
+
+def workers_view(node: Node) -> list[dict]:
+    """The registered workers with their load and, on the leader, how long since it heard them."""
+    rows = node.read(lambda p: [(w, info, len(p.worker_leases(w))) for w, info in p.workers().items()])
+    leader = node.raft is not None and node.raft.is_leader()
+    out = []
+    for w, info, running in rows:
+        heard = node.scheduler.last_heard(w) if leader else None
+        out.append({"worker_id": w, "state": info["state"], "epoch": info["epoch"], "slots": info["slots"],
+                    "running": running, "labels": info.get("labels", {}), "memory_mb": info.get("memory_mb"),
+                    "driver": info.get("driver"), "since_ms": info["since_ms"], "reason": info.get("reason"),
+                    "last_heartbeat_s": None if heard is None else round(heard, 3)})
+    return out
+
+
+# --- conversions ---
+
+
+def spec_from_json(body: dict) -> dict:
+    """The stored form of a submitted spec: files and arguments as bytes, defaults left out."""
+    spec: dict[str, Any] = {}
+    for name in ("command", "entry", "env", "limits", "capabilities", "labels", "priority", "retries", "backoff_ms"):
+        if body.get(name) is not None:
+            spec[name] = body[name]
+    if "args" in body:
+        try:
+            spec["args"] = json.dumps(body["args"], separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as e:
+            raise ApiError(400, "bad_request", f"args: {e}") from None
+    if body.get("files") is not None:
+        files = body["files"]
+        if not isinstance(files, dict):
+            raise ApiError(400, "bad_request", 'files must map relative paths to text or {"base64": "..."}')
+        spec["files"] = {}
+        for name, content in files.items():
+            if isinstance(content, str):
+                spec["files"][name] = content.encode()
+            elif isinstance(content, dict) and set(content) == {"base64"} and isinstance(content["base64"], str):
+                try:
+                    spec["files"][name] = base64.b64decode(content["base64"], validate=True)
+                except binascii.Error:
+                    raise ApiError(400, "bad_request", f"files[{name!r}].base64: not valid base64") from None
+            else:
+                raise ApiError(400, "bad_request", f'files[{name!r}]: give the text, or {{"base64": "..."}} for bytes')
+    return spec
+
+
+def spec_to_json(spec: dict) -> dict:
+    out = {k: v for k, v in spec.items() if k not in ("files", "args")}
+    if "args" in spec:
+        out["args"] = json.loads(spec["args"])
+    if "files" in spec:
+        out["files"] = {name: {"base64": base64.b64encode(content).decode()} for name, content in spec["files"].items()}
+    return out
+
+
+def task_view(task_id: str, task: dict, brief: bool = False) -> dict:
+    view = {k: task.get(k) for k in ("state", "attempts", "worker", "lease", "submitted_ms", "assigned_ms",
+                                     "started_ms", "finished_ms", "not_before_ms", "idempotency_key")}
+    view["task_id"] = task_id
+    spec = task["spec"]
+    view["what"] = spec.get("command") or spec.get("entry")
+    view["priority"] = spec.get("priority", 100)
+    view["labels"] = spec.get("labels", {})
+    result = task.get("result")
+    if result is not None:
+        view["result"] = {k: result.get(k) for k in ("status", "reason", "exit_code", "signal", "output_hash",
+                                                     "usage", "stdout_truncated", "stderr_truncated", "attempt",
+                                                     "worker", "driver")}
+        view["result"]["stdout_bytes"] = len(result.get("stdout", b""))
+        view["result"]["stderr_bytes"] = len(result.get("stderr", b""))
+        raw = result.get("result")
+        view["result"]["return_value"] = json.loads(raw) if raw is not None else None
+    if not brief:
+        view["spec"] = {k: v for k, v in spec_to_json(spec).items() if k != "files"}
+        view["spec"]["files"] = {name: len(content) for name, content in spec.get("files", {}).items()}
+        view["history"] = [{"state": s, "at_ms": at, "detail": d} for s, at, d in task["history"]]
+    return view
+
+
+# --- helpers ---
+
+
+def _report_command(worker_id: str, i: int, report: Any) -> dict:
+    if not isinstance(report, dict) or report.get("kind") not in ("start", "finish"):
+        raise ApiError(400, "bad_request", f'reports[{i}]: expected {{"kind": "start" or "finish", "task_id", "lease", ...}}')
+    task_id, lease = report.get("task_id"), report.get("lease")
+    at = report.get("at_ms", now_ms())
+    command: dict[str, Any] = {"op": f"task_{report['kind']}", "task_id": task_id, "lease": lease, "now_ms": at,
+                               "rid": f"report/{task_id}/{lease}/{report['kind']}"}
+    if report["kind"] == "finish":
+        command["outcome"] = outcome_from_json(report.get("outcome"), f"reports[{i}].outcome")
+    try:
+        check_id(task_id, f"reports[{i}].task_id")
+        validate_command(command)
+    except LimitError as e:
+        raise ApiError(413, "too_large", f"reports[{i}]: {e}") from None
+    except CommandError as e:
+        raise ApiError(400, "bad_request", f"reports[{i}]: {e}") from None
+    return command
+
+
+def outcome_from_json(outcome: Any, field: str) -> dict:
+    if not isinstance(outcome, dict):
+        raise ApiError(400, "bad_request", f"{field}: expected an object")
+    out = dict(outcome)
+    for name in ("stdout", "stderr"):
+        if name in out:
+            try:
+                out[name] = base64.b64decode(out[name], validate=True)
+            except (binascii.Error, TypeError):
+                raise ApiError(400, "bad_request", f"{field}.{name}: expected base64") from None
+    if out.get("result") is not None:
+        out["result"] = json.dumps(out["result"], separators=(",", ":")).encode()
+    return out
+
+
+def _leader_only(node: Node) -> None:
+    from synapse.api.http import cluster_status  # the status module imports this one
+
+    if node.raft is None or not node.raft.is_leader():
+        status = cluster_status(node)
+        raise ApiError(421, "not_leader", "workers heartbeat to the leader; send this to leader_api",
+                       leader=status["leader"], leader_api=status["leader_api"])
+
+
+def _wait_query(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise ApiError(400, "bad_request", f"wait must be seconds from 0 to {MAX_WAIT_S:g}, got {raw!r}")
+    return wait
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/tasks", submit_task)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{task_id}", get_task)
+    app.router.add_post("/v1/tasks/{task_id}/cancel", cancel_task)
+    app.router.add_get("/v1/tasks/{task_id}/logs", task_logs)
+    app.router.add_get("/v1/workers", list_workers)
+    app.router.add_post("/v1/workers", register_worker)
+    app.router.add_post("/v1/workers/{worker_id}/heartbeat", heartbeat)
+    app.router.add_post("/v1/workers/{worker_id}/reports", reports)

@@ -1,0 +1,61 @@
+"""What the client commands share: the connection options, the client they make, printing,
+and turning API errors into clean command-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from synapse.client import Client, ConflictError, SynapseError
+
+
+def option_value(ctx: click.Context, name: str):
+    """The value of a client option given on the group (``synapse kv --url ... get``)."""
+    while ctx is not None:
+        if ctx.params.get(name) is not None:
+            return ctx.params[name]
+        ctx = ctx.parent
+    return None
+
+
+def client_from(ctx: click.Context) -> Client:
+    url = option_value(ctx, "url") or os.environ.get("SYNAPSE_URL") or "http://127.0.0.1:7070"
+    token = option_value(ctx, "token") or os.environ.get("SYNAPSE_TOKEN")
+    if not token:
+        token_file = Path(option_value(ctx, "token_file") or os.environ.get("SYNAPSE_TOKEN_FILE") or "synapse-data/root.token")
+        try:
+            token = token_file.read_text().strip()
+        except OSError:
+            raise click.UsageError(
+                f"no token: pass --token, set SYNAPSE_TOKEN, or --token-file (tried {token_file})"
+            ) from None
+    return Client(url, token)
+
+
+def client_options(f):
+    f = click.option("--url", help="A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070).")(f)
+    f = click.option("--token", help="API token (default $SYNAPSE_TOKEN).")(f)
+    f = click.option("--token-file", help="File holding the API token (default ./synapse-data/root.token).")(f)
+    return f
+
+
+def run_call(fn):
+    try:
+        return fn()
+    except ConflictError as e:
+        raise click.ClickException(f"conflict: {e.body.get('message')} (current version {e.current_version})") from None
+    except SynapseError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())

@@ -1,0 +1,290 @@
+"""The drivers that run one task: `ProcessDriver` (a plain process under rlimits and a task
+cgroup), `BwrapDriver` (the same inside a bubblewrap sandbox) and `ContainerDriver` (a
+Docker container), and `choose_driver`. They share the supervisor (supervisor.py) and differ
+in the command line the launcher executes and in what they check first; DESIGN.md says what
+each one enforces and how."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+
+from synapse.execution import entry as entry_runner
+from synapse.execution.sandbox import ENTRY_SPEC_FILE, Driver, Job, SandboxUnavailable, task_environment
+from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part
+
+log = logging.getLogger(__name__)
+
+
+class ProcessDriver(Supervisor):
+    """The task as a plain process of this machine: its own session and process group, a
+    fresh working directory, a scrubbed environment, rlimits, a task cgroup for processes
+    and memory, and (when the worker is root) the unprivileged uid ``task_user``. It shares
+    the file system, the network and the pid space with the worker: it confines resource
+    use, it is not an isolation boundary (DESIGN.md)."""
+
+    name = "process"
+
+    def isolation(self) -> dict:
+        return {
+            "driver": self.name,
+            "namespaces": [],
+            "filesystem": "host file system with the task uid's permissions; fresh working directory",
+            "network": "host network",
+            "task_uid": self.task_uid(),
+            "limits": self._limit_mechanisms(),
+            "grants_enforced": {"network": False, "read_paths": False, "write_paths": False},
+            "cgroups": self.cgroups.describe(),
+            "entry_python": {"path": self.entry_python, "why": self.entry_python_note},
+        }
+
+
+# --unshare-all: user, ipc, pid, net, uts and cgroup namespaces (plus the mount namespace
+# every bwrap sandbox has). Nothing of the host is writable but what is bound with --bind.
+_BWRAP_BASE = [
+    "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+    "--die-with-parent", "--new-session",
+    "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+]
+
+
+@lru_cache(maxsize=None)
+def _bwrap_probe(bwrap: str, identity: tuple[int, int] | None) -> str | None:
+    """Why bwrap cannot build its sandbox as the task uid here, or None when it can. Run once
+    per worker: the answer depends on the kernel's user-namespace settings, not the job."""
+    kwargs = {}
+    if identity is not None:
+        kwargs = {"user": identity[0], "group": identity[1], "extra_groups": []}
+    try:
+        done = subprocess.run(
+            [bwrap, *_BWRAP_BASE, "--", "true"], capture_output=True, timeout=30,
+            env=LAUNCHER_ENV, cwd="/", **kwargs,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    if done.returncode != 0:
+        return done.stderr.decode(errors="replace").strip() or f"exit code {done.returncode}"
+    return None
+
+
+def _hidden_by_tmpfs() -> list[str]:
+    """Paths of the worker's Python (interpreter, stdlib, site-packages, this package) that
+    live under /tmp, which the sandbox replaces with an empty tmpfs: they are bound back
+    read-only so entry points can still start there."""
+    candidates = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+                  os.path.dirname(os.path.abspath(entry_runner.__file__)), *[p for p in sys.path if p]}
+    return sorted(p for p in candidates if (p == "/tmp" or p.startswith("/tmp/")) and os.path.exists(p))
+
+
+class BwrapDriver(Supervisor):
+    """The process driver's confinement, inside a bubblewrap sandbox: new user, pid, network,
+    ipc, uts, cgroup and mount namespaces; the root file system read-only, a private /tmp,
+    /dev and /proc; only the working directory and grants.write_paths writable; no network
+    unless grants.network; no capabilities and no further user namespaces."""
+
+    name = "bwrap"
+    # bwrap's monitor process and the pid namespace's init (the launcher binary's init) are in the
+    # task's cgroup too: pids.max is limits.processes + 2 so the task gets what it asked for.
+    pid_overhead = 2
+    wraps_command = True
+    passes_report = True
+
+    def __init__(self, *, bwrap: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        found = bwrap or shutil.which("bwrap")
+        if found is None or not os.access(found, os.X_OK):
+            raise SandboxUnavailable(self.name, "bubblewrap is not installed; install bubblewrap: apt-get install bubblewrap")
+        self.bwrap = found
+        # The sandbox's init is the launcher binary, run inside as the task uid.
+        blocked = unreachable_part(self.launcher, *(self.identity or (os.geteuid(), os.getegid())))
+        if blocked is not None:
+            raise SandboxUnavailable(self.name, f"the task uid {self.task_uid()} cannot run the sandbox's init "
+                                                f"{self.launcher} ({blocked}); `chmod o+x` the directories on its path")
+        problem = _bwrap_probe(self.bwrap, self.identity)
+        if problem is not None:
+            raise SandboxUnavailable(
+                self.name,
+                f"bwrap cannot create its sandbox as uid {self.task_uid()}: {problem}. It needs unprivileged "
+                "user namespaces: sysctl user.max_user_namespaces=10000 (and, where they exist, "
+                "kernel.unprivileged_userns_clone=1, kernel.apparmor_restrict_unprivileged_userns=0); "
+                "or use the process driver",
+            )
+
+    def isolation(self) -> dict:
+        return {
+            "driver": self.name,
+            "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
+            "filesystem": "root read-only; private /tmp, /dev, /proc; writable: working directory, grants.write_paths",
+            "network": "none (loopback only) unless grants.network",
+            "task_uid": self.task_uid(),
+            "capabilities": "none; no nested user namespaces",
+            "limits": self._limit_mechanisms(),
+            "grants_enforced": {"network": True, "read_paths": False, "write_paths": True},
+            "cgroups": self.cgroups.describe(),
+            "entry_python": {"path": self.entry_python, "why": self.entry_python_note},
+        }
+
+    def _task_argv(self, job: Job, workdir: str, task_name: str, report_fd: int) -> list[str]:
+        argv = [self.bwrap, *_BWRAP_BASE, "--as-pid-1"]
+        if job.grants.network:
+            argv.append("--share-net")
+        for path in _hidden_by_tmpfs():
+            argv += ["--ro-bind", path, path]
+        # After --tmpfs /tmp, so grants under /tmp are visible; read before write, so a
+        # writable grant inside a readable one stays writable.
+        for path in job.grants.read_paths:
+            argv += ["--ro-bind", path, path]
+        for path in job.grants.write_paths:
+            argv += ["--bind", path, path]
+        argv += ["--bind", workdir, workdir, "--chdir", workdir, "--"]
+        init = [self.launcher, "init", str(report_fd)]
+        return argv + init + super()._task_argv(job, workdir, task_name, report_fd)
+
+    def _decode_exit(self, exit_code, sig, stderr):
+        # Only used when the sandbox's init never reported the command's status: bwrap could
+        # not build the sandbox (exit 1, its message last on stderr), or init itself was
+        # killed (exit 128 + n, as bwrap reports a child's death by signal n).
+        if sig is not None or exit_code is None:
+            return exit_code, sig, None
+        lines = stderr.rstrip().splitlines()
+        if exit_code == 1 and lines and lines[-1].startswith(b"bwrap: "):
+            return None, None, lines[-1].decode(errors="replace")
+        if 128 < exit_code <= 128 + 64:
+            return None, exit_code - 128, None
+        return exit_code, sig, None
+
+
+class ContainerDriver(Supervisor):
+    """The task in a Docker container (``docker run``): its own namespaces and cgroup from
+    the engine, a read-only image file system with the working directory mounted at /work,
+    no network unless granted, memory/pids/CPU-time limits by the engine. Needs a reachable
+    Docker engine; entry points need a Python in the image (default python:3.11-slim)."""
+
+    name = "container"
+    limits_processes_elsewhere = True  # docker --pids-limit
+    wraps_command = True
+    workdir_in_container = "/work"
+    runner_in_container = "/opt/synapse/entry.py"
+
+    def __init__(self, *, image: str = "python:3.11-slim", docker: str = "docker", **kwargs) -> None:
+        # The docker client is the supervised process; the engine's cgroups confine the task.
+        super().__init__(use_cgroups=False, **kwargs)
+        self.entry_python, self.entry_python_note = "python3", f"python3 in the image {image}"
+        found = shutil.which(docker)
+        if found is None:
+            raise SandboxUnavailable(self.name, f"the docker client {docker!r} is not installed; install docker.io (apt-get install docker.io) or use the bwrap driver")
+        self.docker, self.image = found, image
+        try:
+            done = subprocess.run([found, "version", "--format", "{{.Server.Version}}"], capture_output=True, timeout=15)
+            problem = None if done.returncode == 0 else done.stderr.decode(errors="replace").strip()
+        except subprocess.TimeoutExpired:
+            problem = "`docker version` did not answer within 15 s"
+        if problem is not None:
+            raise SandboxUnavailable(
+                self.name,
+                f"no Docker engine is reachable ({problem}); start one (systemctl start docker), point "
+                "DOCKER_HOST at one, or use the bwrap or process driver",
+            )
+
+    def isolation(self) -> dict:
+        return {
+            "driver": self.name,
+            "image": self.image,
+            "namespaces": ["mount", "pid", "net", "ipc", "uts", "cgroup"],
+            "filesystem": f"image read-only; writable: {self.workdir_in_container} (the working directory), grants.write_paths, a /tmp tmpfs",
+            "network": "none unless grants.network (then the default bridge)",
+            "task_uid": NOBODY,
+            "limits": {
+                "cpu_s": "docker --ulimit cpu", "memory_bytes": "docker --memory (engine cgroup)",
+                "processes": "docker --pids-limit", "file_bytes": "docker --ulimit fsize",
+                "wall_s": "supervisor: docker kill", "output_bytes": "supervisor: bounded capture, docker kill",
+                "result_bytes": "supervisor: bounded read of the entry point's result",
+            },
+            "grants_enforced": {"network": True, "read_paths": True, "write_paths": True},
+        }
+
+    def _task_env(self, job: Job, workdir: str) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+    def _rlimits(self, job: Job) -> list[tuple[str, int, int]]:
+        return []  # the limits go to the container (_task_argv), not to the docker client
+
+    def _task_argv(self, job: Job, workdir: str, task_name: str, report_fd: int) -> list[str]:
+        limits, grants = job.limits, job.grants
+        argv = [
+            self.docker, "run", "--rm", "--name", task_name, "--init",
+            "--network", "bridge" if grants.network else "none",
+            "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--user", f"{NOBODY}:{NOBODY}",
+            "-v", f"{workdir}:{self.workdir_in_container}", "-w", self.workdir_in_container,
+        ]
+        for key, value in task_environment(job, self.workdir_in_container).items():
+            argv += ["-e", f"{key}={value}"]
+        if limits.memory_bytes is not None:
+            argv += ["--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes)]
+        if limits.processes is not None:
+            argv += ["--pids-limit", str(limits.processes + 1)]  # + docker's --init
+        if limits.cpu_s is not None:
+            soft = max(1, math.ceil(limits.cpu_s))
+            argv += ["--ulimit", f"cpu={soft}:{soft + 1}"]
+        if limits.file_bytes is not None:
+            argv += ["--ulimit", f"fsize={limits.file_bytes}:{limits.file_bytes}"]
+        for path in grants.read_paths:
+            argv += ["-v", f"{path}:{path}:ro"]
+        for path in grants.write_paths:
+            argv += ["-v", f"{path}:{path}"]
+        if job.argv is not None:
+            return argv + [self.image, *job.argv]
+        runner = os.path.abspath(entry_runner.__file__)
+        return argv + ["-v", f"{runner}:{self.runner_in_container}:ro", self.image,
+                       "python3", "-I", self.runner_in_container, ENTRY_SPEC_FILE]
+
+    def _import_path(self) -> list[str]:
+        return []  # the worker's paths do not exist in the image
+
+    def _populate(self, job: Job, workdir: str) -> None:
+        super()._populate(job, workdir)
+        # The container runs as NOBODY whatever the worker's uid; without root the working
+        # directory cannot be given to it, only opened to everyone.
+        if self.identity is not None:
+            for path in [workdir, *(os.path.join(workdir, p) for p in job.files)]:
+                os.lchown(path, NOBODY, NOBODY)
+        else:
+            os.chmod(workdir, 0o777)
+
+    def _stop(self, task_name: str) -> None:
+        # Killing the client does not stop the container: ask the engine (--rm removes it).
+        subprocess.run([self.docker, "kill", task_name], capture_output=True, timeout=30)
+
+    def _decode_exit(self, exit_code, sig, stderr):
+        # `docker run` exits 125 when the engine could not create the container, 126/127 when
+        # the command could not be run in it, and 128 + n when the command died of signal n.
+        if exit_code == 125:
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            return None, None, lines[-1] if lines else "docker run could not create the container"
+        if exit_code is not None and 128 < exit_code <= 128 + 64:
+            return None, exit_code - 128, None
+        return exit_code, sig, None
+
+
+_DRIVERS = {"process": ProcessDriver, "bwrap": BwrapDriver, "container": ContainerDriver}
+
+
+def choose_driver(name: str = "auto", **options) -> Driver:
+    """The driver called ``name``: "process", "bwrap", "container", or "auto" (bwrap when it
+    works here, else process). Raises SandboxUnavailable, naming the fix, when the named
+    driver cannot run on this machine; ``options`` go to the driver's constructor."""
+    if name == "auto":
+        try:
+            return BwrapDriver(**options)
+        except SandboxUnavailable as e:
+            log.info("sandbox: bwrap unavailable (%s); using the process driver", e)
+            return ProcessDriver(**options)
+    if name not in _DRIVERS:
+        raise ValueError(f"unknown sandbox driver {name!r}; choose one of auto, {', '.join(_DRIVERS)}")
+    return _DRIVERS[name](**options)

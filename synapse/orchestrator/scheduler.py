@@ -1,0 +1,224 @@
+"""The scheduler: places pending tasks on execution nodes and marks silent ones down, on the
+leader, one log entry per decision round (DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from synapse.node import Node
+
+log = logging.getLogger("synapse.orchestrator")
+
+ROUND_TASKS = 512  # pending tasks looked at per round
+TICK_S = 0.2  # the longest a round waits without news (backoffs, heartbeat timeouts)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Placement:
+    task_id: str
+    worker_id: str
+
+
+def place(pending: list[tuple[str, dict]], workers: dict[str, dict], used: dict[str, tuple[int, int]],
+          now: int) -> list[Placement]:
+    """Pure placement (DESIGN.md): ``pending`` in queue order, ``workers`` the registered ones,
+    ``used[worker] = (slots in use, memory_mb reserved)``. Returns the assignments to make."""
+    free = {w: [info["slots"] - used.get(w, (0, 0))[0],
+                None if info.get("memory_mb") is None else info["memory_mb"] - used.get(w, (0, 0))[1]]
+            for w, info in workers.items() if info["state"] == "up"}
+    out = []
+    for task_id, task in pending:
+        if task["state"] != "pending" or task["not_before_ms"] > now:
+            continue
+        spec = task["spec"]
+        want_labels = spec.get("labels", {})
+        memory = (spec.get("limits") or {}).get("memory_mb")
+        best, best_key = None, None
+        for w, (slots, mem) in free.items():
+            if slots <= 0:
+                continue
+            labels = workers[w].get("labels", {})
+            if any(labels.get(k) != v for k, v in want_labels.items()):
+                continue
+            if memory is not None and mem is not None and mem < memory:
+                continue
+            key = (-slots, -(mem if mem is not None else 0), w)
+            if best_key is None or key < best_key:
+                best, best_key = w, key
+        if best is not None:
+            free[best][0] -= 1
+            if memory is not None and free[best][1] is not None:
+                free[best][1] -= memory
+            out.append(Placement(task_id, best))
+    return out
+
+
+class Scheduler:
+    """Runs on every node, acts while the node leads. ``entry_applied`` is called from the
+    apply thread with each entry's task and worker events; the rest runs on the node's loop."""
+
+    def __init__(self, node: Node, heartbeat_timeout: float) -> None:
+        self.node = node
+        self.heartbeat_timeout = heartbeat_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._seen: dict[str, float] = {}  # worker -> last heartbeat (monotonic), leader only
+        self._worker_news: dict[str, asyncio.Event] = {}
+        self._task_ends: dict[str, list] = {}  # task -> [event, waiters]
+        self._leading = False
+        self._task: asyncio.Task | None = None
+        self.rounds = 0
+        self.assigned = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="scheduler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # --- from the apply thread ---
+
+    def entry_applied(self, events: tuple) -> None:
+        workers = {e[3] for e in events if e[0] == "task" and e[1] in ("assigned", "revoked", "ended") and e[3]}
+        workers |= {e[1] for e in events if e[0] == "worker"}
+        ended = {e[2] for e in events if e[0] == "task" and e[1] == "ended"}
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._news, workers, ended)
+            except RuntimeError:  # the loop is closed: stopping
+                pass
+
+    def _news(self, workers: set[str], ended: set[str]) -> None:
+        self._wake.set()
+        for w in workers:
+            event = self._worker_news.get(w)
+            if event is not None:
+                event.set()
+        for t in ended:
+            entry = self._task_ends.get(t)
+            if entry is not None:
+                entry[0].set()
+
+    # --- from the API (the leader's heartbeat endpoint) ---
+
+    def heartbeat(self, worker_id: str) -> None:
+        self._seen[worker_id] = time.monotonic()
+
+    def news_for(self, worker_id: str) -> asyncio.Event:
+        """Set when something changes for the worker (an assignment, a revoked lease). Clear
+        it *before* reading the state, then wait on it: news between the two is not lost."""
+        return self._worker_news.setdefault(worker_id, asyncio.Event())
+
+    async def wait_for_task(self, task_id: str, timeout: float) -> None:
+        """Until the task ends or timeout (the caller reads the state again either way)."""
+        entry = self._task_ends.setdefault(task_id, [asyncio.Event(), 0])
+        entry[1] += 1
+        try:
+            await asyncio.wait_for(entry[0].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:  # the last waiter forgets it
+                self._task_ends.pop(task_id, None)
+
+    def last_heard(self, worker_id: str) -> float | None:
+        """Seconds since the leader last heard the worker (None: not since it became leader)."""
+        seen = self._seen.get(worker_id)
+        return None if seen is None else time.monotonic() - seen
+
+    # --- the loop ---
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if not self._is_leader():
+                    self._leading = False
+                    continue
+                if not self._leading:
+                    # Nomad's failover grace: a new leader knows no heartbeat times, so every
+                    # worker's clock starts now instead of at "never".
+                    self._leading = True
+                    start = time.monotonic()
+                    self._seen = {w: start for w in self._seen} | {
+                        w: start for w in self.node.read(lambda p: p.workers())}
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failed proposal (leader change, timeout): next round retries
+                log.info("node %s: scheduling round failed: %s: %s", self.node.config.node_id, type(e).__name__, e)
+                await asyncio.sleep(TICK_S)
+
+    def _is_leader(self) -> bool:
+        raft = self.node.raft
+        return raft is not None and raft.is_leader() and self.node.serving
+
+    async def _round(self) -> None:
+        now, mono = now_ms(), time.monotonic()
+        workers, pending, used = self.node.read(_snapshot)
+        commands: list[dict[str, Any]] = []
+        for w, info in workers.items():
+            if info["state"] != "up":
+                continue
+            seen = self._seen.setdefault(w, mono)  # registered while this node led: its clock starts
+            if mono - seen > self.heartbeat_timeout:
+                commands.append({"op": "worker_down", "worker_id": w, "epoch": info["epoch"], "now_ms": now,
+                                 "reason": f"no heartbeat for {mono - seen:.1f} s"})
+                info = dict(info, state="down")
+                workers[w] = info
+        for p in place(pending, workers, used, now):
+            commands.append({"op": "task_assign", "task_id": p.task_id, "worker_id": p.worker_id, "now_ms": now})
+        if not commands:
+            return
+        self.rounds += 1
+        results = await asyncio.gather(*(self.node.propose(c, 256) for c in commands), return_exceptions=True)
+        for c, r in zip(commands, results):
+            if isinstance(r, dict) and r.get("ok"):
+                if c["op"] == "task_assign":
+                    self.assigned += 1
+                else:
+                    log.warning("node %s: worker %s marked down (%s); requeued %s, lost %s", self.node.config.node_id,
+                                c["worker_id"], c["reason"], r.get("requeued"), r.get("lost"))
+            elif isinstance(r, BaseException):
+                raise r
+
+
+def _snapshot(processor) -> tuple[dict, list, dict]:
+    """Under the state lock: the workers, each one's load, and the first pending tasks — only
+    as many as could be placed (decoding 512 task records per round, at a round per commit
+    under load, cost more CPU than running the tasks)."""
+    workers = processor.workers()
+    used, free = {}, 0
+    for w, info in workers.items():
+        if info["state"] != "up":
+            continue
+        leases = processor.worker_leases(w)
+        memory = 0
+        if info.get("memory_mb") is not None:
+            for t in leases:
+                task = processor.task(t)
+                memory += ((task["spec"].get("limits") or {}).get("memory_mb") or 0) if task else 0
+        used[w] = (len(leases), memory)
+        free += max(0, info["slots"] - len(leases))
+    # A few times the free slots: room for tasks that wait (backoff) or fit nowhere (labels).
+    want = min(ROUND_TASKS, 4 * free)
+    pending = [(t, processor.task(t)) for t in processor.pending_tasks(want)] if want else []
+    return workers, pending, used

@@ -1,0 +1,152 @@
+"""Task orchestration end to end: a real 3-node cluster, real `synapse worker start`
+execution nodes and real sandboxes. Workers are killed, paused and fenced; the leader is
+killed while it schedules; every task must end exactly once in the replicated state."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Cluster, wait_until
+
+HEARTBEAT_TIMEOUT = 2.0
+ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster.create(tmp_path / "cluster", 3, extra=["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)]).start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory tasks may be granted: sandboxed tasks run as an unprivileged user, which
+    cannot reach pytest's private temporary directories."""
+    path = Path(tempfile.mkdtemp(prefix="synapse-task-grant-", dir="/tmp"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _ended(client, task_id: str, timeout: float = 60.0) -> dict:
+    return wait_until(lambda: (t := client.task(task_id, wait=2)) and t["state"] in ENDED and t, timeout,
+                      f"task {task_id} to end")
+
+
+def _workers_up(client, n: int) -> None:
+    wait_until(lambda: sum(w["state"] == "up" for w in client.status()["workers"]) >= n, 30, f"{n} workers up")
+
+
+def test_tasks_run_on_execution_nodes_and_report(cluster):
+    cluster.worker("w1").start()
+    cluster.worker("w2").start()
+    client = cluster.client()
+    _workers_up(client, 2)
+    ids = [client.submit_task({"command": ["python3", "-c", f"print({i} * 7)"]})["task_id"] for i in range(8)]
+    done = [_ended(client, t) for t in ids]
+    assert [t["state"] for t in done] == ["succeeded"] * 8
+    assert {t["worker"] for t in done} == {"w1", "w2"}  # placed on both
+    logs = client.task_logs(ids[3])
+    assert logs["stdout"] == "21\n"
+    result = done[3]["result"]
+    assert result["exit_code"] == 0 and len(result["output_hash"]) == 64 and result["usage"]["wall_s"] > 0
+    cluster.wait_converged()  # every node holds the same task state, by hash
+
+
+def test_a_worker_killed_mid_task_is_marked_down_and_the_task_completes_once(cluster, shared_dir):
+    marks = shared_dir
+    victim = cluster.worker("w1", extra=["--label", "role=first"]).start()
+    client = cluster.client()
+    _workers_up(client, 1)
+    # Each attempt leaves "start"; only a finished attempt leaves "done".
+    script = (f"import os, time; open('{marks}/start-' + str(os.getpid()), 'w').close(); time.sleep(2); "
+              f"open('{marks}/done-' + str(os.getpid()), 'w').close()")
+    task_id = client.submit_task({"command": ["python3", "-c", script], "retries": 1,
+                                  "capabilities": {"write_paths": [str(marks)]}})["task_id"]
+    wait_until(lambda: client.task(task_id)["state"] == "running", 30, "the task to start")
+    victim.kill()
+    rescuer = cluster.worker("w2").start()
+    task = _ended(client, task_id)
+    assert task["state"] == "succeeded" and task["attempts"] == 2 and task["worker"] == "w2"
+    assert any("worker down" in h["detail"] for h in task["history"])
+    assert len(list(marks.glob("done-*"))) == 1  # the killed attempt never finished
+    workers = {w["worker_id"]: w for w in client.status()["workers"]}
+    assert workers["w1"]["state"] == "down" and workers["w2"]["state"] == "up"
+    rescuer.stop()
+
+
+def test_leader_kill_while_scheduling_loses_and_doubles_nothing(cluster, shared_dir):
+    ran = shared_dir
+    cluster.worker("w1", slots=3).start()
+    cluster.worker("w2", slots=3).start()
+    client = cluster.client()
+    _workers_up(client, 2)
+    spec = {"command": ["python3", "-c", f"import sys, time; time.sleep(0.3); open('{ran}/' + sys.argv[1], 'a').write('x')"],
+            "capabilities": {"write_paths": [str(ran)]}}
+    ids = []
+    for i in range(24):
+        ids.append(client.submit_task(dict(spec, command=spec["command"] + [f"t{i}"]), idempotency_key=f"k{i}")["task_id"])
+        if i == 8:
+            cluster.leader().kill()
+    for t in ids:
+        assert _ended(client, t, timeout=90)["state"] == "succeeded"
+    counts = {p.name: len(p.read_text()) for p in ran.iterdir()}
+    assert counts == {f"t{i}": 1 for i in range(24)}  # each ran exactly once
+
+
+def test_a_paused_worker_is_fenced_then_takes_new_work(cluster):
+    slow = cluster.worker("w1", extra=["--label", "name=w1"]).start()
+    client = cluster.client()
+    _workers_up(client, 1)
+    task_id = client.submit_task({"command": ["sleep", "3"], "retries": 1})["task_id"]
+    wait_until(lambda: client.task(task_id)["state"] == "running", 30, "the task to start on w1")
+    slow.pause()
+    wait_until(lambda: client.task(task_id)["state"] == "pending", 30, "w1 to be marked down")
+    cluster.worker("w2").start()
+    wait_until(lambda: client.task(task_id)["state"] in ("assigned", "running"), 30, "the task to move to w2")
+    slow.resume()  # w1 finishes its copy: the cluster must refuse that result
+    task = _ended(client, task_id)
+    assert task["worker"] == "w2" and task["result"]["worker"] == "w2" and task["attempts"] == 2
+    # w1 learns it was marked down, registers again (a new epoch) and takes new work.
+    wait_until(lambda: any(w["worker_id"] == "w1" and w["state"] == "up" and w["epoch"] == 2
+                           for w in client.status()["workers"]), 30, "w1 to register again")
+    again = client.submit_task({"command": ["true"], "labels": {"name": "w1"}})["task_id"]
+    assert _ended(client, again)["worker"] == "w1"
+    assert "refused" in slow.log() or "lease" in slow.log()
+
+
+def test_cancel_stops_a_running_task(tmp_path):
+    seconds = f"30.{time.time_ns() % 10**6:06d}"  # names this test's sleep among the machine's processes
+    c = Cluster.create(tmp_path / "local", 1, extra=["--worker-slots", "2"]).start()
+    try:
+        client = c.client()
+        task_id = client.submit_task({"command": ["sleep", seconds]})["task_id"]
+        wait_until(lambda: client.task(task_id)["state"] == "running", 30, "the task to start")
+        wait_until(lambda: _running(f"sleep {seconds}"), 10, "the task's process to show up")
+        assert client.cancel_task(task_id)["state"] == "cancelled"
+        task = client.task(task_id)
+        assert task["state"] == "cancelled"
+        # The embedded worker killed the sleep: no process runs it any more.
+        wait_until(lambda: not _running(f"sleep {seconds}"), 10, "the cancelled task's process to end")
+    finally:
+        c.close()
+
+
+def _running(cmdline: str) -> bool:
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip().decode(errors="replace") == cmdline:
+                return True
+        except OSError:
+            continue
+    return False
