@@ -150,3 +150,38 @@ def _running(cmdline: str) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_limits_and_grants_hold_for_tasks_submitted_to_the_cluster(tmp_path, shared_dir):
+    """The spec's limits and capabilities reach the sandbox through the log and the worker:
+    one local node with its embedded execution node, every limit hit by a real task."""
+    c = Cluster.create(tmp_path / "local", 1, extra=["--worker-slots", "4"]).start()
+    try:
+        client = c.client()
+        api_port = c.nodes[0].api.rsplit(":", 1)[1]
+        connect = f"import socket; socket.create_connection(('127.0.0.1', {api_port}), timeout=2); print('connected')"
+        # Bounded (60 children), so a broken limit cannot hurt the machine; the refused fork fails it.
+        fork_bomb = "import os, time\nfor _ in range(60):\n    if os.fork() == 0:\n        time.sleep(2); os._exit(0)"
+        specs = {
+            "timeout": ({"command": ["sleep", "30"], "limits": {"wall_s": 1}}, "timed-out", "wall_time"),
+            "cpu": ({"command": ["python3", "-c", "while True: pass"], "limits": {"cpu_s": 1}}, "failed", "cpu_limit"),
+            "memory": ({"command": ["python3", "-c", "x = bytearray(400 << 20)"], "limits": {"memory_mb": 128}},
+                       "failed", "memory_limit"),
+            "fork": ({"command": ["python3", "-c", fork_bomb], "limits": {"processes": 10}}, "failed", "process_limit"),
+            "flood": ({"command": ["yes"], "limits": {"output_bytes": 1000}}, "failed", "output_limit"),
+            "no-network": ({"command": ["python3", "-c", connect]}, "failed", "exit_code"),
+            "network": ({"command": ["python3", "-c", connect], "capabilities": {"network": True}}, "succeeded", "ok"),
+            "write-denied": ({"command": ["touch", str(shared_dir / "x")]}, "failed", "exit_code"),
+            "write-granted": ({"command": ["touch", str(shared_dir / "y")],
+                               "capabilities": {"write_paths": [str(shared_dir)]}}, "succeeded", "ok"),
+        }
+        ids = {name: client.submit_task(spec)["task_id"] for name, (spec, _, _) in specs.items()}
+        for name, (spec, state, reason) in specs.items():
+            task = _ended(client, ids[name])
+            assert (task["state"], task["result"]["reason"]) == (state, reason), (name, task["result"])
+        assert client.task_logs(ids["flood"])["stdout_truncated"] is True
+        assert len(client.task_logs(ids["flood"])["stdout"]) == 1000
+        assert client.task_logs(ids["network"])["stdout"] == "connected\n"
+        assert not (shared_dir / "x").exists() and (shared_dir / "y").exists()
+    finally:
+        c.close()

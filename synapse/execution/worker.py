@@ -227,13 +227,3 @@ class Worker:
         with self._lock:
             for running in self._holding.values():
                 running.cancel.set()
-
-
-def parse_labels(items: tuple[str, ...] | list[str]) -> dict[str, str]:
-    labels = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"label {item!r} is not NAME=VALUE (e.g. --label gpu=yes)")
-        labels[name] = value
-    return labels
