@@ -77,3 +77,29 @@ def test_checkpoint_create_and_list(node):
 def test_debug_corrupt_is_refused_without_the_flag(node):
     r = cli(node, "debug", "corrupt", "--key", "cli/z", check=False)
     assert r.returncode != 0 and "--debug-fault-injection" in r.stderr
+
+
+def test_task_submit_wait_status_logs_list_and_cancel(node):
+    # The local node runs an embedded execution node; the status table lists it.
+    assert "WORKER" in cli(node, "cluster", "status").stdout
+    done = json.loads(cli(node, "task", "submit", "--wait", "30", "--json", "--", "python3", "-c", "print(6 * 7)").stdout)
+    assert done["task"]["state"] == "succeeded"
+    task_id = done["task_id"]
+    assert cli(node, "task", "logs", task_id).stdout == "42\n"
+    assert "succeeded" in cli(node, "task", "status", task_id).stdout
+    assert task_id in cli(node, "task", "list").stdout
+    failing = json.loads(cli(node, "task", "submit", "--json", "--", "false").stdout)["task_id"]
+    assert cli(node, "task", "wait", failing, check=False).returncode == 1
+    again = json.loads(cli(node, "task", "submit", "--json", "--idempotency-key", "cli-k", "--", "true").stdout)
+    dup = json.loads(cli(node, "task", "submit", "--json", "--idempotency-key", "cli-k", "--", "true").stdout)
+    assert dup["task_id"] == again["task_id"] and dup["duplicate"] is True
+    slow = json.loads(cli(node, "task", "submit", "--json", "--", "sleep", "30").stdout)["task_id"]
+    assert "cancelled" in cli(node, "task", "cancel", slow).stdout
+    assert cli(node, "task", "wait", slow, check=False).returncode == 1
+
+
+def test_bad_task_specs_are_refused_naming_the_field(node):
+    r = cli(node, "task", "submit", "--cpu-s", "-3", "--", "true", check=False)
+    assert r.returncode != 0 and "limits.cpu_s" in r.stderr
+    r = cli(node, "task", "submit", "--entry", "not an entry", check=False)
+    assert r.returncode != 0 and "spec.entry" in r.stderr

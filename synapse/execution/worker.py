@@ -131,6 +131,9 @@ class Worker:
                     else:
                         log.info("worker %s: %s", self.worker_id, e)
                         stop.wait(0.5)
+                except Exception:  # a bug or a malformed answer must not end the worker
+                    log.exception("worker %s: heartbeat failed", self.worker_id)
+                    stop.wait(1.0)
         finally:
             client.close()
             stop.set()
@@ -150,7 +153,9 @@ class Worker:
         with self._lock:
             holding = {t: r.lease for t, r in self._holding.items()}
         answer = client.request("POST", f"/v1/workers/{self.worker_id}/heartbeat", {
-            "epoch": self.epoch, "holding": holding, "wait_s": round(self.heartbeat_timeout / 3, 3)})
+            # Three polls per timeout, each well inside the client's own request timeout.
+            "epoch": self.epoch, "holding": holding,
+            "wait_s": round(min(self.heartbeat_timeout / 3, self._timeout / 2), 3)})
         self.heartbeat_timeout = float(answer.get("heartbeat_timeout_s", self.heartbeat_timeout))
         with self._lock:
             for task_id, lease in answer["revoke"].items():
@@ -198,6 +203,7 @@ class Worker:
                         pending.append(self._reports.get_nowait())
                     except queue.Empty:
                         break
+                pending = _without_superseded_starts(pending)
                 try:
                     answer = client.request("POST", f"/v1/workers/{self.worker_id}/reports", {"reports": pending})
                 except (UnavailableError, SynapseError) as e:
@@ -227,3 +233,10 @@ class Worker:
         with self._lock:
             for running in self._holding.values():
                 running.cancel.set()
+
+
+def _without_superseded_starts(reports: list[dict]) -> list[dict]:
+    """A start whose finish is in the same batch says nothing the finish does not (it carries
+    the start time): one log command fewer per short task."""
+    finished = {(r["task_id"], r["lease"]) for r in reports if r["kind"] == "finish"}
+    return [r for r in reports if r["kind"] != "start" or (r["task_id"], r["lease"]) not in finished]
