@@ -7,7 +7,8 @@ it to --json FILE):
   finish − first task's submit), both from the replicated task records. While they run, the
   bench only asks a few times a second whether any is unfinished. Every task must end
   ``succeeded``. ``throughput_detail`` has the states, the submit rate and the per-worker
-  split.
+  split. The default sandbox is measured (bubblewrap when usable); ``tasks_per_s_process_driver``
+  repeats the run with ``--driver process`` (no namespaces), to show what the sandbox costs.
 - ``schedule_latency_p50_ms`` (+ p90, p99): with the cluster otherwise idle, ``--latency-tasks``
   tasks submitted one at a time; for each, its record's ``started_ms`` (the worker's clock
   when the sandbox started) − ``submitted_ms`` (the API node's clock when it took the
@@ -56,10 +57,10 @@ class Workers:
         self.cluster, self.root, self.slots = cluster, root, slots
         self.procs: dict[str, object] = {}
 
-    def start(self, worker_id: str) -> None:
+    def start(self, worker_id: str, driver: str = "auto") -> None:
         join = ",".join(f"http://{m.api}" for m in self.cluster.members)
         args = bn.synapse_command() + ["worker", "start", "--join", join, "--token", self.cluster._token(),
-                                       "--id", worker_id, "--slots", str(self.slots)]
+                                       "--id", worker_id, "--slots", str(self.slots), "--driver", driver]
         self.procs[worker_id] = bn.spawn(args, self.root / f"{worker_id}.log")
 
     def kill(self, worker_id: str) -> None:
@@ -194,6 +195,8 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=16, help="slots per worker (default 16)")
     p.add_argument("--latency-tasks", type=int, default=100, help="tasks for the latency figure (default 100)")
     p.add_argument("--reschedule-trials", type=int, default=3)
+    p.add_argument("--no-process-driver", dest="process_driver", action="store_false",
+                   help="skip the second throughput run with the process driver")
     p.add_argument("--heartbeat-timeout", type=float, default=2.0)
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = p.parse_args()
@@ -220,6 +223,19 @@ def main() -> None:
         result.update(run_throughput(cluster, args.tasks, args.submitters))
         workers.kill("w1")
         workers.kill("w2")
+        if args.process_driver:
+            # The same with the process driver (rlimits and cgroups, no namespaces): what the
+            # bubblewrap sandbox itself costs per task on this machine.
+            log("throughput, process driver")
+            for w in ("p1", "p2"):
+                workers.start(w, driver="process")
+            with _client(cluster) as c:
+                _wait_workers(c, {"p1", "p2"})
+            other = run_throughput(cluster, args.tasks, args.submitters)
+            result["tasks_per_s_process_driver"] = other["tasks_per_s"]
+            result["throughput_detail_process_driver"] = other["throughput_detail"]
+            workers.kill("p1")
+            workers.kill("p2")
         log("reschedule")
         result.update(run_reschedule(cluster, workers, args.reschedule_trials, args.heartbeat_timeout))
     except (Exception, KeyboardInterrupt, SystemExit) as e:
