@@ -56,7 +56,8 @@ class NodeConfig:
     # Task slots of the worker embedded in this node: -1 (auto) is the CPU count in local
     # mode (no peers) and none in a cluster, where `synapse worker start` runs them.
     worker_slots: int = -1
-    # The embedded worker's sandbox: auto (bubblewrap when usable, else a plain process),
+    # The embedded worker's sandbox: auto (a container when a Docker engine is reachable,
+    # else bubblewrap when usable, else a plain process),
     # bwrap, process or container (synapse/execution/DESIGN.md).
     worker_driver: str = "auto"
     tuning: RaftTuning = field(default_factory=RaftTuning)

@@ -237,7 +237,7 @@ def worker() -> None:
 @click.option("--label", multiple=True, help="NAME=VALUE that tasks can ask for (repeatable).")
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory offered to tasks (tasks' memory limits count against it).")
 @click.option("--driver", type=click.Choice(["auto", "bwrap", "process", "container"]), default="auto",
-              help="Sandbox: bubblewrap when usable (auto), a plain process, or a container.")
+              help="Sandbox (auto: a container when a Docker engine is reachable, else bubblewrap when usable, else a plain process).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def worker_start(join, token, token_file, worker_id, slots, label, memory_mb, driver, log_level) -> None:
     """Start an execution node in the foreground; Ctrl-C stops it (its running tasks are

@@ -276,15 +276,18 @@ _DRIVERS = {"process": ProcessDriver, "bwrap": BwrapDriver, "container": Contain
 
 
 def choose_driver(name: str = "auto", **options) -> Driver:
-    """The driver called ``name``: "process", "bwrap", "container", or "auto" (bwrap when it
-    works here, else process). Raises SandboxUnavailable, naming the fix, when the named
-    driver cannot run on this machine; ``options`` go to the driver's constructor."""
+    """The driver called ``name``: "process", "bwrap", "container", or "auto" (containers when
+    a Docker engine is reachable, else bwrap when it works here, else process). Raises
+    SandboxUnavailable, naming the fix, when the named driver cannot run on this machine;
+    ``options`` go to the driver's constructor."""
     if name == "auto":
-        try:
-            return BwrapDriver(**options)
-        except SandboxUnavailable as e:
-            log.info("sandbox: bwrap unavailable (%s); using the process driver", e)
-            return ProcessDriver(**options)
+        for driver in (ContainerDriver, BwrapDriver):
+            try:
+                return driver(**options)
+            except SandboxUnavailable as e:
+                log.info("sandbox: %s unavailable (%s)", driver.name, e)
+        log.info("sandbox: using the process driver")
+        return ProcessDriver(**options)
     if name not in _DRIVERS:
         raise ValueError(f"unknown sandbox driver {name!r}; choose one of auto, {', '.join(_DRIVERS)}")
     return _DRIVERS[name](**options)
