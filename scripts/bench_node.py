@@ -548,6 +548,11 @@ def baseline_node_main(argv: list[str]) -> None:
     PySyncObj's tick thread) resolves an asyncio future via ``loop.call_soon_threadsafe`` —
     never ``sync=True`` from the event loop (FIELD-NOTES.md: deadlocks). Settings are
     PySyncObj's defaults (``SyncObjConf()``: batch mode on, no password, no journal file).
+
+    ``GET /v1/kv/KEY`` is a linearizable read the way bare PySyncObj offers one: the replicated
+    ``get`` goes through the log and answers from the state when applied (404 if missing).
+    ``POST /v1/txn`` takes Synapse's shape (``{"then": [{"op": "put", ...}]}``, puts only) and
+    applies it as one replicated ``set_many``: the bulk load for the memory figure.
     """
     p = argparse.ArgumentParser(prog="bench_node.py _baseline-node")
     p.add_argument("--self", required=True)
@@ -570,31 +575,60 @@ def baseline_node_main(argv: list[str]) -> None:
             self._data[key] = value
             return True
 
+        @replicated
+        def set_many(self, items: dict[str, str]) -> int:
+            self._data.update(items)
+            return len(items)
+
+        @replicated
+        def get(self, key: str) -> str | None:
+            return self._data.get(key)
+
     conf = SyncObjConf()  # defaults, as they come
     if a.password:
         conf.password = a.password
     # Created in the main thread, which then runs the event loop forever: the tick thread lives.
     kv = KV(a.self, a.partners.split(","), conf)
 
-    async def put(request: web.Request) -> web.Response:
-        key = request.match_info["key"]
-        body = json.loads(await request.read())
-        value = body["value"]
-        request.headers.get("X-Request-Id")  # read like Synapse does; bare PySyncObj has no dedup
+    async def call(method, *args):
+        """Calls a replicated method; (result, None) or (None, an error response)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def done(result, err):  # tick thread
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result((result, err)))
 
-        kv.set(key, value, callback=done)
+        method(*args, callback=done)
         try:
             result, err = await asyncio.wait_for(fut, 5.0)
         except asyncio.TimeoutError:
-            return web.json_response({"error": "timeout"}, status=503)
+            return None, web.json_response({"error": "timeout"}, status=503)
         if err != 0:
-            return web.json_response({"error": f"pysyncobj_fail_{err}"}, status=503)
-        return web.json_response({"key": key, "ok": result})
+            return None, web.json_response({"error": f"pysyncobj_fail_{err}"}, status=503)
+        return result, None
+
+    async def put(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        body = json.loads(await request.read())
+        value = body["value"]
+        request.headers.get("X-Request-Id")  # read like Synapse does; bare PySyncObj has no dedup
+        result, failed = await call(kv.set, key, value)
+        return failed or web.json_response({"key": key, "ok": result})
+
+    async def get(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        value, failed = await call(kv.get, key)
+        if failed:
+            return failed
+        if value is None:
+            return web.json_response({"error": "not_found"}, status=404)
+        return web.json_response({"key": key, "value": value})
+
+    async def txn(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        items = {op["key"]: op["value"] for op in body.get("then", []) if op.get("op") == "put"}
+        result, failed = await call(kv.set_many, items)
+        return failed or web.json_response({"ok": True, "puts": result})
 
     def leader_addr() -> str | None:
         leader = kv._getLeader()
@@ -602,7 +636,8 @@ def baseline_node_main(argv: list[str]) -> None:
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response({"is_leader": kv._isLeader(), "leader": leader_addr(),
-                                  "commit_idx": kv.raftCommitIndex, "last_applied": kv.raftLastApplied})
+                                  "commit_idx": kv.raftCommitIndex, "last_applied": kv.raftLastApplied,
+                                  "keys": len(kv._data)})
 
     async def ready(request: web.Request) -> web.Response:
         ok = leader_addr() is not None and kv.raftLastApplied >= kv.raftCommitIndex
@@ -611,6 +646,8 @@ def baseline_node_main(argv: list[str]) -> None:
     async def main() -> None:
         app = web.Application()
         app.router.add_put("/v1/kv/{key:.+}", put)
+        app.router.add_get("/v1/kv/{key:.+}", get)
+        app.router.add_post("/v1/txn", txn)
         app.router.add_get("/status", status)
         app.router.add_get("/ready", ready)
         runner = web.AppRunner(app, access_log=None)
@@ -643,6 +680,29 @@ def value_for(n: int) -> str:
     return ("v" * (VALUE_CHARS - len(tail))) + tail
 
 
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def etcd_value_for(n: int) -> str:
+    """The same 100 bytes Synapse stores for ``value_for(n)`` (its canonical JSON text)."""
+    return json.dumps(value_for(n))
+
+
+def etcd_put_body(key: str, value: str) -> bytes:
+    return json.dumps({"key": _b64(key), "value": _b64(value)}).encode()
+
+
+def etcd_range_body(key: str) -> bytes:
+    return json.dumps({"key": _b64(key)}).encode()  # serializable=false: linearizable (etcd's default)
+
+
+def etcd_txn_body(items: list[tuple[str, str]]) -> bytes:
+    return json.dumps({"success": [{"requestPut": {"key": _b64(k), "value": _b64(v)}} for k, v in items]}).encode()
+
+
 def loadgen_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     import uvloop
@@ -659,10 +719,16 @@ async def _loadgen(spec: dict) -> dict:
     """Modes: ``put`` / ``get`` run ``clients`` workers, each with one request in flight, from
     ``start_at`` (time.monotonic, system-wide) until the end of the measured window; only
     requests completed inside [start_at + warmup, + duration] count. ``txn`` loads keys
-    ``[first, first + count)`` with 128-put transactions until done or ``deadline_s``."""
+    ``[first, first + count)`` with 128-put transactions until done or ``deadline_s``.
+
+    ``protocol`` says how a request is spelled, nothing else changes: ``synapse`` (default;
+    Synapse and the bare PySyncObj front: ``PUT``/``GET /v1/kv/KEY``, ``POST /v1/txn``) or
+    ``etcd`` (etcd's v3 JSON gateway: ``POST /v3/kv/put``, ``/v3/kv/range`` (linearizable),
+    ``/v3/kv/txn``; keys and values base64, the value the same 100 bytes)."""
     import aiohttp
 
     mode, url, token = spec["mode"], spec["url"], spec.get("token", "")
+    etcd = spec.get("protocol", "synapse") == "etcd"
     clients, offset = spec["clients"], spec.get("worker_offset", 0)
     prefix = spec.get("prefix", "bench")
     run_id = spec.get("run_id", uuid.uuid4().hex[:8])
@@ -698,7 +764,19 @@ async def _loadgen(spec: dict) -> dict:
                         written[wid] = n
                         return
                     try:
-                        if mode == "put":
+                        if etcd:
+                            if mode == "put":
+                                body = etcd_put_body(f"{prefix}/w{wid}/{n}", etcd_value_for(n))
+                                target = url + "/v3/kv/put"
+                            else:
+                                body = etcd_range_body(f"{prefix}/w{wid}/{n % keys}")
+                                target = url + "/v3/kv/range"
+                            async with session.post(target, data=body) as r:
+                                payload = await r.read()
+                                status = r.status
+                            if mode == "get" and status == 200 and b'"kvs"' not in payload:
+                                status = 404  # the key is missing: not a successful read
+                        elif mode == "put":
                             body = b'{"value":"' + value_for(n).encode() + b'"}'
                             hdrs = {"X-Request-Id": f"{run_id}-{wid}-{n}", "Content-Type": "application/json"}
                             async with session.put(base + str(n), data=body, headers=hdrs) as r:
@@ -757,12 +835,17 @@ async def _loadgen(spec: dict) -> dict:
                 lo = next_i
                 hi = min(end, lo + TXN_BATCH)
                 next_i = hi
-                ops = [{"op": "put", "key": f"{prefix}/{i:010d}", "value": value_for(i)} for i in range(lo, hi)]
-                body = json.dumps({"then": ops}).encode()
+                if etcd:  # puts are idempotent: a retry rewrites the same values
+                    body = etcd_txn_body([(f"{prefix}/{i:010d}", etcd_value_for(i)) for i in range(lo, hi)])
+                    target = url + "/v3/kv/txn"
+                else:
+                    ops = [{"op": "put", "key": f"{prefix}/{i:010d}", "value": value_for(i)} for i in range(lo, hi)]
+                    body = json.dumps({"then": ops}).encode()
+                    target = url + "/v1/txn"
                 hdrs = {"X-Request-Id": f"{run_id}-txn-{lo}", "Content-Type": "application/json"}
                 for attempt in range(8):  # the same request id: a retry applies at most once
                     try:
-                        async with session.post(url + "/v1/txn", data=body, headers=hdrs) as r:
+                        async with session.post(target, data=body, headers=hdrs) as r:
                             payload = await r.read()
                             if r.status == 200:
                                 loaded += hi - lo
@@ -780,9 +863,10 @@ async def _loadgen(spec: dict) -> dict:
 
 def run_load(mode: str, url: str, token: str, clients: int, generators: int, node_pids: dict[str, int],
              warmup: float = 0.0, duration: float = 0.0, extra: dict | None = None,
-             workdir: Path | None = None) -> dict:
+             workdir: Path | None = None, percentiles: list[float] | None = None) -> dict:
     """Runs ``generators`` load-generator processes and merges their results; samples the
-    nodes' CPU over the measured window."""
+    nodes' CPU over the measured window. With ``percentiles`` (in %), the result also has the
+    latency at each (``latency_percentiles_ms``: a compact CDF)."""
     run_id = uuid.uuid4().hex[:8]
     workdir = Path(workdir or _WORKDIR or tempfile.gettempdir())
     outs = [workdir / f"loadgen-{run_id}-{g}.json" for g in range(generators)]
@@ -855,6 +939,10 @@ def run_load(mode: str, url: str, token: str, clients: int, generators: int, nod
         "load_generator_runqueue_wait_pct": [r.get("runqueue_wait_pct") for r in results],
         "loadavg_after": list(os.getloadavg()), "late_start_s": max(r["late_start_s"] for r in results),
     })
+    if percentiles:
+        out["latency_percentiles_ms"] = {"pct": list(percentiles),
+                                         "ms": [r3(pct(lat, q / 100.0)) for q in percentiles]}
+        out["min_ms"] = r3(lat[0] if lat else None)
     return out
 
 

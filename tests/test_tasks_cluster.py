@@ -4,6 +4,7 @@ killed while it schedules; every task must end exactly once in the replicated st
 
 from __future__ import annotations
 
+import base64
 import shutil
 import tempfile
 import time
@@ -183,5 +184,44 @@ def test_limits_and_grants_hold_for_tasks_submitted_to_the_cluster(tmp_path, sha
         assert len(client.task_logs(ids["flood"])["stdout"]) == 1000
         assert client.task_logs(ids["network"])["stdout"] == "connected\n"
         assert not (shared_dir / "x").exists() and (shared_dir / "y").exists()
+    finally:
+        c.close()
+
+
+def test_a_result_too_big_for_the_state_fails_the_task_instead_of_running_it_again(tmp_path, shared_dir):
+    c = Cluster.create(tmp_path / "local", 1, extra=["--worker-slots", "1"]).start()
+    try:
+        client = c.client()
+        runs = shared_dir / "runs"
+        module = f"def big():\n    open('{runs}', 'a').write('x')\n    return 'y' * (300 << 10)\n"
+        task_id = client.submit_task({"entry": "bigmod:big", "files": {"bigmod.py": module},
+                                      "capabilities": {"write_paths": [str(shared_dir)]}})["task_id"]
+        task = _ended(client, task_id)
+        assert (task["state"], task["result"]["reason"]) == ("failed", "result_limit")
+        assert runs.read_text() == "x"  # it ran once
+    finally:
+        c.close()
+
+
+def test_a_refused_result_report_still_ends_the_task(tmp_path):
+    """A finish report the cluster refuses (here: output over the stored bound) is replaced by
+    a bare failure, so the task ends instead of being handed out and run again."""
+    from synapse.execution.worker import Worker
+
+    c = Cluster.create(tmp_path / "local", 1, extra=["--worker-slots", "0"]).start()
+    try:
+        client = c.client()
+        client.request("POST", "/v1/workers", {"worker_id": "wx", "instance": "i1", "slots": 1})
+        task_id = client.submit_task({"command": ["true"]})["task_id"]
+        beat = wait_until(lambda: (b := client.request("POST", "/v1/workers/wx/heartbeat", {"epoch": 1, "wait_s": 1}))
+                          and b["assign"] and b, 10, "the assignment")
+        lease = beat["assign"][0]["lease"]
+        huge = base64.b64encode(b"x" * (300 << 10)).decode()
+        report = {"kind": "finish", "task_id": task_id, "lease": lease, "outcome": {"status": "succeeded", "stdout": huge}}
+        worker = Worker(c.nodes[0].url, c.token, worker_id="wx", slots=1, driver="process")
+        (result,) = worker._deliver(client, [report])
+        assert result["ok"] is True
+        task = client.task(task_id)
+        assert (task["state"], task["result"]["reason"]) == ("failed", "report_refused")
     finally:
         c.close()

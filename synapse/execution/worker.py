@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from synapse.client import Client, SynapseError, UnavailableError
 from synapse.execution import Driver, Grants, Job, JobError, Limits, Outcome, choose_driver
+from synapse.state.tasks import MAX_RESULT_BYTES
 
 log = logging.getLogger("synapse.worker")
 
@@ -49,6 +50,9 @@ def job_from_spec(spec: dict) -> Job:
             wall_s=float(limits.get("wall_s") or 600.0),
             output_bytes=int(limits.get("output_bytes", 64 << 10)),
             processes=limits.get("processes"),
+            # What the replicated state stores: a bigger return value fails the task here
+            # (result_limit) instead of its report being refused.
+            result_bytes=MAX_RESULT_BYTES,
         ),
         grants=Grants(network=bool(caps.get("network", False)), read_paths=tuple(caps.get("read_paths") or ()),
                       write_paths=tuple(caps.get("write_paths") or ())),
@@ -205,17 +209,14 @@ class Worker:
                         break
                 pending = _without_superseded_starts(pending)
                 try:
-                    answer = client.request("POST", f"/v1/workers/{self.worker_id}/reports", {"reports": pending})
-                except (UnavailableError, SynapseError) as e:
-                    if isinstance(e, UnavailableError) or e.status >= 500:
-                        if self._stop.is_set():
-                            return  # stopping: the leases lapse when the cluster marks this worker down
-                        log.info("worker %s: reports not delivered yet (%s); retrying", self.worker_id, e)
-                        self._stop.wait(0.2)
-                        continue
-                    log.error("worker %s: reports refused: %s", self.worker_id, e)
-                    answer = {"results": [{"task_id": r["task_id"], "ok": False} for r in pending]}
-                for report, result in zip(pending, answer["results"]):
+                    results = self._deliver(client, pending)
+                except SynapseError as e:  # no answer (unavailable, 5xx): the same batch again
+                    if self._stop.is_set():
+                        return  # stopping: the leases lapse when the cluster marks this worker down
+                    log.info("worker %s: reports not delivered yet (%s); retrying", self.worker_id, e)
+                    self._stop.wait(0.2)
+                    continue
+                for report, result in zip(pending, results):
                     if report["kind"] == "finish":
                         with self._lock:
                             running = self._holding.get(report["task_id"])
@@ -227,6 +228,36 @@ class Worker:
                 pending = []
         finally:
             client.close()
+
+    def _deliver(self, client: Client, reports: list[dict]) -> list[dict]:
+        """Each report's answer. A batch refused as malformed (a 4xx: one bad report) is sent
+        again one report at a time, and a finish refused on its own is replaced by a bare
+        failure — a finish that never lands would be handed out and run again. Raises
+        SynapseError when the cluster gave no answer (retry the same batch)."""
+        try:
+            return self._post(client, reports)
+        except SynapseError as e:
+            if _no_answer(e):
+                raise
+            log.error("worker %s: reports refused (%s); sending them one at a time", self.worker_id, e)
+        results = []
+        for report in reports:
+            try:
+                results += self._post(client, [report])
+            except SynapseError as e:
+                if _no_answer(e):
+                    raise
+                if report["kind"] != "finish":
+                    results.append({"task_id": report["task_id"], "ok": False, "error": e.error})
+                    continue
+                log.error("worker %s: the result of %s was refused (%s); reporting a bare failure",
+                          self.worker_id, report["task_id"], e)
+                bare = {**report, "outcome": {"status": "failed", "reason": "report_refused"}}
+                results += self._post(client, [bare])
+        return results
+
+    def _post(self, client: Client, reports: list[dict]) -> list[dict]:
+        return client.request("POST", f"/v1/workers/{self.worker_id}/reports", {"reports": reports})["results"]
 
     def _forget_all(self) -> None:
         """After being marked down: every lease is revoked, so stop every task."""
@@ -240,3 +271,7 @@ def _without_superseded_starts(reports: list[dict]) -> list[dict]:
     the start time): one log command fewer per short task."""
     finished = {(r["task_id"], r["lease"]) for r in reports if r["kind"] == "finish"}
     return [r for r in reports if r["kind"] != "start" or (r["task_id"], r["lease"]) not in finished]
+
+
+def _no_answer(error: SynapseError) -> bool:
+    return isinstance(error, UnavailableError) or error.status >= 500
