@@ -10,7 +10,10 @@ The systems:
   keys) and auto-compaction explicitly off; driven through its v3 JSON gateway.
 - ``pysyncobj``: 3 bare PySyncObj processes (``bench_node.BaselineCluster``: default
   ``SyncObjConf()``, in-memory log, a ``@replicated`` dict behind a minimal aiohttp front in the
-  same process).
+  same process). Its default batch mode sends entries on a 100 ms timer, so its throughput is
+  about clients × 10/s; ``pysyncobj_nobatch`` is the same with ``appendEntriesUseBatch=False``
+  (each entry sent at once), the stronger bare baseline, reported beside it (no memory figure:
+  the same dict).
 
 Every system is driven by the SAME load generator (``bench_node.run_load``: separate Python
 processes, asyncio + uvloop + aiohttp, N clients each with one request in flight, only requests
@@ -40,10 +43,12 @@ its batch API (Synapse ``POST /v1/txn``, etcd ``/v3/kv/txn``, PySyncObj's ``/v1/
 per-thread share) goes to ``synapse_profile``; the figures above are not taken from that run.
 
 Output: one JSON object on stdout (and in ``--json FILE``): ``machine``, ``settings``,
-``durability``, ``systems`` → ``synapse`` / ``etcd`` / ``pysyncobj`` (/ ``synapse_fsync``) →
+``durability``, ``systems`` → ``synapse`` / ``etcd`` / ``pysyncobj`` / ``pysyncobj_nobatch`` /
+``synapse_fsync`` →
 ``writes`` / ``reads`` → level → figures, ``failover``, ``rss_mb_1m_keys``; ``ratios``;
 ``synapse_over_etcd_writes_64``, ``synapse_over_pysyncobj_writes_64``,
-``synapse_fsync_writes_64``, ``synapse_fsync_over_etcd_writes_64``; ``targets``; ``notes``.
+``synapse_over_pysyncobj_nobatch_writes_64``, ``synapse_fsync_writes_64``,
+``synapse_fsync_over_etcd_writes_64``; ``targets``; ``notes``.
 PNG plots go to ``--plots DIR``.
 
 Every process this script starts is in its own session, gets SIGKILL if this script dies and
@@ -51,7 +56,8 @@ is torn down on exit, Ctrl-C or SIGTERM. Only 127.0.0.1 is used. All data dirs a
 temporary directory (one file system).
 
 Usage: ./scripts/bench-cluster --json FILE --plots DIR [--levels 1,16,64,256] [--duration 10]
-       [--skip etcd,pysyncobj,synapse,fsync,writes,reads,failover,rss] [--profile FILE] [--keep]
+       [--skip etcd,pysyncobj,pysyncobj_nobatch,synapse,fsync,writes,reads,failover,rss]
+       [--profile FILE] [--keep]
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_node as bn  # noqa: E402  (processes, clusters, load generator: shared)
 
-SYSTEMS = ("synapse", "etcd", "pysyncobj")
+SYSTEMS = ("synapse", "etcd", "pysyncobj", "pysyncobj_nobatch")
 PHASES = ("writes", "reads", "failover", "rss", "fsync")
 ETCD = "/usr/bin/etcd"
 # The compact latency CDF kept per system and level (percent).
@@ -414,11 +420,21 @@ def start_system(system: str, root: Path, extra: list[str] | None = None):
         c = EtcdCluster(root).start()
         c.leader()
         return c, "etcd", ""
-    c = bn.BaselineCluster(root).start()
+    c = bn.BaselineCluster(root, no_batch=system == "pysyncobj_nobatch").start()
     return c, "synapse", ""
 
 
 def stop_system(cluster) -> None:
+    if isinstance(cluster, EtcdCluster):
+        # An etcd leader hands leadership over before it stops; stopped together with its
+        # followers it waited ~7 s for one. One leader at a time, each hands over at once.
+        for _ in cluster.members:
+            try:
+                leader = cluster.leader(timeout=1.0)
+                bn._signal_group(leader.proc, signal.SIGTERM)
+                leader.proc.wait(30)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                break
     for m in cluster.members:
         if m.alive():
             bn._signal_group(m.proc, signal.SIGTERM)
@@ -435,7 +451,7 @@ def stop_system(cluster) -> None:
 
 def converge(system: str, cluster, timeout: float = 300.0) -> None:
     """Until every member has applied everything the leader has."""
-    if system == "pysyncobj":
+    if system.startswith("pysyncobj"):
         deadline = time.monotonic() + timeout
         while True:
             st = []
@@ -459,7 +475,7 @@ def summarize(r: dict, leader: str) -> dict:
     keys = ("per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "min_ms", "ops", "errors", "error_samples",
             "load_generator_cpu_pct", "load_generator_cpu_pct_per_process", "generators", "node_cpu_pct",
             "node_runqueue_wait_pct", "load_generator_runqueue_wait_pct", "late_start_s", "leader_metrics",
-            "latency_percentiles_ms")
+            "latency_percentiles_ms", "per_second", "per_second_cv")
     out = {k: r[k] for k in keys if k in r}
     out["leader"] = leader
     return out
@@ -485,8 +501,9 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
             r["leader_metrics"] = bn.server_side(m0, bn.scrape_metrics(leader.api, token), route)
         out[str(level)] = s = summarize(r, leader.name)
         s["keys_per_worker_min"] = r.get("min_keys_per_worker")
-        log(f"{system} {mode} x{level}: {r['per_s']} /s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors "
-            f"{r['errors']}, generator CPU {r['load_generator_cpu_pct']} % ({gens} proc), nodes CPU {r['node_cpu_pct']}")
+        log(f"{system} {mode} x{level}: {r['per_s']} /s (cv {r.get('per_second_cv')}), p50 {r['p50_ms']} ms, p99 "
+            f"{r['p99_ms']} ms, errors {r['errors']}, generator CPU {r['load_generator_cpu_pct']} % ({gens} proc), "
+            f"nodes CPU {r['node_cpu_pct']}")
     return out
 
 
@@ -498,8 +515,8 @@ def run_profile(cluster, token: str, args, out_file: Path) -> dict:
     pids = {m.name: m.pid for m in cluster.members}
     dur = max(5.0, args.duration)
     # py-spy starts when the measured window does (run_load starts the clients 2 s from now)
-    cmd = ["bash", "-c", f"sleep {2.0 + args.warmup:.2f}; exec {pyspy} record --nonblocking --threads -r 200 "
-           f"-p {leader.pid} -d {int(round(dur))} -f raw -o {out_file}"]
+    cmd = ["bash", "-c", f"sleep {2.0 + args.warmup:.2f}; exec {pyspy} record --nonblocking --threads --nolineno "
+           f"-r 200 -p {leader.pid} -d {int(round(dur))} -f raw -o {out_file}"]
     spy = bn.spawn(cmd, out_file.with_suffix(".log"))
     r = bn.run_load("put", f"http://{leader.api}", token, level, generators_for(args, level), pids,
                     args.warmup, dur, extra={"protocol": "synapse", "prefix": "profile"})
@@ -515,11 +532,17 @@ def run_profile(cluster, token: str, args, out_file: Path) -> dict:
     return summary
 
 
+# Frames every stack of a thread passes through (thread start-up, the CLI): not informative.
+_WRAPPER_FRAMES = ("(threading.py", "(click/", "<module> (", "node_start (synapse/cli/main.py")
+
+
 def summarize_profile(path: Path, top: int = 30) -> dict:
-    """Top inclusive frames (share of all samples whose stack contains the frame) and the
-    share per thread, from py-spy's raw (collapsed) output."""
+    """From py-spy's raw (collapsed) output: the share of samples per thread, the top inclusive
+    frames (share of all samples whose stack contains the frame; thread start-up and CLI
+    frames left out) and the top self frames (the innermost Python frame)."""
     total = 0
     inclusive: dict[str, int] = {}
+    self_: dict[str, int] = {}
     threads: dict[str, int] = {}
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -529,14 +552,22 @@ def summarize_profile(path: Path, top: int = 30) -> dict:
             continue
         total += n
         frames = stack.split(";")
-        threads[frames[0]] = threads.get(frames[0], 0) + n
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread (") else "?"
+        threads[thread] = threads.get(thread, 0) + n
+        self_[frames[-1]] = self_.get(frames[-1], 0) + n
         for f in set(frames[1:]):
-            inclusive[f] = inclusive.get(f, 0) + n
+            if not any(w in f for w in _WRAPPER_FRAMES):
+                inclusive[f] = inclusive.get(f, 0) + n
     pct = lambda n: round(100.0 * n / total, 1) if total else None  # noqa: E731
+    ranked = lambda d: [[f, pct(n)] for f, n in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
     return {
         "samples": total,
+        "note": "py-spy --nonblocking, active (non-idle) threads only; percent of all samples of the leader."
+                " Self time in node_start (synapse/cli/main.py) is the event loop's own C code (uvloop:"
+                " socket reads and writes, scheduling), below the Python frames of the main thread.",
         "threads_pct": {k: pct(v) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])},
-        "top_inclusive_pct": [[f, pct(n)] for f, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]],
+        "top_inclusive_pct": ranked(inclusive),
+        "top_self_pct": ranked(self_),
     }
 
 
@@ -601,7 +632,7 @@ def rss_system(system: str, args, tmp: Path, out: dict) -> None:
         count = None
         if system == "etcd":
             count = cluster.key_count(leader, "rss/")
-        elif system == "pysyncobj":
+        elif system.startswith("pysyncobj"):
             count = bn.http_json(leader.api, "GET", "/status")[1].get("keys")
         res.update({
             "rss_mb_1m_keys": rss if loaded >= 1_000_000 else None,
@@ -610,7 +641,7 @@ def rss_system(system: str, args, tmp: Path, out: dict) -> None:
                     "load_keys_per_s": round(loaded / max(1e-9, r["elapsed_s"]), 1),
                     "converge_after_load_s": converge_s, "errors": r["errors"], "error_samples": r["error_samples"],
                     "data_dir_mb": round(bn.disk_bytes(cluster.members[0].data_dir) / 2**20, 1)
-                    if system != "pysyncobj" else None},
+                    if not system.startswith("pysyncobj") else None},
         })
         log(f"{system} rss: {loaded} keys in {r['elapsed_s']} s, leader {leader.name} RSS {rss} MB "
             f"(anon {mem[leader.name]['anon_mb']}, file {mem[leader.name]['file_mb']}); errors {r['errors']}")
@@ -653,6 +684,7 @@ def durability(tmp: Path) -> dict:
                              " PySyncObj acknowledges it (the durability etcd has by default).",
             "pysyncobj": "no fsync and no disk at all: default SyncObjConf() keeps the Raft log in memory"
                          " (no journal file, no dump file); nothing survives the loss of a majority of processes.",
+            "pysyncobj_nobatch": "as pysyncobj (appendEntriesUseBatch=False changes only when entries are sent).",
         },
         "comparable": "synapse_fsync vs etcd is the durability-comparable pair; synapse vs pysyncobj both skip fsync.",
     }
@@ -670,13 +702,15 @@ def evaluate(result: dict) -> None:
 
     levels = result["settings"]["levels"]
     ratios = {}
-    for other in ("etcd", "pysyncobj"):
+    for other in ("etcd", "pysyncobj", "pysyncobj_nobatch"):
         for kind in ("writes", "reads"):
             ratios[f"synapse_over_{other}_{kind}"] = {str(lv): _ratio(w("synapse", kind, lv), w(other, kind, lv))
                                                       for lv in levels}
     result["ratios"] = ratios
     result["synapse_over_etcd_writes_64"] = _ratio(w("synapse", "writes", 64), w("etcd", "writes", 64))
     result["synapse_over_pysyncobj_writes_64"] = _ratio(w("synapse", "writes", 64), w("pysyncobj", "writes", 64))
+    result["synapse_over_pysyncobj_nobatch_writes_64"] = _ratio(w("synapse", "writes", 64),
+                                                                w("pysyncobj_nobatch", "writes", 64))
     result["synapse_over_etcd_reads_64"] = _ratio(w("synapse", "reads", 64), w("etcd", "reads", 64))
     result["synapse_fsync_writes_64"] = w("synapse_fsync", "writes", 64)
     result["synapse_fsync_over_etcd_writes_64"] = _ratio(w("synapse_fsync", "writes", 64), w("etcd", "writes", 64))
@@ -698,7 +732,8 @@ def evaluate(result: dict) -> None:
 
 
 SYSTEM_STYLE = {"synapse": ("Synapse", "tab:blue", "o"), "etcd": ("etcd", "tab:green", "s"),
-                "pysyncobj": ("bare PySyncObj", "tab:orange", "^"),
+                "pysyncobj": ("bare PySyncObj (defaults)", "tab:orange", "^"),
+                "pysyncobj_nobatch": ("bare PySyncObj, batch off", "tab:red", "v"),
                 "synapse_fsync": ("Synapse --raft-fsync", "tab:purple", "D")}
 
 
@@ -744,8 +779,8 @@ def plot(result: dict, out_dir: Path) -> list[str]:
             xs = [v.get("min_ms")] + cdf["ms"] + [v.get("max_ms")]
             ys = [0.0] + [q / 100 for q in cdf["pct"]] + [1.0]
             pts = [(x, y) for x, y in zip(xs, ys) if x is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, label=f"{label} (p99 {v.get('p99_ms')} ms)",
-                    drawstyle="steps-post")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color,
+                    label=f"{label}: p50 {v.get('p50_ms')} ms, p99 {v.get('p99_ms')} ms")
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("fraction of requests")
@@ -835,7 +870,8 @@ def main() -> None:
             bench_system("synapse_fsync", args, skip, tmp, result["systems"], None)
         if "rss" not in skip and args.rss_keys > 0:
             for system in systems:
-                rss_system(system, args, tmp, result["systems"])
+                if system != "pysyncobj_nobatch":  # the same dict as pysyncobj
+                    rss_system(system, args, tmp, result["systems"])
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         failed = e
         result["error"] = f"{type(e).__name__}: {e}"[:4000]

@@ -480,7 +480,7 @@ class SynapseCluster:
 class BaselineCluster:
     """3 bare PySyncObj processes (this file's ``_baseline-node`` mode), each with an HTTP front."""
 
-    def __init__(self, root: Path, size: int = 3, password: str | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, password: str | None = None, no_batch: bool = False) -> None:
         root.mkdir(parents=True, exist_ok=True)
         ports = free_ports(2 * size)
         raft = [f"{HOST}:{ports[2 * i + 1]}" for i in range(size)]
@@ -491,6 +491,8 @@ class BaselineCluster:
                     "--partners", ",".join(a for a in raft if a != raft[i]), "--http", api]
             if password:
                 args += ["--password", password]
+            if no_batch:
+                args += ["--no-batch"]
             self.members.append(Member(f"b{i + 1}", api, args, root, root / f"b{i + 1}.log"))
         self.token = ""
 
@@ -559,6 +561,8 @@ def baseline_node_main(argv: list[str]) -> None:
     p.add_argument("--partners", required=True)
     p.add_argument("--http", required=True)
     p.add_argument("--password", default=None)
+    p.add_argument("--no-batch", action="store_true",
+                   help="appendEntriesUseBatch=False: send each entry at once instead of on the 100 ms timer")
     a = p.parse_args(argv)
 
     import uvloop
@@ -585,6 +589,8 @@ def baseline_node_main(argv: list[str]) -> None:
             return self._data.get(key)
 
     conf = SyncObjConf()  # defaults, as they come
+    if a.no_batch:
+        conf.appendEntriesUseBatch = False
     if a.password:
         conf.password = a.password
     # Created in the main thread, which then runs the event loop forever: the tick thread lives.
@@ -739,6 +745,7 @@ async def _loadgen(spec: dict) -> dict:
     errors: dict[str, int] = {}
     samples: list[str] = []
     lat: list[float] = []
+    per_second: list[int] = [0] * max(1, math.ceil(spec.get("duration", 0)))  # completions per second of the window
     written: dict[int, int] = {}
     now = time.monotonic
 
@@ -791,6 +798,7 @@ async def _loadgen(spec: dict) -> dict:
                             if m0 <= t1 < m1:
                                 ok += 1
                                 lat.append((t1 - t0) * 1000.0)
+                                per_second[min(len(per_second) - 1, int(t1 - m0))] += 1
                         else:
                             if m0 <= t1 < m1:
                                 error(f"http_{status}", payload.decode(errors="replace"))
@@ -815,6 +823,7 @@ async def _loadgen(spec: dict) -> dict:
             window = spec["duration"]
             return {
                 "ok": ok, "errors": errors, "error_samples": samples, "lat_ms": [round(x, 3) for x in lat],
+                "per_second": per_second,
                 "window_s": window, "late_start_s": round(late, 3), "min_keys_per_worker": min(written.values()),
                 "cpu_pct": round(100.0 * (cpu["c1"] - cpu["c0"]) / max(1e-9, cpu["t1"] - cpu["t0"]), 1),
                 "runqueue_wait_pct": round(100.0 * (cpu["w1"] - cpu["w0"]) / max(1e-9, cpu["t1"] - cpu["t0"]), 1)
@@ -943,6 +952,11 @@ def run_load(mode: str, url: str, token: str, clients: int, generators: int, nod
         out["latency_percentiles_ms"] = {"pct": list(percentiles),
                                          "ms": [r3(pct(lat, q / 100.0)) for q in percentiles]}
         out["min_ms"] = r3(lat[0] if lat else None)
+        # completions in each second of the window, all generators: a steady run has a flat series
+        series = [sum(col) for col in zip(*(r["per_second"] for r in results))]
+        out["per_second"] = series
+        if len(series) > 1 and statistics.fmean(series):
+            out["per_second_cv"] = round(statistics.pstdev(series) / statistics.fmean(series), 3)
     return out
 
 
