@@ -29,61 +29,14 @@ def wait_until(predicate, timeout: float, what: str):
         time.sleep(0.05)
 
 
-@dataclass
-class NodeProc:
-    node_id: str
-    api: str
-    raft: str
-    data_dir: Path
+class _Process:
+    """A subprocess in its own session, with its output in ``log_path``."""
+
     args: list[str]
     log_path: Path
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.api}"
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@dataclass
-class WorkerProc:
-    """An execution node: `synapse worker start` in its own process group (a SIGKILL of the
-    worker leaves its sandboxes to their own death-with-parent, as on a real machine)."""
-
-    worker_id: str
-    args: list[str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> "WorkerProc":
+    def start(self):
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -112,6 +65,32 @@ class WorkerProc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class NodeProc(_Process):
+    node_id: str
+    api: str
+    raft: str
+    data_dir: Path
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.api}"
+
+
+@dataclass
+class WorkerProc(_Process):
+    """An execution node: `synapse worker start` in its own process group (a SIGKILL of the
+    worker leaves its sandboxes to their own death-with-parent, as on a real machine)."""
+
+    worker_id: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
 
 
 @dataclass
