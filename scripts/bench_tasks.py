@@ -68,6 +68,12 @@ class Workers:
         bn._signal_group(p, signal.SIGKILL)
         p.wait(10)
 
+    def stop(self, worker_id: str) -> None:
+        """A clean stop: the worker leaves the cluster (marked down at once)."""
+        p = self.procs.pop(worker_id)
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
 
 def _client(cluster: bn.SynapseCluster, timeout: float = 30.0) -> Client:
     return Client([f"http://{m.api}" for m in cluster.members], cluster._token(), timeout=timeout)
@@ -182,7 +188,7 @@ def run_reschedule(cluster, workers: Workers, trials: int, heartbeat_timeout: fl
                            "marked_down_after_s": round((down - killed_ms) / 1000, 3) if down else None,
                            "worker": task["worker"]})
             c.cancel_task(t)
-            workers.kill(b)
+            workers.stop(b)
     return {"reschedule_s": round(statistics.median(d["reschedule_s"] for d in detail), 3),
             "reschedule_detail": detail}
 
@@ -221,8 +227,8 @@ def main() -> None:
         result.update(run_latency(cluster, args.latency_tasks))
         log("throughput")
         result.update(run_throughput(cluster, args.tasks, args.submitters))
-        workers.kill("w1")
-        workers.kill("w2")
+        workers.stop("w1")
+        workers.stop("w2")
         if args.process_driver:
             # The same with the process driver (rlimits and cgroups, no namespaces): what the
             # bubblewrap sandbox itself costs per task on this machine.
@@ -234,8 +240,8 @@ def main() -> None:
             other = run_throughput(cluster, args.tasks, args.submitters)
             result["tasks_per_s_process_driver"] = other["tasks_per_s"]
             result["throughput_detail_process_driver"] = other["throughput_detail"]
-            workers.kill("p1")
-            workers.kill("p2")
+            workers.stop("p1")
+            workers.stop("p2")
         log("reschedule")
         result.update(run_reschedule(cluster, workers, args.reschedule_trials, args.heartbeat_timeout))
     except (Exception, KeyboardInterrupt, SystemExit) as e:

@@ -225,3 +225,18 @@ def test_a_refused_result_report_still_ends_the_task(tmp_path):
         assert (task["state"], task["result"]["reason"]) == ("failed", "report_refused")
     finally:
         c.close()
+
+
+def test_a_worker_stopped_on_purpose_hands_its_task_to_another_at_once(cluster):
+    leaving = cluster.worker("w1").start()
+    client = cluster.client()
+    _workers_up(client, 1)
+    task_id = client.submit_task({"command": ["sleep", "1"]})["task_id"]  # no retries
+    wait_until(lambda: client.task(task_id)["state"] == "running", 30, "the task to start")
+    cluster.worker("w2").start()
+    _workers_up(client, 2)
+    leaving.stop()  # SIGTERM: the worker leaves the cluster
+    workers = {w["worker_id"]: w for w in client.status()["workers"]}
+    assert workers["w1"]["state"] == "down" and workers["w1"]["reason"] == "left"
+    task = _ended(client, task_id)
+    assert task["state"] == "succeeded" and task["worker"] == "w2" and task["attempts"] == 1

@@ -265,3 +265,14 @@ def test_a_rollback_keeps_the_tasks_and_workers_it_met():
     assert restored.worker_leases("w1") == {}
     nxt = restored.apply_entry(log.index + 2, encode_entry([{"op": "task_assign", "task_id": "after", "worker_id": "w1", "now_ms": 9}]))
     assert nxt.results[0]["lease"] == lease + 1  # the lease counter did not go back either
+
+
+def test_a_worker_that_leaves_hands_its_tasks_back_without_spending_their_budget():
+    log = Log()
+    _register(log, "w1")
+    _submit(log, "t1")  # no retries
+    _assign(log, "t1", "w1")
+    answer = log.one({"op": "worker_down", "worker_id": "w1", "now_ms": 5, "reason": "left", "leaving": True, "epoch": 1})
+    assert answer["requeued"] == ["t1"] and answer["lost"] == []
+    task = log.task("t1")
+    assert task["state"] == "pending" and task["attempts"] == 0

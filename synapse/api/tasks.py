@@ -179,6 +179,17 @@ async def reports(request: web.Request) -> web.Response:
         for c, r in zip(commands, results)]})
 
 
+async def leave(request: web.Request) -> web.Response:
+    """A worker stopping on purpose: marked down now (not after the heartbeat timeout), so its
+    tasks are rescheduled at once within their retry budget."""
+    worker_id = request.match_info["worker_id"]
+    body = await json_body(request, {"epoch"}, {"epoch"})
+    result = await propose(request, {"op": "worker_down", "worker_id": worker_id, "epoch": body["epoch"],
+                                     "now_ms": now_ms(), "reason": "left", "leaving": True,
+                                     "rid": request_id(request)}, 128)
+    return web.json_response({"worker_id": worker_id, "released": result["requeued"] + result["lost"]})
+
+
 async def list_workers(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier()
@@ -333,3 +344,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/workers", register_worker)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", heartbeat)
     app.router.add_post("/v1/workers/{worker_id}/reports", reports)
+    app.router.add_post("/v1/workers/{worker_id}/leave", leave)

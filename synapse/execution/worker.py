@@ -74,6 +74,9 @@ def outcome_json(outcome: Outcome) -> dict:
 class _Running:
     lease: int
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Killed because this worker stops, not because the task was cancelled: no result is
+    # reported (it would end the task "cancelled"); leaving hands it back to the scheduler.
+    abandoned: bool = False
 
 
 class Worker:
@@ -112,6 +115,7 @@ class Worker:
         self._stop.set()
         with self._lock:
             for running in self._holding.values():
+                running.abandoned = True
                 running.cancel.set()
         for t in self._threads:
             t.join(timeout)
@@ -139,9 +143,10 @@ class Worker:
                     log.exception("worker %s: heartbeat failed", self.worker_id)
                     stop.wait(1.0)
         finally:
-            client.close()
             stop.set()
             reporter.join(self._timeout + 5)
+            self._leave(client)
+            client.close()
 
     # --- talking to the cluster ---
 
@@ -152,6 +157,17 @@ class Worker:
         self.epoch = answer["epoch"]
         log.info("worker %s: registered (epoch %d, %d slots, driver %s)", self.worker_id, self.epoch, self.slots,
                  self.driver.name)
+
+    def _leave(self, client: Client) -> None:
+        """Stopping on purpose: the cluster marks this worker down now and reschedules what
+        it held, instead of waiting out the heartbeat timeout."""
+        if self.epoch is None:
+            return
+        try:
+            answer = client.request("POST", f"/v1/workers/{self.worker_id}/leave", {"epoch": self.epoch})
+            log.info("worker %s: left the cluster; released %s", self.worker_id, answer["released"])
+        except SynapseError as e:
+            log.info("worker %s: could not say it leaves (%s); the heartbeat timeout will tell", self.worker_id, e)
 
     def _heartbeat(self, client: Client) -> None:
         with self._lock:
@@ -187,6 +203,8 @@ class Worker:
             report = {"status": "failed", "reason": "sandbox_error",
                       "stderr": base64.b64encode(f"{type(e).__name__}: {e}".encode()).decode()}
         self.ran += 1
+        if running.abandoned:
+            return
         self._reports.put({"kind": "finish", "task_id": task_id, "lease": running.lease,
                            "at_ms": int(time.time() * 1000), "outcome": report})
 

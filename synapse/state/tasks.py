@@ -331,7 +331,7 @@ class TaskOps:
             # The scheduler judged an earlier life; the worker registered again since.
             return _error("stale_epoch", f"epoch: worker {worker_id!r} is at epoch {worker['epoch']}, not {c['epoch']}")
         reason = c.get("reason") or "missed heartbeats"
-        moved = self._release_worker(worker_id, now, f"worker down: {reason}")
+        moved = self._release_worker(worker_id, now, f"worker down: {reason}", leaving=c.get("leaving", False))
         worker.update(state="down", since_ms=now, reason=reason)
         self.w.set(self.k.worker_key(worker_id), self.k.pack(worker))
         self.events.append(("worker", worker_id))
@@ -339,13 +339,17 @@ class TaskOps:
 
     # internals
 
-    def _release_worker(self, worker_id: str, now: int, why: str) -> dict:
+    def _release_worker(self, worker_id: str, now: int, why: str, leaving: bool = False) -> dict:
         """Revokes every lease the worker holds; each task goes back to the queue within its
-        retry budget (a lost worker is not the task's fault: no backoff) or ends ``lost``."""
+        retry budget (a lost worker is not the task's fault: no backoff) or ends ``lost``. A
+        worker that leaves on purpose hands every task back, and the interrupted attempt does
+        not count."""
         requeued, lost = [], []
         for key, _ in self.w.scan(self.k.task_lease_prefix(worker_id)):
             task_id = self.k.task_lease_task(key)
             task = self._task(task_id)
+            if leaving:
+                task["attempts"] -= 1
             if task["attempts"] <= task["spec"].get("retries", 0):
                 self._requeue(task_id, task, now, 0, why)
                 requeued.append(task_id)
@@ -431,7 +435,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "task_start": (("task_id", "lease", "now_ms"), ("rid",)),
     "task_finish": (("task_id", "lease", "now_ms", "outcome"), ("rid",)),
     "worker_register": (("worker_id", "instance", "slots", "now_ms"), ("labels", "memory_mb", "driver", "rid")),
-    "worker_down": (("worker_id", "now_ms"), ("epoch", "reason", "rid")),
+    "worker_down": (("worker_id", "now_ms"), ("epoch", "reason", "leaving", "rid")),
 }
 
 
@@ -462,6 +466,8 @@ def check_command(op: str, c: dict, check_uint: Callable[[Any, str, str], None])
             _check_int(c["memory_mb"], "memory_mb", 1, 1 << 30)
         if c.get("driver") is not None and not (isinstance(c["driver"], str) and len(c["driver"]) <= 64):
             raise CommandError("driver", "driver: expected a short name such as 'bwrap'")
+    if not isinstance(c.get("leaving", False), bool):
+        raise CommandError("leaving", "leaving: expected true or false")
     for name in ("reason",):
         if c.get(name) is not None and not (isinstance(c[name], str) and len(c[name]) <= 256):
             raise CommandError(name, f"{name}: expected a string of at most 256 characters")
