@@ -27,6 +27,12 @@ latency (each write a new key ``bench/c<level>/w<worker>/<n>``), then linearizab
 throughput and latency (reads of keys the 256-client writers wrote: Synapse's default
 consistency, etcd's default (non-serializable) range, PySyncObj's replicated ``get`` through
 the log). Latency CDFs are stored as percentiles (``latency_percentiles_ms``), not samples.
+Each level also reports what could disturb it: the generators' and nodes' CPU, completions per
+second of the window (``per_second``, ``per_second_cv``: a steady run is flat) and the share
+of the run in which tasks stalled on CPU or I/O (``pressure_pct``, Linux PSI). Generators:
+``--generators`` processes (default 1), ``--generators-high`` (default 2) from
+``--more-generators-from`` clients (default 256): one process held etcd to ~3.8K writes/s at
+256 clients where two gave ~4.5–5K; at 64 clients two made no difference.
 
 Failover (Synapse and etcd, ``--failover-trials``, default 5): SIGKILL of the leader → first
 acknowledged write on a survivor, measured the same way for both: a new write attempt to every
@@ -324,15 +330,18 @@ async def _failover_trial(target, victim: bn.Member, trial: int, max_wait: float
             if not done.is_set() or kind != "200":
                 outcomes[kind] = outcomes.get(kind, 0) + 1
 
+        async def ask(m: bn.Member) -> None:
+            try:
+                is_leader, term = await target.view(session, m)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                return
+            if is_leader and "leader_seen_s" not in res:
+                res.update(leader_seen_s=loop.time() - t0, new_leader=m.name, new_term=term)
+
         async def leader_poller() -> None:
+            # every survivor at once: a member busy electing may not answer within the timeout
             while not done.is_set() and "leader_seen_s" not in res:
-                for m in survivors:
-                    try:
-                        is_leader, term = await target.view(session, m)
-                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                        continue
-                    if is_leader and "leader_seen_s" not in res:
-                        res.update(leader_seen_s=loop.time() - t0, new_leader=m.name, new_term=term)
+                await asyncio.gather(*(ask(m) for m in survivors))
                 await asyncio.sleep(0.02)
 
         t0 = loop.time()
@@ -471,11 +480,25 @@ def converge(system: str, cluster, timeout: float = 300.0) -> None:
     cluster.wait_converged(timeout)
 
 
+def pressure_totals() -> dict[str, int]:
+    """Linux PSI stall totals (µs): time some / all runnable tasks waited for a CPU or for I/O."""
+    out = {}
+    for res in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{res}") as f:
+                for line in f:
+                    kind, *fields = line.split()
+                    out[f"{res}_{kind}"] = int(dict(x.split("=") for x in fields)["total"])
+        except (OSError, KeyError, ValueError):
+            pass
+    return out
+
+
 def summarize(r: dict, leader: str) -> dict:
     keys = ("per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "min_ms", "ops", "errors", "error_samples",
             "load_generator_cpu_pct", "load_generator_cpu_pct_per_process", "generators", "node_cpu_pct",
             "node_runqueue_wait_pct", "load_generator_runqueue_wait_pct", "late_start_s", "leader_metrics",
-            "latency_percentiles_ms", "per_second", "per_second_cv")
+            "latency_percentiles_ms", "per_second", "per_second_cv", "pressure_pct")
     out = {k: r[k] for k in keys if k in r}
     out["leader"] = leader
     return out
@@ -494,8 +517,13 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
         gens = generators_for(args, level)
         m0 = bn.scrape_metrics(leader.api, token) if system.startswith("synapse") else {}
         extra = {"protocol": protocol, "prefix": prefix_of(level), **(extra_of(level) if extra_of else {})}
+        p0, t0 = pressure_totals(), time.monotonic()
         r = bn.run_load(mode, f"http://{leader.api}", token, level, gens, pids, args.warmup, args.duration,
                         extra=extra, percentiles=CDF_PCTS)
+        p1, dt = pressure_totals(), time.monotonic() - t0
+        # Share of the run (warm-up included) in which tasks stalled on CPU / I/O: a run slowed
+        # by something outside the cluster (I/O from another job, say) shows up here.
+        r["pressure_pct"] = {k: round((p1[k] - p0[k]) / 1e4 / dt, 1) for k in p1 if k in p0}
         if m0:
             route = "/v1/kv/{key}"
             r["leader_metrics"] = bn.server_side(m0, bn.scrape_metrics(leader.api, token), route)
@@ -503,7 +531,7 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
         s["keys_per_worker_min"] = r.get("min_keys_per_worker")
         log(f"{system} {mode} x{level}: {r['per_s']} /s (cv {r.get('per_second_cv')}), p50 {r['p50_ms']} ms, p99 "
             f"{r['p99_ms']} ms, errors {r['errors']}, generator CPU {r['load_generator_cpu_pct']} % ({gens} proc), "
-            f"nodes CPU {r['node_cpu_pct']}")
+            f"nodes CPU {r['node_cpu_pct']}, stalls {r['pressure_pct']}")
     return out
 
 
@@ -614,7 +642,7 @@ def rss_system(system: str, args, tmp: Path, out: dict) -> None:
     cluster, protocol, token = start_system(system, tmp / f"{system}-rss")
     res = out.setdefault(system, {})
     try:
-        leader = cluster.leader()
+        leader = first_leader = cluster.leader()
         empty = {m.name: bn.proc_mem_mb(m.pid) for m in cluster.members}
         log(f"{system} rss: loading {args.rss_keys} keys, 128-put transactions, {args.rss_clients} in flight "
             f"(leader {leader.name}, empty RSS {empty[leader.name]['rss_mb']} MB)")
@@ -637,6 +665,7 @@ def rss_system(system: str, args, tmp: Path, out: dict) -> None:
         res.update({
             "rss_mb_1m_keys": rss if loaded >= 1_000_000 else None,
             "rss": {"keys_loaded": loaded, "keys_counted": count, "leader": leader.name, "leader_mb": rss,
+                    "leader_when_loading_began": first_leader.name,
                     "nodes_mb": mem, "empty_nodes_mb": empty, "load_s": r["elapsed_s"],
                     "load_keys_per_s": round(loaded / max(1e-9, r["elapsed_s"]), 1),
                     "converge_after_load_s": converge_s, "errors": r["errors"], "error_samples": r["error_samples"],
@@ -786,7 +815,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.0)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", fontsize=8)
         ax.set_title(f"{'write' if kind == 'writes' else 'linearizable read'} latency CDF, 64 clients\n{where}",
                      fontsize=9)
         fig.tight_layout()

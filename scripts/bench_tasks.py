@@ -7,7 +7,8 @@ it to --json FILE):
   finish − first task's submit), both from the replicated task records. While they run, the
   bench only asks a few times a second whether any is unfinished. Every task must end
   ``succeeded``. ``throughput_detail`` has the states, the submit rate and the per-worker
-  split. The default sandbox is measured (bubblewrap when usable); ``tasks_per_s_process_driver``
+  split, and ``cpu_ms_per_task``: CPU per task of the leader, the followers, the worker
+  processes, their sandboxes (launcher, bwrap, the task) and the bench's clients. The default sandbox is measured (bubblewrap when usable); ``tasks_per_s_process_driver``
   repeats the run with ``--driver process`` (no namespaces), to show what the sandbox costs.
 - ``schedule_latency_p50_ms`` (+ p90, p99): with the cluster otherwise idle, ``--latency-tasks``
   tasks submitted one at a time; for each, its record's ``started_ms`` (the worker's clock
@@ -31,6 +32,7 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -102,7 +104,29 @@ def _wait_ended(client: Client, ids: list[str], timeout: float) -> list[dict]:
     return out
 
 
-def run_throughput(cluster, tasks: int, submitters: int) -> dict:
+def _children_cpu_s(pid: int) -> float | None:
+    """CPU of a process's reaped children (a worker's: its launchers, their sandboxes, tasks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cpu_snapshot(cluster, workers: "Workers") -> dict[str, float]:
+    """CPU seconds so far: each node, each worker process, each worker's sandboxes, and this
+    process (the submitting and polling clients)."""
+    out = {m.name: bn.proc_cpu_s(m.pid) or 0.0 for m in cluster.members if m.alive()}
+    for w, p in workers.procs.items():
+        out[w] = bn.proc_cpu_s(p.pid) or 0.0
+        out[w + ":sandboxes"] = _children_cpu_s(p.pid) or 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["clients"] = usage.ru_utime + usage.ru_stime
+    return out
+
+
+def run_throughput(cluster, workers: "Workers", tasks: int, submitters: int) -> dict:
     ids: list[str] = []
     lock = threading.Lock()
     per = [tasks // submitters + (1 if i < tasks % submitters else 0) for i in range(submitters)]
@@ -114,6 +138,7 @@ def run_throughput(cluster, tasks: int, submitters: int) -> dict:
                 with lock:
                     ids.append(t)
 
+    cpu0 = _cpu_snapshot(cluster, workers)
     t0 = time.monotonic()
     threads = [threading.Thread(target=submit, args=(n,)) for n in per]
     for th in threads:
@@ -130,7 +155,17 @@ def run_throughput(cluster, tasks: int, submitters: int) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("tasks still unfinished after 600 s")
             time.sleep(0.25)
+        cpu1 = _cpu_snapshot(cluster, workers)
         done = _wait_ended(c, ids, timeout=60)
+    # Where the CPU went, in ms per task (the leader is the node with the most).
+    spent = {k: (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) * 1000 / len(ids) for k in cpu1}
+    nodes = sorted((v for k, v in spent.items() if k in {m.name for m in cluster.members}), reverse=True)
+    cpu_ms = {"leader": round(nodes[0], 2) if nodes else None,
+              "followers": round(sum(nodes[1:]), 2),
+              "workers": round(sum(v for k, v in spent.items() if k in workers.procs), 2),
+              "sandboxes": round(sum(v for k, v in spent.items() if k.endswith(":sandboxes")), 2),
+              "clients": round(spent["clients"], 2)}
+    cpu_ms["total"] = round(sum(v for v in cpu_ms.values() if v is not None), 2)
     states: dict[str, int] = {}
     for t in done:
         states[t["state"]] = states.get(t["state"], 0) + 1
@@ -140,7 +175,8 @@ def run_throughput(cluster, tasks: int, submitters: int) -> dict:
         per_worker[t["worker"]] = per_worker.get(t["worker"], 0) + 1
     return {"tasks_per_s": round(len(done) / (span_ms / 1000), 1), "throughput_detail": {
         "tasks": len(done), "states": states, "span_s": round(span_ms / 1000, 3),
-        "submit_per_s": round(len(ids) / submit_s, 1), "per_worker": per_worker, "submitters": submitters}}
+        "submit_per_s": round(len(ids) / submit_s, 1), "per_worker": per_worker, "submitters": submitters,
+        "cpu_ms_per_task": cpu_ms}}
 
 
 def run_latency(cluster, count: int) -> dict:
@@ -226,7 +262,7 @@ def main() -> None:
         log("latency")
         result.update(run_latency(cluster, args.latency_tasks))
         log("throughput")
-        result.update(run_throughput(cluster, args.tasks, args.submitters))
+        result.update(run_throughput(cluster, workers, args.tasks, args.submitters))
         workers.stop("w1")
         workers.stop("w2")
         if args.process_driver:
@@ -237,7 +273,7 @@ def main() -> None:
                 workers.start(w, driver="process")
             with _client(cluster) as c:
                 _wait_workers(c, {"p1", "p2"})
-            other = run_throughput(cluster, args.tasks, args.submitters)
+            other = run_throughput(cluster, workers, args.tasks, args.submitters)
             result["tasks_per_s_process_driver"] = other["tasks_per_s"]
             result["throughput_detail_process_driver"] = other["throughput_detail"]
             workers.stop("p1")
