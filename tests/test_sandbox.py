@@ -604,3 +604,20 @@ def test_container_driver_without_an_engine():
             build()
         assert e.value.driver == "container"
         assert "Docker" in str(e.value) or "docker" in str(e.value)
+
+
+def test_removing_a_working_directory_never_touches_its_parent(tmp_path):
+    """Regression: when the tree was already gone (another worker's sweep), the error handler
+    chmodded the tree's parent — the shared /tmp — to 0700, locking every other user out."""
+    from synapse.execution.supervisor import _remove_tree
+
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(0o1777)
+    _remove_tree(str(parent / "synapse-task-gone"))  # already removed
+    tree = parent / "synapse-task-x"
+    (tree / "locked" / "deep").mkdir(parents=True)
+    (tree / "locked").chmod(0o000)  # as a task running as the worker's uid could leave it
+    _remove_tree(str(tree))
+    assert not tree.exists()
+    assert parent.stat().st_mode & 0o7777 == 0o1777

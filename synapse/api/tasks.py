@@ -53,15 +53,21 @@ async def get_task(request: web.Request) -> web.Response:
     task_id = request.match_info["task_id"]
     wait = _wait_query(request)
     await node.read_barrier()
-    task = node.read(lambda p: p.task(task_id))
-    if task is None:
-        raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
-    if wait and task["state"] not in TERMINAL:
+    ended = node.scheduler.watch_task(task_id)
+    try:
+        task = node.read(lambda p: p.task(task_id))
+        if task is None:
+            raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
         # Long poll: until the task ends or the wait runs out (then its current state).
         deadline = time.monotonic() + wait
         while task["state"] not in TERMINAL and (left := deadline - time.monotonic()) > 0:
-            await node.scheduler.wait_for_task(task_id, left)
+            try:
+                await asyncio.wait_for(ended.wait(), left)
+            except asyncio.TimeoutError:
+                pass
             task = node.read(lambda p: p.task(task_id)) or task
+    finally:
+        node.scheduler.unwatch_task(task_id)
     return web.json_response(task_view(task_id, task))
 
 

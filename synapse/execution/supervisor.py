@@ -255,15 +255,24 @@ def _sweep_workdirs(root: str) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    def make_writable_and_retry(func, target, _exc_info):
-        # A task running as the worker's own uid can chmod its directories to 000.
+    root = os.path.abspath(path)
+
+    def make_writable_and_retry(func, target, exc_info):
+        if isinstance(exc_info[1], FileNotFoundError):
+            return  # removed meanwhile (another worker's sweep): nothing to do
+        # A task running as the worker's own uid can chmod its directories to 000. Only ever
+        # inside the tree: the tree's parent is the shared temp dir (a chmod of it to 0700 once
+        # locked every other user out of /tmp).
         for p in (os.path.dirname(target), target):
-            try:
-                os.chmod(p, 0o700, follow_symlinks=False)
-            except (OSError, NotImplementedError):
-                pass
+            if os.path.abspath(p) == root or os.path.abspath(p).startswith(root + os.sep):
+                try:
+                    os.chmod(p, 0o700, follow_symlinks=False)
+                except (OSError, NotImplementedError):
+                    pass
         try:
             func(target)
+        except FileNotFoundError:
+            pass
         except OSError as e:
             log.warning("cannot remove %s from a task's working directory: %s", target, e)
 

@@ -122,18 +122,19 @@ class Scheduler:
         it *before* reading the state, then wait on it: news between the two is not lost."""
         return self._worker_news.setdefault(worker_id, asyncio.Event())
 
-    async def wait_for_task(self, task_id: str, timeout: float) -> None:
-        """Until the task ends or timeout (the caller reads the state again either way)."""
+    def watch_task(self, task_id: str) -> asyncio.Event:
+        """Set when the task ends. Watch *before* reading its state (an end between the read
+        and the wait is not lost); ``unwatch_task`` when done."""
         entry = self._task_ends.setdefault(task_id, [asyncio.Event(), 0])
         entry[1] += 1
-        try:
-            await asyncio.wait_for(entry[0].wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
+        return entry[0]
+
+    def unwatch_task(self, task_id: str) -> None:
+        entry = self._task_ends.get(task_id)
+        if entry is not None:
             entry[1] -= 1
-            if entry[1] == 0:  # the last waiter forgets it
-                self._task_ends.pop(task_id, None)
+            if entry[1] <= 0:  # the last watcher forgets it
+                del self._task_ends[task_id]
 
     def last_heard(self, worker_id: str) -> float | None:
         """Seconds since the leader last heard the worker (None: not since it became leader)."""
