@@ -246,142 +246,12 @@ class EtcdCluster:
             return (me is not None and s.get("leader") == me), int(s.get("raftTerm", 0))
 
 
-class SynapseTarget:
-    """bench_node.SynapseCluster with the failover probe spelled for Synapse."""
-
-    def __init__(self, cluster: bn.SynapseCluster) -> None:
-        self.cluster = cluster
-        self.members = cluster.members
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.cluster._token()}"}
-
-    def leader(self) -> bn.Member:
-        return self.cluster.leader()
-
-    def wait_stable(self, hold: float, timeout: float = 60.0) -> dict:
-        self.cluster.wait_ready(timeout)
-        return self.cluster.wait_stable(hold, timeout)
-
-    async def put(self, session, m: bn.Member, key: str, n: int, timeout: float) -> str:
-        import aiohttp
-
-        body = json.dumps({"value": bn.value_for(n)}).encode()
-        hdrs = {"X-Request-Id": f"{key}-{uuid.uuid4().hex[:6]}", "Content-Type": "application/json"}
-        async with session.put(f"http://{m.api}/v1/kv/{key}", data=body, headers=hdrs,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            payload = await r.read()
-            if r.status == 200:
-                return "200"
-            try:
-                j = json.loads(payload)
-                return f"{r.status} {j.get('error')}/{j.get('reason', '')}"
-            except ValueError:
-                return str(r.status)
-
-    async def view(self, session, m: bn.Member) -> tuple[bool, int | None]:
-        import aiohttp
-
-        async with session.get(f"http://{m.api}/v1/cluster/status", timeout=aiohttp.ClientTimeout(total=0.5)) as r:
-            s = await r.json()
-            return bool(s.get("is_leader")), s.get("term")
-
-
-# ---------------------------------------------------------------------------------------------
-# Failover, the same procedure for every system (bench_node's, made generic)
-# ---------------------------------------------------------------------------------------------
-
-
-async def _failover_trial(target, victim: bn.Member, trial: int, max_wait: float = 30.0,
-                          interval: float = 0.02, attempt_timeout: float = 1.0) -> dict:
-    """SIGKILLs ``victim``; returns the time until the first acknowledged write on a survivor.
-    Against every survivor a new write attempt starts every ``interval`` s (each with its own
-    timeout and key) until one is acknowledged, so the figure is within ``interval`` of the
-    first moment the cluster acknowledged a write. A poller records when a survivor first
-    reports itself leader."""
-    import aiohttp
-
-    survivors = [m for m in target.members if m is not victim and m.alive()]
-    outcomes: dict[str, int] = {}
-    done = asyncio.Event()
-    res: dict = {}
-    loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=target.headers) as session:
-        for m in survivors:  # warm the connections
-            try:
-                await target.view(session, m)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                pass
-        tasks: set[asyncio.Task] = set()
-        seq = 0
-
-        async def attempt(m: bn.Member, n: int, started: float) -> None:
-            try:
-                kind = await target.put(session, m, f"failover/{trial}/{m.name}/{n}", n, attempt_timeout)
-                if kind == "200" and not done.is_set():
-                    res.update(ack_s=loop.time() - t0, acked_by=m.name, acked_attempt_started_s=started - t0)
-                    done.set()
-                    return
-            except asyncio.TimeoutError:
-                kind = "client_timeout"
-            except (aiohttp.ClientError, OSError) as e:
-                kind = type(e).__name__
-            if not done.is_set() or kind != "200":
-                outcomes[kind] = outcomes.get(kind, 0) + 1
-
-        async def ask(m: bn.Member) -> None:
-            try:
-                is_leader, term = await target.view(session, m)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                return
-            if is_leader and "leader_seen_s" not in res:
-                res.update(leader_seen_s=loop.time() - t0, new_leader=m.name, new_term=term)
-
-        async def leader_poller() -> None:
-            # every survivor at once: a member busy electing may not answer within the timeout
-            while not done.is_set() and "leader_seen_s" not in res:
-                await asyncio.gather(*(ask(m) for m in survivors))
-                await asyncio.sleep(0.02)
-
-        t0 = loop.time()
-        os.killpg(victim.pid, signal.SIGKILL)  # reaped after the trial, not on the clock
-        poller = asyncio.create_task(leader_poller())
-        while not done.is_set() and loop.time() - t0 < max_wait:
-            started = loop.time()
-            for m in survivors:
-                seq += 1
-                t = asyncio.create_task(attempt(m, seq, started))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            try:
-                await asyncio.wait_for(done.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
-        poller.cancel()
-        for t in list(tasks):
-            t.cancel()
-        await asyncio.gather(poller, *tasks, return_exceptions=True)
-        if "new_leader" not in res:  # acknowledged before the poller saw the leader: ask once
-            for m in survivors:
-                try:
-                    is_leader, term = await target.view(session, m)
-                    if is_leader:
-                        res.update(new_leader=m.name, new_term=term)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                    pass
-    victim.proc.wait(10)
-    res["attempts"] = seq
-    res["outcomes_before_ack"] = outcomes
-    return res
-
-
 def run_failover(system: str, target, trials: int, pause: float) -> dict:
     results = []
     pre = target.wait_stable(pause, 60)
     for trial in range(trials):
         victim = target.leader()
-        r = asyncio.run(_failover_trial(target, victim, trial))
+        r = asyncio.run(bn.failover_trial(target, victim, trial))
         r.update({"trial": trial, "killed": victim.name, "old_term": pre["term"]})
         for k in ("ack_s", "leader_seen_s", "acked_attempt_started_s"):
             if k in r:
@@ -629,7 +499,7 @@ def bench_system(system: str, args, skip: set[str], tmp: Path, out: dict, profil
                                         lambda lv: f"bench/c{top}",
                                         lambda lv: {"read_keys_per_worker": max(1, min(64, read_keys))})
         if "failover" not in skip and system in ("synapse", "etcd") and args.failover_trials > 0:
-            target = SynapseTarget(cluster) if system == "synapse" else cluster
+            target = bn.SynapseTarget(cluster) if system == "synapse" else cluster
             log(f"{system}: failover, {args.failover_trials} SIGKILLs of the leader")
             res["failover"] = f = run_failover(system, target, args.failover_trials, args.failover_pause)
             log(f"{system} failover: median {f['median_s']} s, min {f['min_s']}, max {f['max_s']}")

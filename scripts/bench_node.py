@@ -965,53 +965,79 @@ def run_load(mode: str, url: str, token: str, clients: int, generators: int, nod
 # ---------------------------------------------------------------------------------------------
 
 
-async def _failover_trial(cluster: SynapseCluster, victim: Member, trial: int, max_wait: float,
-                          interval: float, attempt_timeout: float) -> dict:
-    """SIGKILLs ``victim`` and returns the time until the first acknowledged PUT on a survivor.
+class SynapseTarget:
+    """A SynapseCluster as a failover target: how to write and how to ask who leads (other
+    systems' targets, e.g. etcd's in bench_cluster.py, spell the same two calls)."""
 
-    The client side: against every survivor, a new PUT attempt starts every ``interval``
-    seconds (each with its own short timeout, its own key and request id) until one is
-    acknowledged. Staggered attempts, rather than one attempt at a time, keep the figure from
-    depending on where a client's retry timer happened to be when the new leader appeared: the
-    figure is within ``interval`` of the first moment the cluster acknowledged a write. A
-    poller also records when a survivor first reports itself leader."""
+    def __init__(self, cluster: SynapseCluster) -> None:
+        self.cluster = cluster
+        self.members = cluster.members
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.cluster._token()}"}
+
+    def leader(self) -> Member:
+        return self.cluster.leader()
+
+    def wait_stable(self, hold: float, timeout: float = 60.0) -> dict:
+        self.cluster.wait_ready(timeout)
+        return self.cluster.wait_stable(hold, timeout)
+
+    async def put(self, session, m: Member, key: str, n: int, timeout: float) -> str:
+        import aiohttp
+
+        body = json.dumps({"value": value_for(n)}).encode()
+        hdrs = {"X-Request-Id": f"{key}-{uuid.uuid4().hex[:6]}", "Content-Type": "application/json"}
+        async with session.put(f"http://{m.api}/v1/kv/{key}", data=body, headers=hdrs,
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            payload = await r.read()
+            if r.status == 200:
+                return "200"
+            try:
+                j = json.loads(payload)
+                return f"{r.status} {j.get('error')}/{j.get('reason', '')}"
+            except ValueError:
+                return str(r.status)
+
+    async def view(self, session, m: Member) -> tuple[bool, int | None]:
+        import aiohttp
+
+        async with session.get(f"http://{m.api}/v1/cluster/status", timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+            s = await r.json()
+            return bool(s.get("is_leader")), s.get("term")
+
+
+async def failover_trial(target, victim: Member, trial: int, max_wait: float = 30.0,
+                          interval: float = 0.02, attempt_timeout: float = 1.0) -> dict:
+    """SIGKILLs ``victim``; returns the time until the first acknowledged write on a survivor.
+    Against every survivor a new write attempt starts every ``interval`` s (each with its own
+    timeout and key) until one is acknowledged, so the figure is within ``interval`` of the
+    first moment the cluster acknowledged a write. A poller records when a survivor first
+    reports itself leader."""
     import aiohttp
 
-    survivors = [m for m in cluster.members if m is not victim and m.alive()]
-    headers = {"Authorization": f"Bearer {cluster.token}"}
+    survivors = [m for m in target.members if m is not victim and m.alive()]
     outcomes: dict[str, int] = {}
     done = asyncio.Event()
     res: dict = {}
     loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=target.headers) as session:
         for m in survivors:  # warm the connections
-            async with session.get(f"http://{m.api}/health") as r:
-                await r.read()
+            try:
+                await target.view(session, m)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                pass
         tasks: set[asyncio.Task] = set()
         seq = 0
 
         async def attempt(m: Member, n: int, started: float) -> None:
-            body = json.dumps({"value": value_for(n)}).encode()
-            hdrs = {"X-Request-Id": f"failover-{trial}-{m.name}-{n}-{uuid.uuid4().hex[:6]}",
-                    "Content-Type": "application/json"}
             try:
-                async with session.put(f"http://{m.api}/v1/kv/failover/{trial}/{m.name}/{n}", data=body,
-                                       headers=hdrs, timeout=aiohttp.ClientTimeout(total=attempt_timeout)) as r:
-                    payload = await r.read()
-                    if r.status == 200:
-                        if not done.is_set():
-                            res["ack_s"] = loop.time() - t0
-                            res["acked_by"] = m.name
-                            res["acked_attempt_started_s"] = started - t0
-                            done.set()
-                        kind = "200"
-                    else:
-                        try:
-                            j = json.loads(payload)
-                            kind = f"{r.status} {j.get('error')}/{j.get('reason', '')}"
-                        except ValueError:
-                            kind = str(r.status)
+                kind = await target.put(session, m, f"failover/{trial}/{m.name}/{n}", n, attempt_timeout)
+                if kind == "200" and not done.is_set():
+                    res.update(ack_s=loop.time() - t0, acked_by=m.name, acked_attempt_started_s=started - t0)
+                    done.set()
+                    return
             except asyncio.TimeoutError:
                 kind = "client_timeout"
             except (aiohttp.ClientError, OSError) as e:
@@ -1019,22 +1045,18 @@ async def _failover_trial(cluster: SynapseCluster, victim: Member, trial: int, m
             if not done.is_set() or kind != "200":
                 outcomes[kind] = outcomes.get(kind, 0) + 1
 
+        async def ask(m: Member) -> None:
+            try:
+                is_leader, term = await target.view(session, m)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                return
+            if is_leader and "leader_seen_s" not in res:
+                res.update(leader_seen_s=loop.time() - t0, new_leader=m.name, new_term=term)
+
         async def leader_poller() -> None:
-            while not done.is_set():
-                for m in survivors:
-                    try:
-                        async with session.get(f"http://{m.api}/v1/cluster/status",
-                                               timeout=aiohttp.ClientTimeout(total=0.5)) as r:
-                            if r.status == 200:
-                                s = await r.json()
-                                if s.get("is_leader") and "leader_seen_s" not in res:
-                                    res["leader_seen_s"] = loop.time() - t0
-                                    res["new_leader"] = m.name
-                                    res["new_term"] = s.get("term")
-                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                        pass
-                if "leader_seen_s" in res:
-                    return
+            # every survivor at once: a member busy electing may not answer within the timeout
+            while not done.is_set() and "leader_seen_s" not in res:
+                await asyncio.gather(*(ask(m) for m in survivors))
                 await asyncio.sleep(0.02)
 
         t0 = loop.time()
@@ -1058,11 +1080,9 @@ async def _failover_trial(cluster: SynapseCluster, victim: Member, trial: int, m
         if "new_leader" not in res:  # acknowledged before the poller saw the leader: ask once
             for m in survivors:
                 try:
-                    async with session.get(f"http://{m.api}/v1/cluster/status",
-                                           timeout=aiohttp.ClientTimeout(total=2.0)) as r:
-                        s = await r.json()
-                        if s.get("is_leader"):
-                            res["new_leader"], res["new_term"] = m.name, s.get("term")
+                    is_leader, term = await target.view(session, m)
+                    if is_leader:
+                        res.update(new_leader=m.name, new_term=term)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
                     pass
     victim.proc.wait(10)
@@ -1081,7 +1101,7 @@ def run_failover(cluster: SynapseCluster, trials: int, pause: float) -> dict:
     for trial in range(trials):
         victim = cluster.leader()
         term = pre["term"]
-        r = asyncio.run(_failover_trial(cluster, victim, trial, max_wait=30.0, interval=0.02, attempt_timeout=1.0))
+        r = asyncio.run(failover_trial(SynapseTarget(cluster), victim, trial, max_wait=30.0, interval=0.02, attempt_timeout=1.0))
         r.update({"trial": trial, "killed": victim.name, "old_term": term})
         if "ack_s" not in r:
             log(f"failover trial {trial}: NO acknowledged write within 30 s; outcomes {r['outcomes_before_ack']}")
