@@ -113,10 +113,6 @@ class Worker:
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        with self._lock:
-            for running in self._holding.values():
-                running.abandoned = True
-                running.cancel.set()
         for t in self._threads:
             t.join(timeout)
 
@@ -144,6 +140,11 @@ class Worker:
                     stop.wait(1.0)
         finally:
             stop.set()
+            # Stopping: kill what runs here without reporting it; leaving hands it back.
+            with self._lock:
+                for running in self._holding.values():
+                    running.abandoned = True
+                    running.cancel.set()
             reporter.join(self._timeout + 5)
             self._leave(client)
             client.close()
