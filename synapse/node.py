@@ -239,6 +239,16 @@ class Node:
         assert self.committer is not None
         await self.committer.barrier(self.config.request_timeout)
 
+    def leader(self) -> tuple[str | None, str | None]:
+        """(node id, API address) of the leader as this node knows it; (None, None) if none."""
+        if self.raft is None:
+            return None, None
+        addr = self.raft.status()["leader_raft_addr"]
+        for node_id, info in self.read(lambda p: p.nodes()).items():
+            if info["raft"] == addr:
+                return node_id, info["api"]
+        return None, None
+
     def read(self, fn):
         """Runs ``fn(processor)`` under the state lock (the applier holds it per entry)."""
         assert self.raft is not None

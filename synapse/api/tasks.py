@@ -319,12 +319,10 @@ def outcome_from_json(outcome: Any, field: str) -> dict:
 
 
 def _leader_only(node: Node) -> None:
-    from synapse.api.http import cluster_status  # the status module imports this one
-
     if node.raft is None or not node.raft.is_leader():
-        status = cluster_status(node)
+        leader, leader_api = node.leader()
         raise ApiError(421, "not_leader", "workers heartbeat to the leader; send this to leader_api",
-                       leader=status["leader"], leader_api=status["leader_api"])
+                       leader=leader, leader_api=leader_api)
 
 
 def _wait_query(request: web.Request) -> float:
