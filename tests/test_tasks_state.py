@@ -276,3 +276,12 @@ def test_a_worker_that_leaves_hands_its_tasks_back_without_spending_their_budget
     assert answer["requeued"] == ["t1"] and answer["lost"] == []
     task = log.task("t1")
     assert task["state"] == "pending" and task["attempts"] == 0
+
+
+def test_the_queue_serves_higher_priority_first_then_submission_order():
+    log = Log()
+    _submit(log, "low", priority=10)
+    _submit(log, "high", priority=900)
+    _submit(log, "mid-1")
+    _submit(log, "mid-2")
+    assert log.p.pending_tasks(10) == ["high", "mid-1", "mid-2", "low"]
