@@ -159,3 +159,28 @@ def test_fault_injection_is_refused_unless_enabled(tmp_path):
         assert c.status()["state_hash"] == before
     finally:
         cluster.close()
+
+
+def test_a_checkpoint_recorded_before_a_repair_does_not_call_the_repaired_state_diverged():
+    """Regression (seen under load): a checkpoint applied on the damaged state but agreed only
+    after the repair installed the good one was judged against the stale digest, marked the
+    node diverged again while its repair task was finishing — and no repair followed."""
+    import asyncio as _asyncio
+
+    from synapse.integrity.checkpoints import CheckpointTracker, Service
+
+    loop = _asyncio.new_event_loop()
+    try:
+        diverged = []
+        tracker = CheckpointTracker("n1", loop, propose=None, read=None, on_diverged=diverged.append)
+        bad, good = [b"b" * 32, b"c" * 32], [b"g" * 32, b"c" * 32]
+        tracker._mine[177] = bad  # recorded when entry 177 applied on the damaged state
+        tracker.repairing()
+        tracker.repaired(proof_after=180)  # the repaired state was installed after entry 179
+        tracker._judge(177, good)
+        assert tracker.service == Service.PROVING and diverged == []
+        tracker._mine[181] = good
+        tracker._judge(181, good)
+        assert tracker.service == Service.SERVING
+    finally:
+        loop.close()

@@ -160,6 +160,10 @@ class CheckpointTracker:
         or after ``proof_after`` agrees with this node."""
         with self._lock:
             self.service, self.proof_after = Service.PROVING, proof_after
+            # Digests recorded before the repaired state was installed describe the damaged
+            # state: judged after the repair, they would declare it diverged again.
+            for index in [i for i in self._mine if i < proof_after]:
+                del self._mine[index]
 
     def repair_failed(self) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from synapse import _core
+from synapse.integrity.checkpoints import Service
 from synapse.state import keys
 from synapse.state.records import KvChange
 
@@ -129,9 +130,12 @@ class Repairer:
         self._task: asyncio.Task | None = None
         self.last: RepairReport | None = None
         self.repairs = 0
+        self._again: int | None = None
 
     def start(self, checkpoint: int) -> None:
         if self._task is not None and not self._task.done():
+            # One repair at a time; a divergence found while it finishes is repaired next.
+            self._again = checkpoint
             return
         self._task = asyncio.get_running_loop().create_task(self._run(checkpoint), name="repair")
 
@@ -161,7 +165,12 @@ class Repairer:
                     node.config.node_id, report.peer, report.index, report.differing_buckets, report.records,
                     report.bytes_received, report.seconds,
                 )
-                return
+                again, self._again = self._again, None
+                if again is None or node.integrity.service != Service.DIVERGED:
+                    return
+                checkpoint = again  # diverged again while this repair finished: repair again
+                node.integrity.repairing()
+                continue
             except asyncio.CancelledError:
                 node.raft.stop_capture()
                 raise
