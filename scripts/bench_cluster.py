@@ -71,9 +71,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -804,20 +802,7 @@ def main() -> None:
         except Exception as e:
             result["plots_error"] = repr(e)
             log(f"plots failed: {e!r}")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    if args.keep or failed is not None:
-        log(f"data dirs and logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(failed, KeyboardInterrupt):
-        sys.exit(130)
-    if isinstance(failed, SystemExit):
-        sys.exit(failed.code)
-    if failed is not None:
-        sys.exit(1)
+    bn.publish(result, args.json, tmp, args.keep, failed, log)
 
 
 if __name__ == "__main__":

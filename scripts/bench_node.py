@@ -185,11 +185,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def proc_cpu_s(pid: int) -> float | None:
+def proc_cpu_s(pid: int, children: bool = False) -> float | None:
+    """CPU seconds of a process (``children``: of its reaped children instead)."""
+    first = 13 if children else 11
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
@@ -1285,12 +1287,19 @@ def main() -> None:
         " generator may be the bottleneck.",
     ]
     evaluate(result)
+    publish(result, args.json, tmp, args.keep, failed, log)
+
+
+def publish(result: dict, json_path: str | None, tmp: Path, keep: bool, failed: BaseException | None,
+            say=log) -> None:
+    """The end of every bench script: the JSON on stdout (and in ``json_path``), the work dir
+    kept when asked or when the run failed, and the exit status the failure calls for."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    if args.keep or failed is not None:
-        log(f"logs kept in {tmp}")
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    if keep or failed is not None:
+        say(f"logs kept in {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(failed, KeyboardInterrupt):

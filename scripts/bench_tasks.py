@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import resource
-import shutil
 import signal
 import statistics
 import sys
@@ -104,23 +102,13 @@ def _wait_ended(client: Client, ids: list[str], timeout: float) -> list[dict]:
     return out
 
 
-def _children_cpu_s(pid: int) -> float | None:
-    """CPU of a process's reaped children (a worker's: its launchers, their sandboxes, tasks)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _cpu_snapshot(cluster, workers: "Workers") -> dict[str, float]:
     """CPU seconds so far: each node, each worker process, each worker's sandboxes, and this
     process (the submitting and polling clients)."""
     out = {m.name: bn.proc_cpu_s(m.pid) or 0.0 for m in cluster.members if m.alive()}
     for w, p in workers.procs.items():
         out[w] = bn.proc_cpu_s(p.pid) or 0.0
-        out[w + ":sandboxes"] = _children_cpu_s(p.pid) or 0.0
+        out[w + ":sandboxes"] = bn.proc_cpu_s(p.pid, children=True) or 0.0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["clients"] = usage.ru_utime + usage.ru_stime
     return out
@@ -292,16 +280,7 @@ def main() -> None:
                              "met": None if result.get(k) is None else
                              (result[k] >= v if op == ">=" else result[k] <= v)} for k, (op, v) in targets.items()}
     result["notes"] = ["2-core machine shared by the 3 nodes, 2 workers, their sandboxes and the clients."]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    if args.keep or failed is not None:
-        log(f"logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if failed is not None:
-        sys.exit(1)
+    bn.publish(result, args.json, tmp, args.keep, failed, log)
 
 
 if __name__ == "__main__":

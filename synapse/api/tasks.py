@@ -144,7 +144,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     while True:
         news.clear()
         node.scheduler.heartbeat(worker_id)
-        worker, leases = node.read(lambda p: (p.workers().get(worker_id), p.worker_leases(worker_id)))
+        worker, leases = node.read(lambda p: (p.worker(worker_id), p.worker_leases(worker_id)))
         if worker is None or worker["state"] != "up" or worker["epoch"] != body["epoch"]:
             raise ApiError(409, "worker_down", f"worker {worker_id!r} is not up at epoch {body['epoch']} "
                                                "(marked down, or registered again); register again",

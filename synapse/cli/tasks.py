@@ -3,6 +3,7 @@ node). Registered on the ``synapse`` group by synapse/cli/main.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -72,8 +73,6 @@ def task_submit(ctx, argv, spec_file, entry, args_json, env, files, cpu_s, memor
                 content = Path(local).read_bytes()
             except OSError as e:
                 raise click.UsageError(f"--file {local}: {e.strerror}") from None
-            import base64
-
             spec["files"][name or Path(local).name] = {"base64": base64.b64encode(content).decode()}
     limits = {k: v for k, v in (("cpu_s", cpu_s), ("memory_mb", memory_mb), ("wall_s", wall_s),
                                 ("output_bytes", output_bytes), ("processes", processes)) if v is not None}

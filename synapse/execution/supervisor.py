@@ -263,11 +263,14 @@ def _remove_tree(path: str) -> None:
         # A task running as the worker's own uid can chmod its directories to 000. Only ever
         # inside the tree: the tree's parent is the shared temp dir (a chmod of it to 0700 once
         # locked every other user out of /tmp).
+        # Never through a symlink (it would chmod whatever it points at; links are only
+        # unlinked), and the task's processes are all gone by now, so nothing swaps one in.
         for p in (os.path.dirname(target), target):
-            if os.path.abspath(p) == root or os.path.abspath(p).startswith(root + os.sep):
+            inside = os.path.abspath(p) == root or os.path.abspath(p).startswith(root + os.sep)
+            if inside and not os.path.islink(p):
                 try:
-                    os.chmod(p, 0o700, follow_symlinks=False)
-                except (OSError, NotImplementedError):
+                    os.chmod(p, 0o700)
+                except OSError:
                     pass
         try:
             func(target)

@@ -92,6 +92,8 @@ class Scheduler:
     # --- from the apply thread ---
 
     def entry_applied(self, events: tuple) -> None:
+        if not any(e[0] in ("task", "worker") for e in events):
+            return  # checkpoint events: nothing for the scheduler (no cross-thread wake-up)
         workers = {e[3] for e in events if e[0] == "task" and e[1] in ("assigned", "revoked", "ended") and e[3]}
         workers |= {e[1] for e in events if e[0] == "worker"}
         ended = {e[2] for e in events if e[0] == "task" and e[1] == "ended"}

@@ -33,6 +33,11 @@ from synapse.state.validation import MAX_UINT64
 if TYPE_CHECKING:
     from synapse._core import StateStore
 
+_TASK_OPS = {
+    "task_submit": TaskOps.submit, "task_cancel": TaskOps.cancel, "task_assign": TaskOps.assign,
+    "task_start": TaskOps.start, "task_finish": TaskOps.finish,
+    "worker_register": TaskOps.register_worker, "worker_down": TaskOps.worker_down,
+}
 DEDUP_CAPACITY = 100_000
 TASK_RETENTION = 100_000  # ended tasks kept in the state, newest; older ones are evicted
 CHECKPOINT_RECORDS = 256  # ckpt/ records kept in the state, newest first
@@ -186,38 +191,42 @@ class CommandProcessor:
     def _bound_dedup(self, writes: _Overlay) -> None:
         """Keep at most ``dedup_capacity`` request ids, evicting the oldest in ridx/ key order
         (log index, then rid bytes) — the same victims on every node."""
-        added = sorted(k for k, v in writes.ops() if k.startswith(keys.RIDX) and v is not None)
-        if not added:
-            return
-        count = keys.decode_count(self.store.get(keys.RID_COUNT)) + len(added)
-        excess = count - self.dedup_capacity
-        if excess > 0:
-            # Before eviction the overlay deletes no ridx/ key, so the store's oldest are live.
-            oldest = [k for k, _ in self.store.scan_prefix(keys.RIDX, excess)]
-            for victim in sorted(oldest + added)[:excess]:
-                writes.set(victim, None)
-                writes.set(keys.rid_key(keys.split_ridx(victim)[1]), None)
-            count -= excess
-        writes.set(keys.RID_COUNT, keys.encode_count(count))
-        writes.commit()
 
+        def evict(victim: bytes) -> None:
+            writes.set(victim, None)
+            writes.set(keys.rid_key(keys.split_ridx(victim)[1]), None)
+
+        self._evict_oldest(writes, keys.RIDX, keys.RID_COUNT, self.dedup_capacity, evict)
 
     def _bound_tasks(self, writes: _Overlay) -> None:
-        """Keep the newest TASK_RETENTION ended tasks; evict the oldest (tdone/ key order)."""
-        added = sum(1 for k, v in writes.ops() if k.startswith(keys.TASK_DONE) and v is not None)
+        """Keep the newest TASK_RETENTION ended tasks; evict the oldest (tdone/ key order),
+        with their records and idempotency keys."""
+
+        def evict(victim: bytes) -> None:
+            task_id = keys.task_done_task(victim)
+            raw = writes.get(keys.task_key(task_id))
+            if raw is not None and (idem := keys.unpack(raw).get("idempotency_key")) is not None:
+                writes.set(keys.task_idem_key(idem), None)
+            writes.set(keys.task_key(task_id), None)
+            writes.set(victim, None)
+
+        self._evict_oldest(writes, keys.TASK_DONE, keys.TASK_DONE_COUNT, TASK_RETENTION, evict)
+
+    def _evict_oldest(self, writes: _Overlay, prefix: bytes, count_key: bytes, capacity: int, evict) -> None:
+        """A bounded index under ``prefix`` (key order = age): counts this entry's new keys and
+        evicts the oldest beyond ``capacity``. Only ``excess`` keys are read from the store —
+        before eviction the overlay deletes none of them, so the store's oldest are live."""
+        added = sorted(k for k, v in writes.ops() if k.startswith(prefix) and v is not None)
         if not added:
             return
-        count = keys.decode_count(self.store.get(keys.TASK_DONE_COUNT)) + added
-        if count > TASK_RETENTION:
-            for victim, _ in writes.scan(keys.TASK_DONE)[: count - TASK_RETENTION]:
-                task_id = keys.task_done_task(victim)
-                raw = writes.get(keys.task_key(task_id))
-                if raw is not None and (idem := keys.unpack(raw).get("idempotency_key")) is not None:
-                    writes.set(keys.task_idem_key(idem), None)
-                writes.set(keys.task_key(task_id), None)
-                writes.set(victim, None)
-            count = TASK_RETENTION
-        writes.set(keys.TASK_DONE_COUNT, keys.encode_count(count))
+        count = keys.decode_count(self.store.get(count_key)) + len(added)
+        excess = count - capacity
+        if excess > 0:
+            oldest = [k for k, _ in self.store.scan_prefix(prefix, excess)]
+            for victim in sorted(oldest + added)[:excess]:
+                evict(victim)
+            count -= excess
+        writes.set(count_key, keys.encode_count(count))
         writes.commit()
 
     # --- tasks and workers (local, possibly stale reads; see synapse/orchestrator) ---
@@ -246,6 +255,10 @@ class CommandProcessor:
     def pending_tasks(self, limit: int) -> list[str]:
         """Pending task ids in scheduling order: priority, then submission."""
         return [keys.task_queue_task(k) for k, _ in self.store.scan_prefix(keys.TASK_QUEUE, limit)]
+
+    def worker(self, worker_id: str) -> dict[str, Any] | None:
+        raw = self.store.get(keys.worker_key(worker_id))
+        return None if raw is None else keys.unpack(raw)
 
     def workers(self) -> dict[str, dict[str, Any]]:
         return {keys.worker_name(k): keys.unpack(v) for k, v in self.store.scan_prefix(keys.WORKER)}
@@ -332,7 +345,11 @@ class _EntryRun:
                 # A malformed command changes nothing, not even the dedup table: validation is
                 # a pure function of the command, so a retry gets the same answer anyway.
                 return _error("bad_command", exc.message)
-            result = getattr(self, "_op_" + command["op"])(command)
+            op = command["op"]
+            if op in _TASK_OPS:  # tasks and workers: synapse/state/tasks.py
+                result = _TASK_OPS[op](TaskOps(self.writes, self.index, self.events, keys), command)
+            else:
+                result = getattr(self, "_op_" + op)(command)
             if rid is not None:
                 self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result))
                 self.writes.set(keys.ridx_key(self.index, rid), b"")
@@ -441,32 +458,6 @@ class _EntryRun:
             return _error("not_agreed", f"checkpoint: {target} was never agreed by a majority; pick an agreed one")
         self.events.append(("rollback", target, record["agreed"][0], record["agreed"][1]))
         return {"ok": True, "index": self.index, "rollback_to": target, "undone_entries": self.index - target - 1}
-
-    # Tasks and workers: synapse/state/tasks.py.
-
-    def _task_ops(self) -> TaskOps:
-        return TaskOps(self.writes, self.index, self.events, keys)
-
-    def _op_task_submit(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().submit(command)
-
-    def _op_task_cancel(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().cancel(command)
-
-    def _op_task_assign(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().assign(command)
-
-    def _op_task_start(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().start(command)
-
-    def _op_task_finish(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().finish(command)
-
-    def _op_worker_register(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().register_worker(command)
-
-    def _op_worker_down(self, command: dict[str, Any]) -> Result:
-        return self._task_ops().worker_down(command)
 
     def _op_unregister_node(self, command: dict[str, Any]) -> Result:
         node_key = keys.node_key(command["node_id"])
