@@ -104,6 +104,8 @@ def test_rollback_is_refused_for_an_unknown_unagreed_or_unretained_checkpoint(cl
         c.put(f"r/{i}", i)
         c.checkpoint(wait=True)
     wait_until(lambda: all(first["index"] not in _retained(n, cluster.token) for n in cluster.nodes), 10, "pruning")
+    # A majority agreed; the last node's report is an entry too: let it land before comparing.
+    wait_until(lambda: len(c.checkpoints(1)[0]["nodes"]) == len(cluster.nodes), 10, "every node's report")
     before = c.status()["state_hash"]
     for target, status, error in [(first["index"], 409, "not_retained"), (10**9, 404, "unknown_checkpoint")]:
         with pytest.raises(SynapseError) as e:

@@ -15,7 +15,14 @@ import sys
 from functools import lru_cache
 
 from synapse.execution import entry as entry_runner
-from synapse.execution.sandbox import ENTRY_SPEC_FILE, Driver, Job, SandboxUnavailable, task_environment
+from synapse.execution.sandbox import (
+    ENTRY_SPEC_FILE,
+    STAGED_INIT_FILE,
+    Driver,
+    Job,
+    SandboxUnavailable,
+    task_environment,
+)
 from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part
 
 log = logging.getLogger(__name__)
@@ -100,11 +107,9 @@ class BwrapDriver(Supervisor):
         if found is None or not os.access(found, os.X_OK):
             raise SandboxUnavailable(self.name, "bubblewrap is not installed; install bubblewrap: apt-get install bubblewrap")
         self.bwrap = found
-        # The sandbox's init is the launcher binary, run inside as the task uid.
-        blocked = unreachable_part(self.launcher, *(self.identity or (os.geteuid(), os.getegid())))
-        if blocked is not None:
-            raise SandboxUnavailable(self.name, f"the task uid {self.task_uid()} cannot run the sandbox's init "
-                                                f"{self.launcher} ({blocked}); `chmod o+x` the directories on its path")
+        # The sandbox's init is the launcher binary, run inside as the task uid: from where it
+        # was built when that uid can reach it, else from a copy in each working directory.
+        self.stage_init = unreachable_part(self.launcher, *(self.identity or (os.geteuid(), os.getegid()))) is not None
         problem = _bwrap_probe(self.bwrap, self.identity)
         if problem is not None:
             raise SandboxUnavailable(
@@ -142,8 +147,11 @@ class BwrapDriver(Supervisor):
         for path in job.grants.write_paths:
             argv += ["--bind", path, path]
         argv += ["--bind", workdir, workdir, "--chdir", workdir, "--"]
-        init = [self.launcher, "init", str(report_fd)]
+        init = [os.path.join(workdir, STAGED_INIT_FILE) if self.stage_init else self.launcher, "init", str(report_fd)]
         return argv + init + super()._task_argv(job, workdir, task_name, report_fd)
+
+    def _staged(self, job: Job) -> list[tuple[str, str]]:
+        return super()._staged(job) + ([(self.launcher, STAGED_INIT_FILE)] if self.stage_init else [])
 
     def _decode_exit(self, exit_code, sig, stderr):
         # Only used when the sandbox's init never reported the command's status: bwrap could

@@ -24,6 +24,10 @@ RESERVED_PREFIX = ".synapse-"
 ENTRY_SPEC_FILE = ".synapse-entry.json"
 RESULT_FILE = ".synapse-result.json"
 ERROR_FILE = ".synapse-error.json"
+# Copies of the sandbox's own programs, placed in the working directory only when the task
+# uid cannot reach the originals (a checkout under a private directory, mode 0700).
+STAGED_RUNNER_FILE = ".synapse-runner.py"
+STAGED_INIT_FILE = ".synapse-init"
 
 # Upper bounds that catch unit mistakes (milliseconds passed as seconds, kB as bytes) rather
 # than police policy; a worker's own policy is expected to be tighter.

@@ -39,6 +39,7 @@ from synapse.execution.sandbox import (
     FAILED,
     REASONS,
     RESULT_FILE,
+    STAGED_RUNNER_FILE,
     Job,
     JobError,
     Outcome,
@@ -465,6 +466,10 @@ class Supervisor:
                 f"({blocked} is not searchable by it); `chmod o+x {blocked}` or pass another workdir_root",
             )
         self.launcher = launcher_path(self.name)
+        # The entry runner runs as the task uid: from the package when that uid can read it,
+        # else from a copy in each entry task's working directory.
+        self.runner = os.path.abspath(entry_runner.__file__)
+        self.stage_runner = unreachable_part(self.runner, uid, gid) is not None
         self.entry_python, self.entry_python_note = _entry_python(python, uid, gid)
         _sweep_workdirs(os.path.realpath(self.workdir_root))
         self.cgroups = cgroup_support() if use_cgroups else CgroupSupport(problems={"pids": "disabled by the driver", "memory": "disabled by the driver"})
@@ -519,10 +524,15 @@ class Supervisor:
 
     def _task_argv(self, job: Job, workdir: str, task_name: str, report_fd: int) -> list[str]:
         """The command line the launcher executes (``report_fd``: the report pipe)."""
-        return list(job.argv) if job.argv is not None else self._entry_argv()
+        return list(job.argv) if job.argv is not None else self._entry_argv(workdir)
 
-    def _entry_argv(self) -> list[str]:
-        return [self.entry_python, "-I", os.path.abspath(entry_runner.__file__), ENTRY_SPEC_FILE]
+    def _entry_argv(self, workdir: str) -> list[str]:
+        runner = os.path.join(workdir, STAGED_RUNNER_FILE) if self.stage_runner else self.runner
+        return [self.entry_python, "-I", runner, ENTRY_SPEC_FILE]
+
+    def _staged(self, job: Job) -> list[tuple[str, str]]:
+        """(original, name in the working directory) of the programs to copy there."""
+        return [(self.runner, STAGED_RUNNER_FILE)] if job.entry is not None and self.stage_runner else []
 
     def _import_path(self) -> list[str]:
         """The worker's import path, appended to the entry point's own (entry.py)."""
@@ -606,6 +616,10 @@ class Supervisor:
             path = os.path.join(workdir, ENTRY_SPEC_FILE)
             with open(path, "w") as f:
                 json.dump(spec, f)
+            created.append(path)
+        for original, name in self._staged(job):
+            path = os.path.join(workdir, name)
+            shutil.copy2(original, path)  # keeps the mode: the init binary stays executable
             created.append(path)
         if self.identity is not None:
             uid, gid = self.identity
