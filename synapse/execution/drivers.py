@@ -23,7 +23,7 @@ from synapse.execution.sandbox import (
     SandboxUnavailable,
     task_environment,
 )
-from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part
+from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part, unsearchable
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,15 @@ def _bwrap_probe(bwrap: str, identity: tuple[int, int] | None) -> str | None:
     return None
 
 
-def _hidden_by_tmpfs() -> list[str]:
+def _hidden_by_tmpfs(uid: int, gid: int) -> list[str]:
     """Paths of the worker's Python (interpreter, stdlib, site-packages, this package) that
     live under /tmp, which the sandbox replaces with an empty tmpfs: they are bound back
-    read-only so entry points can still start there."""
+    read-only so entry points can still start there — those the task uid can reach (bwrap
+    runs as that uid and cannot bind the others; the task could not read them anyway)."""
     candidates = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
                   os.path.dirname(os.path.abspath(entry_runner.__file__)), *[p for p in sys.path if p]}
-    return sorted(p for p in candidates if (p == "/tmp" or p.startswith("/tmp/")) and os.path.exists(p))
+    return sorted(p for p in candidates if (p == "/tmp" or p.startswith("/tmp/")) and os.path.exists(p)
+                  and unsearchable(p, uid, gid) is None)
 
 
 class BwrapDriver(Supervisor):
@@ -138,7 +140,7 @@ class BwrapDriver(Supervisor):
         argv = [self.bwrap, *_BWRAP_BASE, "--as-pid-1"]
         if job.grants.network:
             argv.append("--share-net")
-        for path in _hidden_by_tmpfs():
+        for path in _hidden_by_tmpfs(*(self.identity or (os.geteuid(), os.getegid()))):
             argv += ["--ro-bind", path, path]
         # After --tmpfs /tmp, so grants under /tmp are visible; read before write, so a
         # writable grant inside a readable one stays writable.

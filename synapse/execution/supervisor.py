@@ -167,7 +167,7 @@ def _may_write(path: str, uid: int, gid: int) -> bool:
     return _permits(os.stat(path), uid, gid, 0o3 if os.path.isdir(path) else 0o2)
 
 
-def _unsearchable(directory: str, uid: int, gid: int) -> str | None:
+def unsearchable(directory: str, uid: int, gid: int) -> str | None:
     """The first directory on the way to ``directory`` (itself included, through symlinks
     too) that uid/gid may not search, or None."""
     for target in (os.path.abspath(directory), os.path.realpath(directory)):
@@ -199,7 +199,7 @@ def unreachable_part(program: str, uid: int, gid: int) -> str | None:
     """What keeps uid/gid from running ``program``: an unsearchable directory on the way,
     or the program itself; None when it can run it."""
     for target in (os.path.abspath(program), os.path.realpath(program)):
-        blocked = _unsearchable(os.path.dirname(target), uid, gid)
+        blocked = unsearchable(os.path.dirname(target), uid, gid)
         if blocked is not None:
             return blocked
     if not _permits(os.stat(os.path.realpath(program)), uid, gid, 0o5):
@@ -459,7 +459,7 @@ class Supervisor:
         uid, gid = self.identity or (os.geteuid(), os.getegid())
         # The task's HOME and TMPDIR are absolute paths in here: the task uid must be able
         # to walk to them.
-        blocked = _unsearchable(self.workdir_root, uid, gid)
+        blocked = unsearchable(self.workdir_root, uid, gid)
         if blocked is not None:
             raise SandboxUnavailable(
                 self.name, f"workdir_root {self.workdir_root!r} is not reachable by uid {uid}, which tasks run as "
