@@ -36,7 +36,7 @@ from synapse.execution import (
 )
 from synapse.execution.cgroups import CgroupSupport
 import synapse
-from synapse.execution.supervisor import NOBODY, cgroup_support, unreachable_part
+from synapse.execution.supervisor import NOBODY, cgroup_support, unsearchable
 
 IS_ROOT = os.geteuid() == 0
 MiB = 1 << 20
@@ -61,7 +61,7 @@ needs_pids_cgroup = pytest.mark.skipif(
 )
 # Entry points import the worker's packages only where the task uid can read them (not from a
 # checkout under a private directory; the sandbox's own runner is copied in either way).
-_PACKAGES_BLOCKED = unreachable_part(synapse.__file__, NOBODY, NOBODY) if os.geteuid() == 0 else None
+_PACKAGES_BLOCKED = unsearchable(os.path.dirname(synapse.__file__), NOBODY, NOBODY) if os.geteuid() == 0 else None
 needs_readable_packages = pytest.mark.skipif(
     _PACKAGES_BLOCKED is not None, reason=f"uid {NOBODY} cannot read the worker's packages ({_PACKAGES_BLOCKED})"
 )
