@@ -45,7 +45,7 @@ its batch API (Synapse ``POST /v1/txn``, etcd ``/v3/kv/txn``, PySyncObj's ``/v1/
 128 puts each), then VmRSS of the leader's process once all members applied everything.
 
 ``--profile FILE``: after Synapse's write levels, one extra 64-client write run with py-spy
-(``record --nonblocking --threads -f raw``) on the leader; the summary (top inclusive frames,
+(``record --nonblocking --threads -f raw``) on the leader and one follower; the summary (top inclusive frames,
 per-thread share) goes to ``synapse_profile``; the figures above are not taken from that run.
 
 Output: one JSON object on stdout (and in ``--json FILE``): ``machine``, ``settings``,
@@ -404,27 +404,37 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
 
 
 def run_profile(cluster, token: str, args, out_file: Path) -> dict:
-    """One extra 64-client write run with py-spy on the leader (not used for the figures)."""
+    """One extra 64-client write run with py-spy on the leader and one follower (not used for
+    the figures). The leader's samples go to ``out_file``, the follower's beside it
+    (``<stem>.follower<suffix>``)."""
     leader = cluster.leader()
+    follower = next(m for m in cluster.members if m.pid != leader.pid)
     pyspy = Path(sys.executable).with_name("py-spy")
     level = 64
     pids = {m.name: m.pid for m in cluster.members}
     dur = max(5.0, args.duration)
-    # py-spy starts when the measured window does (run_load starts the clients 2 s from now)
-    cmd = ["bash", "-c", f"sleep {2.0 + args.warmup:.2f}; exec {pyspy} record --nonblocking --threads --nolineno "
-           f"-r 200 -p {leader.pid} -d {int(round(dur))} -f raw -o {out_file}"]
-    spy = bn.spawn(cmd, out_file.with_suffix(".log"))
+    files = {"leader": out_file, "follower": out_file.with_name(f"{out_file.stem}.follower{out_file.suffix}")}
+    spies = []
+    for role, member in (("leader", leader), ("follower", follower)):
+        # py-spy starts when the measured window does (run_load starts the clients 2 s from now)
+        cmd = ["bash", "-c", f"sleep {2.0 + args.warmup:.2f}; exec {pyspy} record --nonblocking --threads "
+               f"--nolineno -r 200 -p {member.pid} -d {int(round(dur))} -f raw -o {files[role]}"]
+        spies.append(bn.spawn(cmd, files[role].with_suffix(".log")))
     r = bn.run_load("put", f"http://{leader.api}", token, level, generators_for(args, level), pids,
                     args.warmup, dur, extra={"protocol": "synapse", "prefix": "profile"})
-    try:
-        spy.wait(60)
-    except subprocess.TimeoutExpired:
-        bn._signal_group(spy, signal.SIGKILL)
-    log(f"profile: {r['per_s']} writes/s under py-spy (leader {leader.name}, pid {leader.pid}) -> {out_file}")
-    summary = summarize_profile(out_file) if out_file.exists() else {"error": "py-spy wrote nothing; see "
-                                                                               + str(out_file.with_suffix('.log'))}
-    summary.update({"run_writes_per_s": r["per_s"], "run_p99_ms": r["p99_ms"], "file": str(out_file),
-                    "leader": leader.name})
+    for spy in spies:
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            bn._signal_group(spy, signal.SIGKILL)
+    log(f"profile: {r['per_s']} writes/s under py-spy (leader {leader.name}, follower {follower.name}) -> "
+        f"{', '.join(map(str, files.values()))}")
+    summary = {"run_writes_per_s": r["per_s"], "run_p99_ms": r["p99_ms"], "leader": leader.name,
+               "follower": follower.name}
+    for role, path in files.items():
+        summary[role] = (summarize_profile(path) if path.exists() else
+                         {"error": f"py-spy wrote nothing; see {path.with_suffix('.log')}"})
+        summary[role]["file"] = str(path)
     return summary
 
 
@@ -458,7 +468,7 @@ def summarize_profile(path: Path, top: int = 30) -> dict:
     ranked = lambda d: [[f, pct(n)] for f, n in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
     return {
         "samples": total,
-        "note": "py-spy --nonblocking, active (non-idle) threads only; percent of all samples of the leader."
+        "note": "py-spy --nonblocking, active (non-idle) threads only; percent of all samples of the process."
                 " Self time in node_start (synapse/cli/main.py) is the event loop's own C code (uvloop:"
                 " socket reads and writes, scheduling), below the Python frames of the main thread.",
         "threads_pct": {k: pct(v) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])},
@@ -715,7 +725,7 @@ def main() -> None:
     p.add_argument("--rss-clients", type=int, default=8, help="128-put transactions in flight while loading (default 8)")
     p.add_argument("--rss-max-load-s", type=float, default=1200.0, help="stop loading after this long and report what loaded")
     p.add_argument("--fsync-levels", default="64", help="levels measured for Synapse with --raft-fsync (default 64)")
-    p.add_argument("--profile", help="py-spy raw profile of the Synapse leader during an extra 64-client write run")
+    p.add_argument("--profile", help="py-spy raw profiles of the Synapse leader and a follower during an extra 64-client write run")
     p.add_argument("--skip", default="", help=f"comma-separated: systems ({','.join(SYSTEMS)}) and/or phases ({','.join(PHASES)})")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, logs) after the run")
     args = p.parse_args()

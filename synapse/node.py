@@ -95,7 +95,7 @@ class Node:
         # Before Raft: replaying the log at start already reaches the tracker.
         self.integrity = CheckpointTracker(
             cfg.node_id, self._loop, self._propose_when_ready, self.read, self._diverged,
-            CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds),
+            CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds, cfg.checkpoint_snapshot_seconds),
             is_leader=lambda: self.raft is not None and self.raft.is_leader(),
         )
         self.repairer = Repairer(self)

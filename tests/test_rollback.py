@@ -117,3 +117,27 @@ def test_rollback_is_refused_for_an_unknown_unagreed_or_unretained_checkpoint(cl
 
 def _retained(node, token) -> set[int]:
     return {ck["index"] for ck in Client(node.url, token).checkpoints(50) if ck["retained_here"]}
+
+
+def test_periodic_checkpoints_are_snapshotted_at_most_every_snapshot_seconds(tmp_path):
+    # A snapshot writes the whole state; at a checkpoint every few entries that was O(state)
+    # per write. Periodic ones get a snapshot only when the last one is old enough; one asked
+    # for always does.
+    extra = ["--checkpoint-interval", "5", "--checkpoint-snapshot-seconds", "3600", "--checkpoint-retain", "10"]
+    cluster = Cluster.create(tmp_path, 1, extra=extra).start()
+    try:
+        c = cluster.client()
+        for i in range(40):
+            c.put(f"p/{i}", i)
+        wait_until(lambda: len(c.checkpoints(50)) >= 4, 10, "periodic checkpoints")
+        periodic = sorted(ck["index"] for ck in c.checkpoints(50))
+        asked = c.checkpoint(label="asked", wait=True)["index"]
+        wait_until(lambda: asked in _retained(cluster.nodes[0], cluster.token), 10, "the asked-for snapshot")
+        assert _retained(cluster.nodes[0], cluster.token) == {periodic[0], asked}
+        before = c.status()["state_hash"]
+        with pytest.raises(SynapseError) as e:
+            c.rollback(periodic[-1])
+        assert e.value.status == 409 and e.value.error == "not_retained", e.value
+        assert c.status()["state_hash"] == before
+    finally:
+        cluster.close()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from synapse._core import StateStore
 from synapse.state import keys
-from synapse.state.commands import CommandError, encode_entry
+from synapse.state.commands import CommandError, encode_entry, validate_command
 from synapse.state.processor import DEDUP_CAPACITY, CommandProcessor, EntryOutcome, _EntryRun
 from synapse.state.records import KvChange, KvRecord
 
@@ -733,6 +733,22 @@ def test_old_checkpoint_records_are_evicted(log, proc, monkeypatch):
     made = [log.one({"op": "checkpoint"})["checkpoint"] for _ in range(5)]
     assert [i for i, _ in proc.checkpoints()] == made[:1:-1]
     assert proc.checkpoint(made[0]) is None
+
+
+def test_a_checkpoint_is_snapshotted_unless_it_says_not(log, proc):
+    # Entries written before the flag existed have none: they were all snapshotted.
+    plain = log.entry({"op": "checkpoint"})
+    index = plain.results[0]["checkpoint"]
+    assert ("checkpoint", index) in plain.events and ("snapshot", index) in plain.events
+    skipped = log.entry({"op": "checkpoint", "snapshot": False})
+    index = skipped.results[0]["checkpoint"]
+    assert ("checkpoint", index) in skipped.events and ("snapshot", index) not in skipped.events
+    # A periodic checkpoint without a snapshot and one asked for, in the same entry: one each.
+    both = log.entry({"op": "checkpoint", "snapshot": False}, {"op": "checkpoint", "label": "asked"})
+    index = both.results[0]["checkpoint"]
+    assert both.events.count(("checkpoint", index)) == 1 and both.events.count(("snapshot", index)) == 1
+    with pytest.raises(CommandError, match="snapshot: expected true or false"):
+        validate_command({"op": "checkpoint", "snapshot": "yes"})
 
 
 def test_rollback_announces_an_agreed_checkpoint_and_must_be_alone(log, proc):

@@ -46,6 +46,7 @@ def node() -> None:
 @click.option("--checkpoint-interval", type=int, help="Log entries between periodic checkpoints (default 1000; 0: on demand only).")
 @click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints while writes come in (default 60).")
 @click.option("--checkpoint-retain", type=int, help="Keep snapshots of the newest N checkpoints, the ones rollback can reach (default 5).")
+@click.option("--checkpoint-snapshot-seconds", type=float, help="Snapshot a periodic checkpoint only if the last snapshot is this old (default 30; 0: every one; on-demand checkpoints always).")
 @click.option("--debug-fault-injection", is_flag=True, default=None, help="Allow `synapse debug corrupt` against this node (tests and chaos runs only).")
 @click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
 @click.option("--heartbeat-timeout", type=float, help="Seconds of silence before an execution node is marked down and its tasks rescheduled (default 5).")

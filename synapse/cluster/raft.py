@@ -311,7 +311,7 @@ class ReplicatedLog(SyncObj):
                     self._captured.append((index, payload))
                 if self._freezes:
                     self._fire_freezes(index)
-                checkpoint = self._processor.store.freeze() if ("checkpoint", index) in outcome.events else None
+                checkpoint = self._processor.store.freeze() if ("snapshot", index) in outcome.events else None
         except Exception:  # the processor never raises; this guards the cluster if it does
             log.exception("node %s: applying entry %d failed; the entry is skipped", self.selfNode, index)
             return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]

@@ -214,7 +214,8 @@ def verify(data_dir: Path, strict: bool = True) -> Verification:
         for event in outcome.events:
             if event[0] == "checkpoint":
                 mine[index] = [digest, outcome.chain]
-                frozen_at[index] = processor.store.freeze()  # for a later rollback to it
+            elif event[0] == "snapshot":  # a checkpoint a later rollback may go back to
+                frozen_at[index] = processor.store.freeze()
                 while len(frozen_at) > _FROZEN_KEPT:
                     del frozen_at[min(frozen_at)]
             elif event[0] == "report" and event[3] is not None and event[1] in mine:

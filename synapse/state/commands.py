@@ -50,7 +50,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "noop": ((), ("rid",)),
     "register_node": (("node_id", "api", "raft"), ("rid",)),
     "unregister_node": (("node_id",), ("rid",)),
-    "checkpoint": ((), ("label", "created_ms", "rid")),
+    "checkpoint": ((), ("label", "created_ms", "snapshot", "rid")),
     "checkpoint_report": (("checkpoint", "node_id", "digest", "chain"), ("rid",)),
     "rollback": (("checkpoint",), ("rid",)),
     **tasks.FIELDS,  # the task and worker ops: synapse/state/tasks.py
@@ -144,6 +144,8 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
             check_label(command["label"])
         if "created_ms" in command:
             check_uint(command["created_ms"], "created_ms", "send milliseconds since the Unix epoch")
+        if "snapshot" in command and not isinstance(command["snapshot"], bool):
+            raise CommandError("snapshot", f"snapshot: expected true or false, got {kind_of(command['snapshot'])}")
     elif op == "rollback":
         check_uint(command["checkpoint"], "checkpoint", "send the log index of an agreed checkpoint")
     elif op in _TASK_OPS:

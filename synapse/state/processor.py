@@ -55,7 +55,8 @@ class EntryOutcome:
     # The audit chain head after this entry (the index is the entry's).
     chain: bytes = keys.GENESIS_CHAIN
     # What happened to checkpoints, for the node's integrity tracker: ("checkpoint", index)
-    # when this entry made one; ("report", checkpoint, node_id, agreed pair or None) per report.
+    # when this entry made one, ("snapshot", index) as well when it is to be snapshotted (a
+    # rollback target); ("report", checkpoint, node_id, agreed pair or None) per report.
     events: tuple = ()
 
 
@@ -409,6 +410,9 @@ class _EntryRun:
         self.writes.set(key, keys.encode_checkpoint(record))
         if ("checkpoint", self.index) not in self.events:
             self.events.append(("checkpoint", self.index))
+        # Absent in entries written before the flag existed: those were all snapshotted.
+        if command.get("snapshot", True) and ("snapshot", self.index) not in self.events:
+            self.events.append(("snapshot", self.index))
         return {"ok": True, "index": self.index, "checkpoint": self.index}
 
     def _evict_checkpoints(self) -> None:
