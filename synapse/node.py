@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from synapse import _core
-from synapse.api.http import start_api
+from synapse.api.front import start_api
 from synapse.cluster.committer import GroupCommitter, ProposalError
 from synapse.cluster.raft import ReplicatedLog
 from synapse.config import ConfigError, NodeConfig

@@ -27,7 +27,11 @@ class ApiError(Exception):
 
 
 def error_response(status: int, error: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": error, "message": message, **extra}, status=status)
+    return web.json_response(error_body(error, message, **extra), status=status)
+
+
+def error_body(error: str, message: str, **extra: Any) -> dict:
+    return {"error": error, "message": message, **extra}
 
 
 def node_of(request: web.Request) -> "Node":
@@ -37,7 +41,11 @@ def node_of(request: web.Request) -> "Node":
 async def json_body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, "too_large", f"the body is {request.content_length} bytes; the limit is {MAX_BODY}")
-    raw = await request.read()
+    return parse_json_object(await request.read(), allowed, required)
+
+
+def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    """A request body that must be a JSON object with only ``allowed`` and all ``required`` fields."""
     try:
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as e:
@@ -84,7 +92,10 @@ def int_query(request: web.Request, name: str, minimum: int, maximum: int | None
 
 
 def request_id(request: web.Request) -> str:
-    rid = request.headers.get(REQUEST_ID_HEADER)
+    return check_request_id(request.headers.get(REQUEST_ID_HEADER))
+
+
+def check_request_id(rid: str | None) -> str:
     if rid is None:
         # Without a client id a retry cannot be recognized; our clients always send one.
         return "srv-" + uuid.uuid4().hex
@@ -100,13 +111,17 @@ _NOT_FOUND = {"unknown_task", "unknown_worker"}
 
 
 async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False) -> dict:
+    return await propose_on(node_of(request), command, size_hint, alone)
+
+
+async def propose_on(node: "Node", command: dict, size_hint: int, alone: bool = False) -> dict:
     try:
         validate_command(command)
     except LimitError as e:
         raise ApiError(413, "too_large", str(e)) from None
     except CommandError as e:
         raise ApiError(400, "bad_request", str(e)) from None
-    result = await node_of(request).propose(command, size_hint, alone)
+    result = await node.propose(command, size_hint, alone)
     if not result.get("ok"):
         if result.get("error") == "conflict":
             raise ApiError(409, "conflict", result.get("message", "the condition failed"),

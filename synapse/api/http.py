@@ -20,12 +20,14 @@ from synapse.api.common import (
     NODE_KEY,
     ApiError,
     encode_value,
+    error_body,
     error_response,
     int_field,
     int_query,
     json_body,
     node_of,
     propose,
+    propose_on,
     request_id,
 )
 from synapse.cluster.committer import ProposalError
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 MAX_SCAN_LIMIT = 10_000
 _PUBLIC = {"/health"}
-# Refused by a node whose state is known to differ from the agreed one (it is repairing).
 # Answered from this node's state: refused while it is known to differ from the agreed one.
 _STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers")
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
@@ -63,12 +64,24 @@ class Metrics:
         self.catchup_received = Gauge("synapse_catchup_bytes_received", "Bytes of catch-up containers received from the leader", registry=self.registry)
         self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
         self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
+        # The labelled children, looked up once: labels() takes a lock and builds a key per call.
+        self._counted: dict[tuple[str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        counter = self._counted.get((route, status))
+        if counter is None:
+            counter = self._counted[(route, status)] = self.requests.labels(route, str(status))
+        timer = self._timed.get(route)
+        if timer is None:
+            timer = self._timed[route] = self.latency.labels(route)
+        counter.inc()
+        timer.observe(seconds)
 
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
     node = node_of(request)
-    metrics = request.app[METRICS_KEY]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     started = time.perf_counter()
     try:
@@ -77,35 +90,50 @@ async def errors_and_auth(request: web.Request, handler):
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token or not node.check_token(token.strip()):
                 raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (the root token printed at first start)")
-        if request.path.startswith(_STATE_PATHS) and not node.serving:
-            status = node.integrity.status()
-            raise ApiError(503, "diverged", f"this node's state differs from the one agreed at checkpoint "
-                           f"{status['diverged_at']}; it is repairing itself ({status['service']}) — send the "
-                           "request to another node", retry=True)
+        if request.path.startswith(_STATE_PATHS):
+            check_serving(node)
         response = await handler(request)
-    except ApiError as e:
-        response = error_response(e.status, e.error, str(e), **e.extra)
-    except ProposalError as e:
-        response = error_response(
-            503, "unavailable", str(e), reason=e.reason, outcome_unknown=e.outcome_unknown, retry=True
-        )
+    except (ApiError, ProposalError) as e:
+        status, body = failure(e)
+        response = web.json_response(body, status=status)
     except web.HTTPException as e:  # aiohttp's own (404 route, 405, 413 body too large)
         response = error_response(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
-    metrics.requests.labels(route, str(response.status)).inc()
-    metrics.latency.labels(route).observe(time.perf_counter() - started)
+    request.app[METRICS_KEY].observe(route, response.status, time.perf_counter() - started)
     return response
 
 
+def check_serving(node: "Node") -> None:
+    """Requests answered from this node's state are refused while it is known to differ."""
+    if not node.serving:
+        status = node.integrity.status()
+        raise ApiError(503, "diverged", f"this node's state differs from the one agreed at checkpoint "
+                       f"{status['diverged_at']}; it is repairing itself ({status['service']}) — send the "
+                       "request to another node", retry=True)
+
+
+def failure(e: ApiError | ProposalError) -> tuple[int, dict]:
+    """The HTTP status and JSON body of a request that failed with ``e``."""
+    if isinstance(e, ApiError):
+        return e.status, error_body(e.error, str(e), **e.extra)
+    return 503, error_body("unavailable", str(e), reason=e.reason, outcome_unknown=e.outcome_unknown, retry=True)
+
+
 async def _consistent(request: web.Request) -> None:
-    consistency = request.query.get("consistency", "linearizable")
-    if consistency == "linearizable":
-        await node_of(request).read_barrier()
+    await wait_consistent(node_of(request), request.query.get("consistency"))
+
+
+async def wait_consistent(node: "Node", consistency: str | None) -> None:
+    if consistency is None or consistency == "linearizable":
+        await node.read_barrier()
     elif consistency != "stale":
         raise ApiError(400, "bad_request", f"consistency must be 'linearizable' (default) or 'stale', got {consistency!r}")
 
 
 def _key(request: web.Request) -> str:
-    key = request.match_info["key"]
+    return check_key_size(request.match_info["key"])
+
+
+def check_key_size(key: str) -> str:
     size = len(key.encode())
     if size > MAX_KEY_BYTES:
         raise ApiError(413, "too_large", f"key: {size} bytes exceeds the {MAX_KEY_BYTES}-byte limit; use a shorter key")
@@ -125,25 +153,38 @@ def _record_json(record) -> dict:
 # --- handlers ---
 
 
+PUT_FIELDS = {"value", "if_version"}
+
+
 async def put_kv(request: web.Request) -> web.Response:
     key = _key(request)
-    body = await json_body(request, {"value", "if_version"}, {"value"})
+    body = await json_body(request, PUT_FIELDS, {"value"})
+    return web.json_response(await put_value(node_of(request), key, body, request_id(request)))
+
+
+async def put_value(node: "Node", key: str, body: dict, rid: str) -> dict:
+    """PUT /v1/kv/{key} once the request is read (here and in the HTTP front, synapse/api/front.py)."""
     value = encode_value("value", body["value"])
-    command = {"op": "put", "key": key, "value": value, "rid": request_id(request)}
+    command = {"op": "put", "key": key, "value": value, "rid": rid}
     if_version = int_field(body, "if_version")
     if if_version is not None:
         command["if_version"] = if_version
-    result = await propose(request, command, len(value) + len(key) + 64)
-    return web.json_response({"key": key, "version": result["version"], "index": result["index"]})
+    result = await propose_on(node, command, len(value) + len(key) + 64)
+    return {"key": key, "version": result["version"], "index": result["index"]}
 
 
 async def get_kv(request: web.Request) -> web.Response:
     key = _key(request)
     await _consistent(request)
-    record = node_of(request).read(lambda p: p.get(key))
+    return web.json_response(read_value(node_of(request), key))
+
+
+def read_value(node: "Node", key: str) -> dict:
+    """GET /v1/kv/{key} once the read may be answered from local state."""
+    record = node.read(lambda p: p.get(key))
     if record is None:
         raise ApiError(404, "not_found", f"key {key!r} does not exist")
-    return web.json_response(_record_json(record))
+    return _record_json(record)
 
 
 async def delete_kv(request: web.Request) -> web.Response:
@@ -424,11 +465,3 @@ def make_app(node: "Node") -> web.Application:
     tasks.add_routes(app)
     return app
 
-
-async def start_api(node: "Node") -> web.AppRunner:
-    runner = web.AppRunner(make_app(node), access_log=None)
-    await runner.setup()
-    host, port = node.config.api_host_port()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner

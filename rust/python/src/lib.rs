@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+mod front;
+
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -460,6 +462,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FrozenState>()?;
     m.add_class::<StateDiff>()?;
     m.add_class::<SnapshotInfo>()?;
+    m.add_class::<front::HttpFront>()?;
     m.add_function(wrap_pyfunction!(read_snapshot_info, m)?)?;
     m.add_function(wrap_pyfunction!(diff_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(chain, m)?)?;

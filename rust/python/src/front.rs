@@ -1,0 +1,67 @@
+//! `synapse._core.HttpFront`: the node's HTTP front (rust/front) as Python sees it.
+
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use synapse_front::Front;
+
+/// (id, put?, key, consistency or None, X-Request-Id or None, body)
+type Taken<'py> = (u64, bool, String, Option<String>, Option<String>, Bound<'py, PyBytes>);
+
+#[pyclass(module = "synapse._core")]
+pub struct HttpFront(Mutex<Option<Front>>);
+
+impl HttpFront {
+    fn with<T>(&self, f: impl FnOnce(&Front) -> T) -> PyResult<T> {
+        match self.0.lock().unwrap().as_ref() {
+            Some(front) => Ok(f(front)),
+            None => Err(PyRuntimeError::new_err("the HTTP front is closed")),
+        }
+    }
+}
+
+#[pymethods]
+impl HttpFront {
+    /// Listens on `listen` ("host:port") now; raises OSError naming the address if it cannot.
+    #[new]
+    #[pyo3(signature = (listen, backend_port, token, max_body, threads = 1))]
+    fn new(py: Python<'_>, listen: &str, backend_port: u16, token: &str, max_body: usize, threads: usize) -> PyResult<Self> {
+        let front = py
+            .allow_threads(|| Front::start(listen, backend_port, token, max_body, threads))
+            .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
+        Ok(HttpFront(Mutex::new(Some(front))))
+    }
+
+    /// The port it listens on (the one chosen, for port 0).
+    fn port(&self) -> PyResult<u16> {
+        self.with(|f| f.local_addr().port())
+    }
+
+    /// A file descriptor that becomes readable when hot-path requests wait.
+    fn notify_fd(&self) -> PyResult<i32> {
+        self.with(|f| f.notify_fd())
+    }
+
+    /// Every waiting hot-path request: (id, put?, key, consistency, request id, body).
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Vec<Taken<'py>>> {
+        let taken = self.with(|f| f.take())?;
+        Ok(taken
+            .into_iter()
+            .map(|r| (r.id, r.put, r.key, r.consistency, r.request_id, PyBytes::new(py, &r.body)))
+            .collect())
+    }
+
+    /// Answers requests: a list of (id, HTTP status, JSON body bytes).
+    fn respond(&self, replies: Vec<(u64, u16, Vec<u8>)>) -> PyResult<()> {
+        self.with(|f| f.respond(replies))
+    }
+
+    /// Stops listening and closes every connection (idempotent).
+    fn close(&self, py: Python<'_>) {
+        let front = self.0.lock().unwrap().take();
+        py.allow_threads(move || drop(front));
+    }
+}

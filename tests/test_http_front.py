@@ -1,0 +1,92 @@
+"""The HTTP front (rust/front, synapse/api/front.py) on a real node: the plain key-value
+requests it answers itself give the same answers as the aiohttp app, every other form is
+passed to the app unchanged, and bad input gets the app's errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.harness import Cluster
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    c = Cluster.create(tmp_path_factory.mktemp("front"), 1).start()
+    yield c
+    c.close()
+
+
+def call(node, method: str, target: str, body: bytes | None = None, token: str | None = None,
+         headers: dict | None = None) -> tuple[int, dict]:
+    url = urlsplit(node.nodes[0].url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        h = {"Authorization": f"Bearer {token if token is not None else node.token}", **(headers or {})}
+        if body is not None:
+            h["Content-Type"] = "application/json"
+        conn.request(method, target, body=body, headers=h)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_put_and_a_get_through_the_hot_path(node):
+    status, put = call(node, "PUT", "/v1/kv/front/a", b'{"value": {"n": 1}}', headers={"X-Request-Id": "front-1"})
+    assert status == 200 and put["key"] == "front/a" and put["version"] == 1
+    # A retry with the same request id is the same write (the dedup table answers).
+    assert call(node, "PUT", "/v1/kv/front/a", b'{"value": {"n": 1}}', headers={"X-Request-Id": "front-1"}) == (200, put)
+    for target in ("/v1/kv/front/a", "/v1/kv/front/a?consistency=stale", "/v1/kv/front/a?consistency=linearizable"):
+        status, got = call(node, "GET", target)
+        assert status == 200 and got["value"] == {"n": 1} and got["version"] == 1, target
+
+
+def test_the_hot_path_and_the_app_answer_alike(node):
+    # "%2D" is "-": the front passes escaped paths to the app, which decodes them.
+    assert call(node, "PUT", "/v1/kv/front/same-key", b'{"value": 7}')[0] == 200
+    assert call(node, "GET", "/v1/kv/front/same-key") == call(node, "GET", "/v1/kv/front/same%2Dkey")
+    assert call(node, "GET", "/v1/kv/front/none") == call(node, "GET", "/v1/kv/front/n%6Fne")
+    assert call(node, "GET", "/v1/kv/front/none")[0] == 404
+    # if_version goes in the body on the hot path; a conflict is the app's 409.
+    status, conflict = call(node, "PUT", "/v1/kv/front/same-key", b'{"value": 8, "if_version": 5}')
+    assert status == 409 and conflict["error"] == "conflict" and conflict["current_version"] == 1
+    assert call(node, "GET", "/v1/kv/front/same-key")[1]["value"] == 7
+
+
+@pytest.mark.parametrize("body, status, error", [
+    (b"{not json", 400, "bad_json"),
+    (b"[1, 2]", 400, "bad_request"),
+    (b'{"value": 1, "colour": "red"}', 400, "bad_request"),
+    (b'{"if_version": 1}', 400, "bad_request"),
+    (b'{"value": 1, "if_version": -1}', 400, "bad_request"),
+])
+def test_bad_bodies_are_refused_with_the_apps_errors_and_change_nothing(node, body, status, error):
+    before = call(node, "GET", "/v1/cluster/status")[1]["state_hash"]
+    got_status, got = call(node, "PUT", "/v1/kv/front/bad", body)
+    assert (got_status, got["error"]) == (status, error) and got["message"]
+    assert call(node, "GET", "/v1/cluster/status")[1]["state_hash"] == before
+    assert call(node, "GET", "/v1/kv/front/bad")[0] == 404
+
+
+def test_what_the_front_does_not_answer_reaches_the_app(node):
+    assert call(node, "GET", "/v1/kv/front/a", token="wrong")[1]["error"] == "unauthorized"
+    status, got = call(node, "GET", "/v1/kv/front/a?consistency=sometimes")
+    assert status == 400 and "consistency" in got["message"]
+    assert call(node, "PUT", "/v1/kv/" + "k" * 5000, b'{"value": 1}')[1]["error"] == "too_large"
+    assert call(node, "DELETE", "/v1/kv/front/a")[1]["deleted"] is True
+    assert call(node, "GET", "/v1/kv/front/a")[0] == 404
+    assert call(node, "GET", "/v1/cluster/status")[0] == 200
+
+
+def test_hot_path_requests_are_counted_in_the_metrics(node):
+    call(node, "GET", "/v1/kv/front/none")
+    url = urlsplit(node.nodes[0].url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {node.token}"})
+    text = conn.getresponse().read().decode()
+    conn.close()
+    assert 'synapse_http_requests_total{route="/v1/kv/{key}",status="404"}' in text
