@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import zlib
 
 from hypothesis import given, settings
@@ -28,3 +29,60 @@ def test_pysyncobj_connections_send_stored_blocks():
     framed = pysyncobj.tcp_connection.zlib.compress(b"hello" * 100, 3)
     assert framed == stored(b"hello" * 100)  # not deflated: 500 bytes stay 500 bytes plus framing
     assert pysyncobj.tcp_connection.zlib.decompress(zlib.compress(b"from an unpatched node")) == b"from an unpatched node"
+
+
+# --- encryption: Fernet tokens, readable both ways with PySyncObj's own ---
+
+
+def _pair():
+    from pysyncobj.encryptor import getEncryptor as pysyncobj_encryptor
+
+    from synapse.cluster.wire import FernetCodec
+
+    return pysyncobj_encryptor("the cluster secret"), FernetCodec("the cluster secret")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=40_000), st.integers(0, 2**40))
+def test_tokens_are_read_by_pysyncobj_and_pysyncobj_tokens_by_us(data, at):
+    theirs, ours = _pair()
+    token = ours.encrypt_at_time(data, at)
+    assert theirs.extract_timestamp(token) == at and theirs.decrypt(token) == data
+    token = theirs.encrypt_at_time(data, at)
+    assert ours.extract_timestamp(token) == at and ours.decrypt(token) == data
+
+
+def test_a_changed_or_foreign_token_is_refused():
+    import pytest
+    from cryptography.fernet import InvalidToken
+
+    from synapse.cluster.wire import FernetCodec
+
+    _, ours = _pair()
+    token = ours.encrypt_at_time(b"append entries", 7)
+    raw = bytearray(base64.urlsafe_b64decode(token))
+    for position in (0, 5, 30, len(raw) - 40, len(raw) - 1):  # version, time, IV, body, MAC
+        bad = bytearray(raw)
+        bad[position] ^= 0x01
+        with pytest.raises(InvalidToken):
+            ours.decrypt(base64.urlsafe_b64encode(bytes(bad)))
+    for garbage in (b"", b"not base64 !", base64.urlsafe_b64encode(bytes(raw[:-1]))):
+        with pytest.raises(InvalidToken):
+            ours.decrypt(garbage)
+    with pytest.raises(InvalidToken):
+        FernetCodec("another secret").decrypt(token)
+
+
+def test_the_token_opened_for_its_timestamp_is_the_one_decrypted():
+    _, ours = _pair()
+    first, second = ours.encrypt_at_time(b"one", 1), ours.encrypt_at_time(b"two", 2)
+    assert ours.extract_timestamp(first) == 1
+    assert ours.decrypt(second) == b"two" and ours.decrypt(first) == b"one"
+
+
+def test_pysyncobj_nodes_seal_messages_with_the_codec():
+    import pysyncobj.syncobj
+
+    from synapse.cluster.wire import FernetCodec
+
+    assert pysyncobj.syncobj.getEncryptor is FernetCodec
