@@ -115,13 +115,22 @@ async def propose(request: web.Request, command: dict, size_hint: int, alone: bo
 
 
 async def propose_on(node: "Node", command: dict, size_hint: int, alone: bool = False) -> dict:
+    check_command(command)
+    return checked_result(await node.propose(command, size_hint, alone))
+
+
+def check_command(command: dict) -> None:
+    """A command about to be proposed: a 400 or 413 naming what is wrong."""
     try:
         validate_command(command)
     except LimitError as e:
         raise ApiError(413, "too_large", str(e)) from None
     except CommandError as e:
         raise ApiError(400, "bad_request", str(e)) from None
-    result = await node.propose(command, size_hint, alone)
+
+
+def checked_result(result: dict) -> dict:
+    """A command's result from the state machine, or the ApiError it means."""
     if not result.get("ok"):
         if result.get("error") == "conflict":
             raise ApiError(409, "conflict", result.get("message", "the condition failed"),

@@ -19,6 +19,8 @@ from synapse.api.common import (
     MAX_BODY,
     NODE_KEY,
     ApiError,
+    check_command,
+    checked_result,
     encode_value,
     error_body,
     error_response,
@@ -27,7 +29,6 @@ from synapse.api.common import (
     json_body,
     node_of,
     propose,
-    propose_on,
     request_id,
 )
 from synapse.cluster.committer import ProposalError
@@ -163,13 +164,25 @@ async def put_kv(request: web.Request) -> web.Response:
 
 
 async def put_value(node: "Node", key: str, body: dict, rid: str) -> dict:
-    """PUT /v1/kv/{key} once the request is read (here and in the HTTP front, synapse/api/front.py)."""
+    """PUT /v1/kv/{key} once the request is read."""
+    command, size_hint = put_command(key, body, rid)
+    return put_answer(key, await node.propose(command, size_hint))
+
+
+# PUT in two halves, for the HTTP front (synapse/api/front.py), which answers without a task.
+def put_command(key: str, body: dict, rid: str) -> tuple[dict, int]:
+    """The put command of a PUT body (checked: ApiError if bad), and its size hint."""
     value = encode_value("value", body["value"])
     command = {"op": "put", "key": key, "value": value, "rid": rid}
     if_version = int_field(body, "if_version")
     if if_version is not None:
         command["if_version"] = if_version
-    result = await propose_on(node, command, len(value) + len(key) + 64)
+    check_command(command)
+    return command, len(value) + len(key) + 64
+
+
+def put_answer(key: str, result: dict) -> dict:
+    result = checked_result(result)
     return {"key": key, "version": result["version"], "index": result["index"]}
 
 
