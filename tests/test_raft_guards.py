@@ -89,3 +89,53 @@ def test_a_batch_past_the_followers_log_end_is_appended_as_before(monkeypatch):
     message = {"type": "append_entries", "term": 5, "commit_index": 60, "prevLogIdx": 60, "prevLogTerm": 5,
                "entries": [(b"n", 61, 5)]}
     assert _handled(monkeypatch, _follower(40, _LOG), message) is message
+
+
+# --- the leader's commit-index notice, held back for the next AppendEntries to carry ---
+
+
+def _leader(monkeypatch, applied_says_send: bool, delay: float = 0.002):
+    from synapse.cluster.raft import RaftTuning
+
+    monkeypatch.setattr(SyncObj, "_SyncObj__applyLogEntries", lambda self: applied_says_send)
+    sent = []
+    me = SimpleNamespace(_isLeader=lambda: True, _tuning=RaftTuning(commit_notice_delay=delay), _commit_notice=None,
+                         _SyncObj__newAppendEntriesTime=100.0, sent=sent)
+    me._SyncObj__sendAppendEntries = lambda: sent.append("append_entries")
+    return me
+
+
+def test_the_leader_holds_back_a_commit_notice_instead_of_sending_it_at_once(monkeypatch):
+    import time
+
+    me = _leader(monkeypatch, True)
+    before = time.monotonic()
+    assert ReplicatedLog._SyncObj__applyLogEntries(me) is False  # PySyncObj sends nothing now
+    due, heartbeat_time = me._commit_notice
+    assert before + 0.002 <= due <= time.monotonic() + 0.002 and heartbeat_time == 100.0
+    # The tick thread's poll waits no longer than the notice.
+    assert ReplicatedLog._poll_timeout(me, 0.05) <= 0.002
+    ReplicatedLog._send_commit_notice(me, due - 0.001)
+    assert me.sent == [] and me._commit_notice is not None
+    ReplicatedLog._send_commit_notice(me, due)
+    assert me.sent == ["append_entries"] and me._commit_notice is None
+    assert ReplicatedLog._poll_timeout(me, 0.05) == 0.05
+
+
+def test_an_append_entries_sent_meanwhile_carries_the_commit_index(monkeypatch):
+    me = _leader(monkeypatch, True)
+    ReplicatedLog._SyncObj__applyLogEntries(me)
+    due, _ = me._commit_notice
+    me._SyncObj__newAppendEntriesTime = 100.05  # the next entry (or a heartbeat) went out
+    ReplicatedLog._send_commit_notice(me, due + 1)
+    assert me.sent == [] and me._commit_notice is None
+
+
+def test_followers_and_a_zero_delay_keep_pysyncobjs_behaviour(monkeypatch):
+    me = _leader(monkeypatch, True, delay=0)
+    assert ReplicatedLog._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
+    me = _leader(monkeypatch, True)
+    me._isLeader = lambda: False
+    assert ReplicatedLog._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
+    me = _leader(monkeypatch, False)
+    assert ReplicatedLog._SyncObj__applyLogEntries(me) is False and me._commit_notice is None

@@ -202,6 +202,9 @@ class RaftTuning:
     # Linearizable reads never depend on it — they need a committed barrier — but clients
     # find the new leader sooner.
     leader_fallback: float = 2.0
+    # How long the leader holds back telling followers that its commit index moved, hoping
+    # the next entry (which carries the commit index) goes out first (_SyncObj__applyLogEntries).
+    commit_notice_delay: float = 0.002
     compaction_min_entries: int = 50_000
     compaction_min_seconds: float = 600.0
     # ...or as soon as the log holds this much on disk (dumps are written off the tick thread,
@@ -251,6 +254,9 @@ class ReplicatedLog(SyncObj):
         # (index, last, prev, cluster)`` (synapse/integrity/catchup.py); None: full dumps only.
         self.catchup_loader = None
         self._last_keepalive = 0.0
+        # A commit-index notice held back: (when it is due, PySyncObj's next-heartbeat time
+        # then — any AppendEntries sent since moves it, and carried the commit index).
+        self._commit_notice: tuple[float, float] | None = None
         self._last_role: tuple[str | None, bool] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
         self.journal = SegmentedJournal(data_dir / "raft-log", fsync=fsync)
@@ -289,6 +295,10 @@ class ReplicatedLog(SyncObj):
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
+        poll = self._poller.poll
+        # The tick thread sleeps in poll up to autoTickPeriod (50 ms): wake it when a held-back
+        # commit notice is due.
+        self._poller.poll = lambda timeout: poll(self._poll_timeout(timeout))
 
     # --- the replicated method: the same single method on every node ---
 
@@ -564,7 +574,38 @@ class ReplicatedLog(SyncObj):
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 (PySyncObj's name)
+        # PySyncObj, with batch mode off, sends every follower an AppendEntries as soon as the
+        # leader applies anything, only to carry the new commit index — then the next entry's
+        # AppendEntries follows a moment later. Under load that doubled the messages per entry
+        # (each one decrypted, unpickled and answered by every follower, the answer handled by
+        # the leader). The notice is held back for commit_notice_delay; an AppendEntries sent
+        # meanwhile (the next entry, a heartbeat) carries the commit index instead. Followers
+        # then apply up to that much later; nothing waits on that but their own reads.
+        if not SyncObj._SyncObj__applyLogEntries(self):
+            return False
+        if self._tuning.commit_notice_delay <= 0 or not self._isLeader():
+            return True
+        if self._commit_notice is None:
+            self._commit_notice = (time.monotonic() + self._tuning.commit_notice_delay,
+                                   self._SyncObj__newAppendEntriesTime)
+        return False
+
+    def _send_commit_notice(self, now: float) -> None:
+        due, heartbeat_time = self._commit_notice
+        if self._SyncObj__newAppendEntriesTime != heartbeat_time or not self._isLeader():
+            self._commit_notice = None  # an AppendEntries went out since, or no longer leader
+        elif now >= due:
+            self._commit_notice = None
+            self._SyncObj__sendAppendEntries()
+
+    def _poll_timeout(self, timeout: float) -> float:
+        notice = self._commit_notice
+        return timeout if notice is None else max(0.0, min(timeout, notice[0] - time.monotonic()))
+
     def _on_tick(self) -> None:
+        if self._commit_notice is not None:
+            self._send_commit_notice(time.monotonic())
         if self.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
             self._SyncObj__forceLogCompaction = True  # PySyncObj's own flag; cleared when it starts
         now = time.monotonic()
