@@ -3,8 +3,7 @@
 PySyncObj's own batch mode adds ~100 ms per commit (FIELD-NOTES.md); with it off, one entry
 costs ~0.6 ms and a Fernet-encrypted message per follower. So the committer coalesces every
 command that arrives while earlier entries are in flight into the next entry (up to
-``max_commands`` / ``max_bytes``), keeping at most ``max_in_flight`` entries outstanding
-(one by default).
+``max_commands`` / ``max_bytes``), keeping at most ``max_in_flight`` entries outstanding.
 Linearizable-read barriers ride along: all readers waiting when an entry is formed share one
 ``noop`` in it.
 
@@ -56,13 +55,11 @@ class GroupCommitter:
         raft: ReplicatedLog,
         max_commands: int = 1024,
         max_bytes: int = 4 << 20,
-        # On loopback the round trip is tiny and CPU is the limit: fewer, fuller entries cost
-        # less per command (PySyncObj pickles, encrypts and sends each entry to every peer,
-        # and each wakes every node's tick thread). With one in flight, everything that
-        # arrives while an entry commits goes into the next: at 64 clients ~2x the commands
-        # per entry of 2 in flight, ~15% less tick-thread CPU per write on every node and a
-        # lower p99 (scripts/bench-cluster); at 16 clients the two were within the noise.
-        max_in_flight: int = 1,
+        # Two: one entry filling while one commits. With one, 64 small-write clients ran
+        # within the noise of two (8 alternated rounds, scripts/bench-cluster's load), but
+        # 128-put transactions from 8 clients loaded ~1.5x slower: the next entry waited for
+        # the whole previous one to be applied on the leader before it was even sent.
+        max_in_flight: int = 2,
         entry_timeout: float = 10.0,
     ) -> None:
         self._raft = raft
