@@ -90,3 +90,33 @@ def test_hot_path_requests_are_counted_in_the_metrics(node):
     text = conn.getresponse().read().decode()
     conn.close()
     assert 'synapse_http_requests_total{route="/v1/kv/{key}",status="404"}' in text
+
+
+def test_a_host_name_is_served_on_every_address_it_resolves_to():
+    import socket
+
+    from synapse._core import HttpFront
+
+    addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+    front = HttpFront("localhost:0", 1, "t0k", 1024)  # backend port 1: nothing answers there
+    try:
+        for address in addresses:
+            with socket.create_connection((address, front.port()), timeout=5) as conn:
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                # The proxy cannot reach the app: a 503 from the front, on every address.
+                assert conn.recv(64).startswith(b"HTTP/1.1 503"), address
+    finally:
+        front.close()
+
+
+def test_an_address_already_taken_is_an_error_naming_it():
+    import socket
+
+    from synapse._core import HttpFront
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            HttpFront(f"127.0.0.1:{port}", 1, "t0k", 1024)

@@ -168,8 +168,8 @@ impl Front {
             .thread_name("synapse-http")
             .enable_all()
             .build()?;
-        let listener = runtime.block_on(async { bind_first(&addrs) })?;
-        let local_addr = listener.local_addr()?;
+        let listeners = runtime.block_on(async { bind_all(&addrs) })?;
+        let local_addr = listeners[0].local_addr()?;
         let (notify, wake) = UnixStream::pair()?;
         notify.set_nonblocking(true)?;
         wake.set_nonblocking(true)?;
@@ -188,7 +188,9 @@ impl Front {
             client,
         });
         let (stop, stopped) = watch::channel(false);
-        runtime.spawn(accept_loop(listener, shared.clone(), stopped));
+        for listener in listeners {
+            runtime.spawn(accept_loop(listener, shared.clone(), stopped.clone()));
+        }
         Ok(Front { shared, wake, local_addr, stop, runtime: Some(runtime) })
     }
 
@@ -246,18 +248,34 @@ impl ReadSome for &UnixStream {
     }
 }
 
-fn bind_first(addrs: &[SocketAddr]) -> io::Result<tokio::net::TcpListener> {
-    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to listen on");
+/// Every address the API host resolves to, as aiohttp (asyncio's create_server) did: a host
+/// such as `localhost` is served on both 127.0.0.1 and ::1.
+fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<tokio::net::TcpListener>> {
+    let mut listeners: Vec<tokio::net::TcpListener> = Vec::new();
+    let mut seen: Vec<SocketAddr> = Vec::new();
     for addr in addrs {
+        if seen.contains(addr) {
+            continue;
+        }
+        seen.push(*addr);
+        let mut addr = *addr;
+        if let (0, Some(first)) = (addr.port(), listeners.first()) {
+            addr.set_port(first.local_addr()?.port()); // port 0: the one the kernel picked, everywhere
+        }
+        let addr = &addr;
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         // As aiohttp's reuse_address: a restarted node can listen again at once.
         socket.set_reuseaddr(true)?;
-        match socket.bind(*addr).and_then(|_| socket.listen(1024)) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")),
-        }
+        let listener = socket
+            .bind(*addr)
+            .and_then(|_| socket.listen(1024))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        listeners.push(listener);
     }
-    Err(last)
+    if listeners.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to listen on"));
+    }
+    Ok(listeners)
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
