@@ -111,12 +111,8 @@ _NOT_FOUND = {"unknown_task", "unknown_worker"}
 
 
 async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False) -> dict:
-    return await propose_on(node_of(request), command, size_hint, alone)
-
-
-async def propose_on(node: "Node", command: dict, size_hint: int, alone: bool = False) -> dict:
     check_command(command)
-    return checked_result(await node.propose(command, size_hint, alone))
+    return checked_result(await node_of(request).propose(command, size_hint, alone))
 
 
 def check_command(command: dict) -> None:

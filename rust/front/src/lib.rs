@@ -15,12 +15,12 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -116,6 +116,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Locks `mutex` even if a thread panicked while holding it. Every critical section here is
+/// one push, take, insert or remove, so a panic elsewhere cannot leave the data half-changed,
+/// and a poisoned lock must not turn into a panic across the Python boundary.
+pub fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Reply {
     status: u16,
     body: Bytes,
@@ -136,7 +143,7 @@ struct Shared {
 
 impl Shared {
     fn push(&self, request: HotRequest) {
-        self.queue.lock().unwrap().push(request);
+        locked(&self.queue).push(request);
         // One byte per batch: Python clears the flag before it takes the queue, so a request
         // pushed after that take always writes a new byte.
         if !self.signalled.swap(true, Ordering::AcqRel) {
@@ -169,7 +176,10 @@ impl Front {
             .enable_all()
             .build()?;
         let listeners = runtime.block_on(async { bind_all(&addrs) })?;
-        let local_addr = listeners[0].local_addr()?;
+        let local_addr = match listeners.first() {
+            Some(listener) => listener.local_addr()?,
+            None => return Err(io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to listen on")),
+        };
         let (notify, wake) = UnixStream::pair()?;
         notify.set_nonblocking(true)?;
         wake.set_nonblocking(true)?;
@@ -206,15 +216,15 @@ impl Front {
     /// Every waiting hot-path request, oldest first.
     pub fn take(&self) -> Vec<HotRequest> {
         let mut sink = [0u8; 256];
-        while matches!((&self.wake).read_some(&mut sink), Ok(n) if n > 0) {}
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
         self.shared.signalled.store(false, Ordering::Release);
-        std::mem::take(&mut *self.shared.queue.lock().unwrap())
+        std::mem::take(&mut *locked(&self.shared.queue))
     }
 
     /// Answers requests by id with a status and a JSON body. Unknown ids (a client that went
     /// away, a second answer) are ignored.
     pub fn respond(&self, replies: Vec<(u64, u16, Vec<u8>)>) {
-        let mut waiting = self.shared.waiting.lock().unwrap();
+        let mut waiting = locked(&self.shared.waiting);
         for (id, status, body) in replies {
             if let Some(tx) = waiting.remove(&id) {
                 let _ = tx.send(Reply { status, body: Bytes::from(body) });
@@ -225,7 +235,7 @@ impl Front {
     /// Stops listening and closes every connection; requests still waiting get a 503.
     pub fn stop(&mut self) {
         let _ = self.stop.send(true);
-        self.shared.waiting.lock().unwrap().clear();
+        locked(&self.shared.waiting).clear();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
@@ -235,16 +245,6 @@ impl Front {
 impl Drop for Front {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-trait ReadSome {
-    fn read_some(self, buf: &mut [u8]) -> io::Result<usize>;
-}
-
-impl ReadSome for &UnixStream {
-    fn read_some(mut self, buf: &mut [u8]) -> io::Result<usize> {
-        io::Read::read(&mut self, buf)
     }
 }
 
@@ -315,7 +315,7 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
-    shared.waiting.lock().unwrap().insert(id, tx);
+    locked(&shared.waiting).insert(id, tx);
     shared.push(HotRequest { id, put, key, consistency, request_id, body });
     Ok(match rx.await {
         Ok(reply) => json(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), reply.body),

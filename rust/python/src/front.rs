@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use synapse_front::Front;
+use synapse_front::{locked, Front};
 
 /// (id, put?, key, consistency or None, X-Request-Id or None, body)
 type Taken<'py> = (u64, bool, String, Option<String>, Option<String>, Bound<'py, PyBytes>);
@@ -16,7 +16,7 @@ pub struct HttpFront(Mutex<Option<Front>>);
 
 impl HttpFront {
     fn with<T>(&self, f: impl FnOnce(&Front) -> T) -> PyResult<T> {
-        match self.0.lock().unwrap().as_ref() {
+        match locked(&self.0).as_ref() {
             Some(front) => Ok(f(front)),
             None => Err(PyRuntimeError::new_err("the HTTP front is closed")),
         }
@@ -61,7 +61,7 @@ impl HttpFront {
 
     /// Stops listening and closes every connection (idempotent).
     fn close(&self, py: Python<'_>) {
-        let front = self.0.lock().unwrap().take();
+        let front = locked(&self.0).take();
         py.allow_threads(move || drop(front));
     }
 }
