@@ -12,6 +12,7 @@ import pytest
 
 import synapse
 from tests.harness import free_ports
+from tests.services import require_postgres
 
 
 def _config(tmp_path, **overrides):
@@ -69,29 +70,10 @@ def test_asyncio_node_and_async_client(tmp_path):
     asyncio.run(main())
 
 
-def _postgres_dsn() -> str | None:
-    import asyncpg
-
-    async def probe():
-        for user in ("postgres", "root"):
-            dsn = f"postgresql://{user}@127.0.0.1:5432/test"
-            try:
-                conn = await asyncpg.connect(dsn, timeout=3)
-                await conn.close()
-                return dsn
-            except Exception:
-                continue
-        return None
-
-    return asyncio.run(probe())
-
-
 def test_postgresql_storage_materializes_the_state(tmp_path):
     import asyncpg
 
-    dsn = _postgres_dsn()
-    if dsn is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (CI and the dev machine have it)")
+    dsn = require_postgres()
     cfg = _config(tmp_path, node_id="pgnode", storage=dsn)
     with synapse.Node(cfg) as node:
         with synapse.Client(node.api_url, node.root_token) as c:

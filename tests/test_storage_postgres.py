@@ -1,22 +1,21 @@
 """PostgresStorage against the machine's real PostgreSQL: the shared contract plus what is
 PostgreSQL-specific (schemas per node, a killed connection mid-transaction).
 
-Every test works in its own schema and drops it afterwards. The DSN is
-$SYNAPSE_TEST_POSTGRES_DSN, else the first of postgres@ / root@ 127.0.0.1:5432/test that
-answers. If none answers the tests skip, saying why, unless $SYNAPSE_REQUIRE_POSTGRES=1 (then
-they fail, so a CI run cannot silently skip them).
+Every test works in its own schema and drops it afterwards. The server is the one
+``./scripts/test`` starts for the run (tests/services.py: how it is found, and why the tests
+fail rather than skip under ``SYNAPSE_REQUIRE_POSTGRES=1``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import asyncpg
 import pytest
 
 from synapse.storage import PostgresStorage, open_storage
+from tests.services import postgres_dsn, postgres_unavailable
 from test_storage_sqlite import (  # the backend-neutral contract (see that file's docstring)
     CONTRACT,
     check_failed_batch_leaves_nothing,
@@ -26,36 +25,9 @@ from test_storage_sqlite import (  # the backend-neutral contract (see that file
     record,
 )
 
-CANDIDATE_DSNS = [
-    "postgresql://postgres@127.0.0.1:5432/test",
-    "postgresql://root@127.0.0.1:5432/test",
-]
-
-
-def _find_dsn() -> tuple[str | None, str]:
-    candidates = ([os.environ["SYNAPSE_TEST_POSTGRES_DSN"]]
-                  if os.environ.get("SYNAPSE_TEST_POSTGRES_DSN") else CANDIDATE_DSNS)
-
-    async def probe(dsn: str) -> None:
-        conn = await asyncpg.connect(dsn, timeout=3)
-        await conn.close()
-
-    errors = []
-    for dsn in candidates:
-        try:
-            asyncio.run(probe(dsn))
-            return dsn, ""
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
-            errors.append(f"{dsn}: {exc!r}")
-    return None, "; ".join(errors)
-
-
-DSN, UNREACHABLE = _find_dsn()
+DSN = postgres_dsn()
 if DSN is None:
-    reason = f"PostgreSQL is unreachable ({UNREACHABLE})"
-    if os.environ.get("SYNAPSE_REQUIRE_POSTGRES") == "1":
-        raise RuntimeError(f"SYNAPSE_REQUIRE_POSTGRES=1 but {reason}")
-    pytestmark = pytest.mark.skip(reason=reason)
+    pytestmark = pytest.mark.skip(reason=postgres_unavailable())
 
 
 def new_schema() -> str:

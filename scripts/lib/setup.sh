@@ -55,6 +55,9 @@ build_core() {
 # with apt-get; not as root, those tests skip themselves. Quiet and idempotent:
 # `apt-get update` runs only when something is missing.
 DEB_PACKAGES=(iproute2 iptables faketime bubblewrap)
+# Servers the suite starts instances of for each run (scripts/lib/services.sh): PostgreSQL
+# for the PostgreSQL state view, Redis for docker mode's cache.
+TEST_SERVER_PACKAGES=(postgresql redis-server)
 
 ensure_debian_packages() {
     [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 || return 0
