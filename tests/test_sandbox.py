@@ -602,16 +602,30 @@ def test_auto_prefers_bwrap():
     assert choose_driver("auto").name == ("process" if BWRAP_PROBLEM else "bwrap")
 
 
+def _engine_reachable() -> bool:
+    return shutil.which("docker") is not None and \
+        subprocess.run(["docker", "version"], capture_output=True, timeout=30).returncode == 0
+
+
 def test_container_driver_without_an_engine():
-    if shutil.which("docker") is not None:
-        reachable = subprocess.run(["docker", "version"], capture_output=True, timeout=30).returncode == 0
-        if reachable:
-            pytest.skip("a Docker engine is reachable here; this test is about machines without one")
+    if _engine_reachable():
+        pytest.skip("a Docker engine is reachable here; this test is about machines without one")
     for build in (ContainerDriver, lambda: choose_driver("container")):
         with pytest.raises(SandboxUnavailable) as e:
             build()
         assert e.value.driver == "container"
         assert "Docker" in str(e.value) or "docker" in str(e.value)
+
+
+def test_container_driver_without_its_image():
+    """An engine with no registry cannot pull: an image it lacks makes the driver unavailable
+    (named, with the fix), so "auto" falls back instead of failing every task."""
+    if not _engine_reachable():
+        pytest.skip("no Docker engine is reachable here; test_container_driver_without_an_engine covers it")
+    image = "synapse-test-no-such-image:never-built"
+    with pytest.raises(SandboxUnavailable) as e:
+        ContainerDriver(image=image)
+    assert e.value.driver == "container" and image in str(e.value)
 
 
 def test_removing_a_working_directory_never_touches_its_parent(tmp_path):

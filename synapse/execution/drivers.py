@@ -200,6 +200,20 @@ class ContainerDriver(Supervisor):
                 f"no Docker engine is reachable ({problem}); start one (systemctl start docker), point "
                 "DOCKER_HOST at one, or use the bwrap or process driver",
             )
+        # `docker run` pulls a missing image; an engine with no registry (or none reachable)
+        # then fails every task only after the pull times out. An image the engine lacks is a
+        # driver that cannot run here, so "auto" goes on to the next one.
+        try:
+            found_image = subprocess.run([found, "image", "inspect", "--format", "{{.Id}}", image],
+                                         capture_output=True, timeout=15).returncode == 0
+        except subprocess.TimeoutExpired:
+            found_image = False
+        if not found_image:
+            raise SandboxUnavailable(
+                self.name,
+                f"the Docker engine has no image {image!r} (tasks are never run from an image pulled "
+                f"at run time); build or load it (docker build / docker load), or use the bwrap or process driver",
+            )
 
     def isolation(self) -> dict:
         return {
