@@ -323,7 +323,7 @@ def chaos() -> None:
 @click.option("--duration", type=float, default=30.0, help="Seconds of load and faults per run (default 30).")
 @click.option("--clients", type=click.IntRange(1, 256), default=8, help="Concurrent clients (default 8).")
 @click.option("--keys", type=click.IntRange(1, 10_000), default=6, help="Keys they share (default 6).")
-@click.option("--nemesis", default="kill,pause", help="Comma-separated faults, or 'all' (loopback: kill, kill-leader, kill-majority, pause, restart-all, corrupt, membership, clock; netns adds partition-halves, isolate-leader, one-way, ring, bridge, packet-loss).")
+@click.option("--nemesis", default="kill,pause", help="Comma-separated faults, or 'all' (loopback: kill, kill-leader, kill-majority, kill-majority-at-start, pause, restart-all, corrupt, membership, clock; netns adds partition-halves, isolate-leader, one-way, ring, bridge, packet-loss).")
 @click.option("--mode", type=click.Choice(["auto", "loopback", "netns"]), default="auto", help="netns: each node in its own network namespace (root); loopback: 127.0.0.1, no network faults. auto: netns when possible.")
 @click.option("--mix", type=click.IntRange(1, 5), default=1, help="Up to this many different faults at once (default 1).")
 @click.option("--runs", type=click.IntRange(1, 10_000), default=1, help="Runs, each with its own cluster and seed.")
