@@ -550,7 +550,7 @@ def baseline_node_main(argv: list[str]) -> None:
     tick thread) and differs only in what sits between the HTTP handler and PySyncObj.
     Each PUT calls the replicated ``set`` asynchronously with a callback; the callback (on
     PySyncObj's tick thread) resolves an asyncio future via ``loop.call_soon_threadsafe`` —
-    never ``sync=True`` from the event loop (FIELD-NOTES.md: deadlocks). Settings are
+    never ``sync=True`` from the event loop (synapse/cluster/DESIGN.md: it deadlocked). Settings are
     PySyncObj's defaults (``SyncObjConf()``: batch mode on, no password, no journal file).
 
     ``GET /v1/kv/KEY`` is a linearizable read the way bare PySyncObj offers one: the replicated

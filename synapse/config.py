@@ -32,7 +32,7 @@ class NodeConfig:
     peers: dict[str, str] = field(default_factory=dict)
     secret_file: Path | None = None
     # Multi-node without a cluster secret lets anyone who reaches the Raft port run code in
-    # the node (PySyncObj unpickles every frame; FIELD-NOTES.md). Refused unless asked for
+    # the node (PySyncObj unpickles every frame; cluster/DESIGN.md). Refused unless asked for
     # by this deliberately alarming name.
     insecure_no_cluster_secret: bool = False
     storage: str = "sqlite"

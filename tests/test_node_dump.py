@@ -1,5 +1,5 @@
 """Log compaction through our dump file: a node restarts from it, and a node that missed the
-compacted entries catches up by receiving it from the leader (FIELD-NOTES.md: raw chunks).
+compacted entries catches up by receiving it from the leader (cluster/DESIGN.md: raw 64 KiB chunks).
 
 Single nodes here run without the embedded execution node (``worker_slots=0``): its
 registration at every start is a write, and these tests compare the exact state across

@@ -1,5 +1,5 @@
 """Real network partitions on one machine: Linux network namespaces, veth pairs, a bridge and
-iptables (FIELD-NOTES.md, "Fault injection on one machine"). Root only. Used by the chaos
+iptables (chaos/DESIGN.md, "Network namespaces"). Root only. Used by the chaos
 runs (issue 5) and by tests/test_partition.py.
 
 Topology of one ``Topology`` (every name carries a per-run prefix, ``syn-<pid>-<random>``)::

@@ -5,7 +5,7 @@ compaction, renames ``tmp_path`` over its ``fullDumpFile``, and later calls
 ``deserializer(path)`` on restart or after receiving the file from the leader (a lagging
 follower gets this file as raw chunks). So the one file must hold both our state and
 PySyncObj's tuple ``(last_applied_entry, previous_entry, cluster)``, entries being
-``(command_bytes, index, term)`` (FIELD-NOTES.md: the tuple must come back exactly, as tuples).
+``(command_bytes, index, term)`` (DESIGN.md: the tuple must come back exactly, as tuples — a list wedged the node).
 
 Layout::
 

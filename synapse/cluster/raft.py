@@ -2,7 +2,7 @@
 
 A thin FSM in rqlite's sense: the one replicated method hands the entry's bytes to the pure
 ``CommandProcessor`` and reports the outcome; it never raises (an exception in a replicated
-method re-applies the entry forever and stalls the cluster — FIELD-NOTES.md). Everything
+method re-applies the entry forever and stalls the cluster — DESIGN.md, "PySyncObj 0.3.17, measured"). Everything
 PySyncObj calls back runs on its tick thread; listeners must hand work to asyncio with
 ``loop.call_soon_threadsafe`` and return at once.
 """
@@ -178,7 +178,7 @@ FAILURES = {
 
 @dataclass(frozen=True)
 class RaftTuning:
-    """Timing, tuned per FIELD-NOTES.md (20 leader SIGKILLs each, 3 nodes on loopback).
+    """Timing, tuned by measurement (DESIGN.md: 20 leader SIGKILLs each, 3 nodes on loopback).
 
     PySyncObj's defaults (0.4/1.4 s, 0.1 s heartbeats) gave a median failover of 1.44 s, every
     time in two election rounds: idle follower-to-follower links hit ``connectionTimeout``, so
@@ -305,7 +305,7 @@ class ReplicatedLog(SyncObj):
     @replicated
     def apply_entry(self, payload: bytes) -> list[dict]:
         # Inside a replicated method the entry's index is raftLastApplied + 1 on every node,
-        # replays and snapshot installs included (FIELD-NOTES.md).
+        # replays and snapshot installs included (DESIGN.md, "PySyncObj 0.3.17, measured").
         index = self.raftLastApplied + 1
         try:
             with self.state_lock:

@@ -15,7 +15,7 @@ Entry = tuple[int, Sequence[KvChange]]
 Row = tuple[str, str, int, int, int]
 
 # Rows per statement when a snapshot is streamed into a table: large enough that the per-call
-# cost vanishes (FIELD-NOTES: 1,000-row batches already reach ~280K rows/s on SQLite), small
+# cost vanishes (storage/DESIGN.md: 1,000-row batches already reach ~280K rows/s on SQLite), small
 # enough that a 1M-row snapshot never sits in memory twice.
 REPLACE_CHUNK_ROWS = 10_000
 
@@ -104,7 +104,7 @@ def prepare_batch(batch: Sequence[Entry], last_applied: int) -> PreparedBatch:
     """Drop already-applied entries and collapse each key to its last change.
 
     Collapsing first is required, not an optimization: a set-based upsert that names one key
-    twice fails on PostgreSQL (CardinalityViolationError, FIELD-NOTES "Storage")."""
+    twice fails on PostgreSQL (CardinalityViolationError; storage/DESIGN.md, invariant 3)."""
     last: dict[str, KvChange] = {}
     last_index = last_applied
     for index, changes in batch:

@@ -15,7 +15,7 @@ from .base import KvStorage
 
 log = logging.getLogger(__name__)
 
-# Changes per storage.apply: FIELD-NOTES measured set-based PostgreSQL upserts at ~120K rows/s
+# Changes per storage.apply: set-based PostgreSQL upserts measured ~120K rows/s (storage/DESIGN.md)
 # with 10,000-row batches; larger batches only make one failed round costlier to retry.
 MAX_BATCH_CHANGES = 10_000
 
@@ -33,7 +33,7 @@ class Materializer:
 
     ``submit`` and ``submit_snapshot`` are called on PySyncObj's tick thread: they only
     append to a buffer under a lock and wake the writer with ``call_soon_threadsafe``
-    (FIELD-NOTES: resolving an asyncio future directly from that thread stalled the loop
+    (cluster/DESIGN.md: resolving an asyncio future directly from that thread stalled the loop
     for seconds). They never raise and never wait for the database. ``run()`` is a task on
     the node's event loop that drains the buffer: everything pending goes out in one
     ``storage.apply`` (up to ``MAX_BATCH_CHANGES``), so a burst of entries costs one commit.

@@ -127,7 +127,7 @@ class PostgresStorage(KvStorage):
                 await conn.execute(self._sql_delete, prepared.deletes)
             if prepared.upserts:
                 # Set-based: one statement for the whole batch, columns as arrays (~120K
-                # rows/s at 10,000 rows, FIELD-NOTES), keys already unique (prepare_batch).
+                # rows/s at 10,000 rows, storage/DESIGN.md), keys already unique (prepare_batch).
                 columns = [list(column) for column in zip(*prepared.upserts)]
                 await conn.execute(self._sql_upsert, *columns)
             if prepared.last_index != stored:
