@@ -3,13 +3,23 @@ body and query parsing, request ids, and proposing a command."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from aiohttp import web
 
-from synapse.state.commands import MAX_VALUE_BYTES, CommandError, LimitError, validate_command
+from synapse.state.commands import (
+    MAX_RID_CHARS,
+    MAX_VALUE_BYTES,
+    REQUEST_HASH_BYTES,
+    CommandError,
+    LimitError,
+    check_rid,
+    validate_command,
+)
 
 if TYPE_CHECKING:
     from synapse.node import Node
@@ -91,6 +101,11 @@ def int_query(request: web.Request, name: str, minimum: int, maximum: int | None
     return int(raw)
 
 
+# Request ids the nodes derive for their own commands (worker reports, checkpoint reports, a
+# node registering itself): a client id in these namespaces could take the place of one of them.
+RESERVED_RID_PREFIXES = ("report/", "ckpt-report/", "register/")
+
+
 def request_id(request: web.Request) -> str:
     return check_request_id(request.headers.get(REQUEST_ID_HEADER))
 
@@ -99,9 +114,45 @@ def check_request_id(rid: str | None) -> str:
     if rid is None:
         # Without a client id a retry cannot be recognized; our clients always send one.
         return "srv-" + uuid.uuid4().hex
-    if not 1 <= len(rid) <= 128:
-        raise ApiError(400, "bad_request", f"{REQUEST_ID_HEADER} must be 1-128 characters")
+    try:
+        check_rid(rid, REQUEST_ID_HEADER)
+    except CommandError:
+        raise ApiError(400, "bad_request", f"{REQUEST_ID_HEADER}: expected 1 to {MAX_RID_CHARS} characters of "
+                       f"UTF-8 text, got {len(rid)} characters; send a fresh id per request, such as a UUID") from None
+    if rid.startswith(RESERVED_RID_PREFIXES):
+        raise ApiError(400, "bad_request", f"{REQUEST_ID_HEADER}: ids starting with "
+                       f"{' or '.join(map(repr, RESERVED_RID_PREFIXES))} are reserved for the nodes' own commands; "
+                       "send another id, such as a UUID")
     return rid
+
+
+def request_hash(identity: dict) -> bytes:
+    """What identifies a request, for its request id: a digest of ``identity``, the command as
+    the request alone determines it (op, key, body, path parameters) in canonical form (map keys
+    sorted). The replicated dedup table keeps it beside the first result, and refuses the id
+    when it comes back with another request (synapse/state/processor.py, ``_replayed``)."""
+    try:
+        encoded = msgpack.packb(_canonical(identity), use_bin_type=True)
+    except (OverflowError, ValueError, TypeError, RecursionError):
+        # No valid command holds such a value (an integer past 64 bits, a lone surrogate, deep
+        # nesting): validation refuses the command with a 400 before anything is proposed.
+        encoded = b""
+    return hashlib.blake2b(encoded, digest_size=REQUEST_HASH_BYTES).digest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def identified(identity: dict, rid: str, **volatile: Any) -> dict:
+    """The command of a request: ``identity`` with its request id and request hash, then the
+    ``volatile`` fields — those the node, not the request, chooses (the proposer's clock, a
+    generated task id) and that therefore differ between a request and its retry."""
+    return {**identity, **volatile, "rid": rid, "request_hash": request_hash(identity)}
 
 
 # Results that refuse a command for the state it met (HTTP 409), as opposed to a bug (500).
@@ -110,9 +161,11 @@ _REFUSED = {"unknown_checkpoint", "not_agreed", "unknown_node", "already_finishe
 _NOT_FOUND = {"unknown_task", "unknown_worker"}
 
 
-async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False) -> dict:
+async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False,
+                  fields: tuple[str, ...] = ()) -> dict:
+    """Proposes ``command`` and returns its result, which has ``fields`` (see checked_result)."""
     check_command(command)
-    return checked_result(await node_of(request).propose(command, size_hint, alone))
+    return checked_result(await node_of(request).propose(command, size_hint, alone), fields)
 
 
 def check_command(command: dict) -> None:
@@ -125,18 +178,28 @@ def check_command(command: dict) -> None:
         raise ApiError(400, "bad_request", str(e)) from None
 
 
-def checked_result(result: dict) -> dict:
-    """A command's result from the state machine, or the ApiError it means."""
+def checked_result(result: dict, fields: tuple[str, ...] = ()) -> dict:
+    """A command's result from the state machine, or the ApiError it means.
+
+    ``fields``: what a result of this command has. A result without them is the first result
+    of another kind of command under the same request id, recorded without a request hash
+    (before request hashes existed), which the state machine could not tell apart."""
     if not result.get("ok"):
         if result.get("error") == "conflict":
             raise ApiError(409, "conflict", result.get("message", "the condition failed"),
                            key=result.get("key"), current_version=result.get("current_version", 0))
         error = result.get("error", "internal")
+        message = result.get("message", "the command failed")
+        if error == "request_id_reused":  # the state machine's "rid" is this header
+            raise ApiError(422, error, f"{REQUEST_ID_HEADER}: {message.removeprefix('rid: ')}")
         status = 400 if error == "bad_command" else 404 if error in _NOT_FOUND else 409 if error in _REFUSED else 500
-        raise ApiError(status, error, result.get("message", "the command failed"))
+        raise ApiError(status, error, message)
+    if any(name not in result for name in fields):
+        raise ApiError(422, "request_id_reused", f"{REQUEST_ID_HEADER}: this request id was already used by a "
+                       "different request; nothing was changed. Send this request with a new request id")
     return result
 
 
-async def propose_alone(request: web.Request, command: dict) -> dict:
+async def propose_alone(request: web.Request, command: dict, fields: tuple[str, ...] = ()) -> dict:
     """A command in a log entry of its own (nothing else coalesced into it)."""
-    return await propose(request, command, 128, alone=True)
+    return await propose(request, command, 128, alone=True, fields=fields)

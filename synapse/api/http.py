@@ -24,6 +24,7 @@ from synapse.api.common import (
     encode_value,
     error_body,
     error_response,
+    identified,
     int_field,
     int_query,
     json_body,
@@ -173,16 +174,17 @@ async def put_value(node: "Node", key: str, body: dict, rid: str) -> dict:
 def put_command(key: str, body: dict, rid: str) -> tuple[dict, int]:
     """The put command of a PUT body (checked: ApiError if bad), and its size hint."""
     value = encode_value("value", body["value"])
-    command = {"op": "put", "key": key, "value": value, "rid": rid}
+    command = {"op": "put", "key": key, "value": value}
     if_version = int_field(body, "if_version")
     if if_version is not None:
         command["if_version"] = if_version
+    command = identified(command, rid)
     check_command(command)
     return command, len(value) + len(key) + 64
 
 
 def put_answer(key: str, result: dict) -> dict:
-    result = checked_result(result)
+    result = checked_result(result, ("version", "index"))
     return {"key": key, "version": result["version"], "index": result["index"]}
 
 
@@ -202,11 +204,11 @@ def read_value(node: "Node", key: str) -> dict:
 
 async def delete_kv(request: web.Request) -> web.Response:
     key = _key(request)
-    command = {"op": "delete", "key": key, "rid": request_id(request)}
+    command = {"op": "delete", "key": key}
     if_version = int_query(request, "if_version", 0)
     if if_version is not None:
         command["if_version"] = if_version
-    result = await propose(request, command, len(key) + 64)
+    result = await propose(request, identified(command, request_id(request)), len(key) + 64, fields=("deleted", "index"))
     return web.json_response({"key": key, "deleted": result["deleted"], "index": result["index"]})
 
 
@@ -275,15 +277,14 @@ def _txn_conds(raw: Any) -> list[dict]:
 
 async def txn(request: web.Request) -> web.Response:
     body = await json_body(request, {"if", "then", "else"})
-    command = {
+    command = identified({
         "op": "txn",
         "if": _txn_conds(body.get("if")),
         "then": _txn_ops("then", body.get("then")),
         "else": _txn_ops("else", body.get("else")),
-        "rid": request_id(request),
-    }
+    }, request_id(request))
     size = sum(len(o.get("value", b"")) + len(o["key"]) + 32 for o in command["then"] + command["else"])
-    result = await propose(request, command, size + 256)
+    result = await propose(request, command, size + 256, fields=("succeeded", "results", "index"))
     results = []
     for r in result["results"]:
         r = dict(r)
@@ -398,6 +399,7 @@ def _voters(node: "Node") -> set[str]:
 
 async def add_member(request: web.Request) -> web.Response:
     node = node_of(request)
+    rid = request_id(request)  # checked before anything changes
     body = await json_body(request, {"node_id", "raft", "api"}, {"node_id", "raft", "api"})
     try:
         check_node_id("node_id", body["node_id"])
@@ -412,13 +414,15 @@ async def add_member(request: web.Request) -> web.Response:
         err = await asyncio.wait_for(fut, node.config.request_timeout)
         if err != 0:
             raise ApiError(409, "membership_change_failed", f"adding {body['raft']} failed (PySyncObj reason {err}); only one change at a time, on a cluster with a leader")
-    await propose(request, {"op": "register_node", "node_id": body["node_id"], "raft": body["raft"], "api": body["api"], "rid": request_id(request)}, 256)
+    await propose(request, identified({"op": "register_node", "node_id": body["node_id"], "raft": body["raft"],
+                                       "api": body["api"]}, rid), 256, fields=("index",))
     return web.json_response({"added": body["node_id"]})
 
 
 async def remove_member(request: web.Request) -> web.Response:
     node = node_of(request)
     node_id = request.match_info["node_id"]
+    rid = request_id(request)  # checked before anything changes
     info = node.read(lambda p: p.nodes().get(node_id))
     if info is None:
         raise ApiError(404, "not_found", f"no registered node {node_id!r}; see GET /v1/cluster/status")
@@ -434,7 +438,8 @@ async def remove_member(request: web.Request) -> web.Response:
         err = await asyncio.wait_for(fut, node.config.request_timeout)
         if err != 0:
             raise ApiError(409, "membership_change_failed", f"removing {node_id} failed (PySyncObj reason {err})")
-    await propose(request, {"op": "unregister_node", "node_id": node_id, "rid": request_id(request)}, 128)
+    await propose(request, identified({"op": "unregister_node", "node_id": node_id}, rid), 128,
+                  fields=("index",))
     return web.json_response({"removed": node_id})
 
 

@@ -10,7 +10,16 @@ from aiohttp import web
 import msgpack
 
 from synapse import _core
-from synapse.api.common import ApiError, encode_value, int_query, json_body, node_of, propose_alone, request_id
+from synapse.api.common import (
+    ApiError,
+    encode_value,
+    identified,
+    int_query,
+    json_body,
+    node_of,
+    propose_alone,
+    request_id,
+)
 from synapse.integrity.catchup import SHORT
 from synapse.integrity.repair import RepairError, b64
 from synapse.state import keys
@@ -95,6 +104,7 @@ async def rollback(request: web.Request) -> web.Response:
     """Rolls the whole cluster back to a retained, agreed checkpoint: one replicated entry
     after which every node holds the checkpoint's state (proven by its agreed digest)."""
     node = node_of(request)
+    rid = request_id(request)
     body = await json_body(request, {"checkpoint"}, {"checkpoint"})
     target = body["checkpoint"]
     if not isinstance(target, int) or isinstance(target, bool) or target < 0:
@@ -109,7 +119,8 @@ async def rollback(request: web.Request) -> web.Response:
     if not node.snapshots.available(target):
         raise ApiError(409, "not_retained", f"checkpoint {target} is not retained on this node (retained: "
                        f"{node.snapshots.retained()}); nothing was changed. Raise checkpoint_retain to keep more")
-    result = await propose_alone(request, {"op": "rollback", "checkpoint": target, "rid": request_id(request)})
+    result = await propose_alone(request, identified({"op": "rollback", "checkpoint": target}, rid),
+                                 fields=("index", "undone_entries"))
     return web.json_response({
         "rolled_back_to": target,
         "index": result["index"],

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from synapse.api.common import ApiError, int_query, json_body, node_of, propose, request_id
+from synapse.api.common import ApiError, identified, int_query, json_body, node_of, propose, request_hash, request_id
 from synapse.orchestrator.scheduler import now_ms
 from synapse.state.commands import CommandError, LimitError, validate_command
 from synapse.state.tasks import TASK_STATES, TERMINAL, check_id
@@ -35,12 +35,15 @@ MAX_WAIT_S = 60.0
 async def submit_task(request: web.Request) -> web.Response:
     body = await json_body(request, _SUBMIT_FIELDS)
     spec = spec_from_json(body)
-    task_id = body.get("task_id") or uuid.uuid4().hex
-    command: dict[str, Any] = {"op": "task_submit", "task_id": task_id, "spec": spec, "now_ms": now_ms(),
-                               "rid": request_id(request)}
-    if body.get("idempotency_key") is not None:
-        command["idempotency_key"] = body["idempotency_key"]
-    result = await propose(request, command, 512 + sum(len(v) for v in spec.get("files", {}).values()))
+    identity: dict[str, Any] = {"op": "task_submit", "spec": spec}
+    for name in ("task_id", "idempotency_key"):
+        if body.get(name) is not None:
+            identity[name] = body[name]
+    # A generated task id is the node's choice: a retry of the request gets another one.
+    command = identified(identity, request_id(request), task_id=body.get("task_id") or uuid.uuid4().hex,
+                         now_ms=now_ms())
+    result = await propose(request, command, 512 + sum(len(v) for v in spec.get("files", {}).values()),
+                           fields=("task_id", "duplicate"))
     node = node_of(request)
     task = node.read(lambda p: p.task(result["task_id"]))
     return web.json_response({"task_id": result["task_id"], "duplicate": result["duplicate"],
@@ -86,8 +89,8 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def cancel_task(request: web.Request) -> web.Response:
     task_id = request.match_info["task_id"]
-    result = await propose(request, {"op": "task_cancel", "task_id": task_id, "now_ms": now_ms(),
-                                      "rid": request_id(request)}, 128)
+    result = await propose(request, identified({"op": "task_cancel", "task_id": task_id}, request_id(request),
+                                               now_ms=now_ms()), 128, fields=("state", "worker_id"))
     return web.json_response({"task_id": task_id, "state": result["state"], "was_on": result["worker_id"]})
 
 
@@ -119,9 +122,9 @@ async def task_logs(request: web.Request) -> web.Response:
 async def register_worker(request: web.Request) -> web.Response:
     body = await json_body(request, {"worker_id", "instance", "slots", "labels", "memory_mb", "driver"},
                            {"worker_id", "instance", "slots"})
-    command = {"op": "worker_register", "now_ms": now_ms(), "rid": request_id(request),
-               **{k: v for k, v in body.items() if v is not None}}
-    result = await propose(request, command, 512)
+    command = identified({"op": "worker_register", **{k: v for k, v in body.items() if v is not None}},
+                         request_id(request), now_ms=now_ms())
+    result = await propose(request, command, 512, fields=("worker_id", "epoch", "requeued", "lost"))
     return web.json_response({"worker_id": result["worker_id"], "epoch": result["epoch"],
                               "released": result["requeued"] + result["lost"]})
 
@@ -180,7 +183,7 @@ async def reports(request: web.Request) -> web.Response:
     size = sum(len(json.dumps(r)) for r in items)
     results = await asyncio.gather(*(node.propose(c, 256 + size // len(items)) for c in commands))
     return web.json_response({"results": [
-        {"task_id": c["task_id"], "ok": r.get("ok", False), **({"state": r["state"]} if r.get("ok") else
+        {"task_id": c["task_id"], "ok": r.get("ok", False), **({"state": r.get("state")} if r.get("ok") else
                                                                 {"error": r.get("error"), "message": r.get("message")})}
         for c, r in zip(commands, results)]})
 
@@ -190,9 +193,9 @@ async def leave(request: web.Request) -> web.Response:
     tasks are rescheduled at once within their retry budget."""
     worker_id = request.match_info["worker_id"]
     body = await json_body(request, {"epoch"}, {"epoch"})
-    result = await propose(request, {"op": "worker_down", "worker_id": worker_id, "epoch": body["epoch"],
-                                     "now_ms": now_ms(), "reason": "left", "leaving": True,
-                                     "rid": request_id(request)}, 128)
+    command = identified({"op": "worker_down", "worker_id": worker_id, "epoch": body["epoch"], "reason": "left",
+                          "leaving": True}, request_id(request), now_ms=now_ms())
+    result = await propose(request, command, 128, fields=("requeued", "lost"))
     return web.json_response({"worker_id": worker_id, "released": result["requeued"] + result["lost"]})
 
 
@@ -289,8 +292,11 @@ def _report_command(worker_id: str, i: int, report: Any) -> dict:
         raise ApiError(400, "bad_request", f'reports[{i}]: expected {{"kind": "start" or "finish", "task_id", "lease", ...}}')
     task_id, lease = report.get("task_id"), report.get("lease")
     at = report.get("at_ms", now_ms())
-    command: dict[str, Any] = {"op": f"task_{report['kind']}", "task_id": task_id, "lease": lease, "now_ms": at,
-                               "rid": f"report/{task_id}/{lease}/{report['kind']}"}
+    # The report's id is derived from what it reports, and so is its request hash: a worker
+    # resending a report is the same request (its clock or outcome text need not repeat).
+    identity = {"op": f"task_{report['kind']}", "task_id": task_id, "lease": lease}
+    command: dict[str, Any] = {**identity, "now_ms": at, "rid": f"report/{task_id}/{lease}/{report['kind']}",
+                               "request_hash": request_hash(identity)}
     if report["kind"] == "finish":
         command["outcome"] = outcome_from_json(report.get("outcome"), f"reports[{i}].outcome")
     try:

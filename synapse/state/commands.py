@@ -33,6 +33,7 @@ MAX_VALUE_BYTES = 1 << 20  # 1 MiB
 MAX_TXN_OPS = 128  # per branch (then / else)
 MAX_TXN_CONDS = 64
 MAX_RID_CHARS = 128
+REQUEST_HASH_BYTES = 16
 MAX_NODE_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 255
 MAX_LABEL_CHARS = 128
@@ -55,6 +56,10 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rollback": (("checkpoint",), ("rid",)),
     **tasks.FIELDS,  # the task and worker ops: synapse/state/tasks.py
 }
+# Every op that takes a request id also takes the hash of the request it was sent with, so
+# that a rid used again by a *different* request is refused instead of answered with the first
+# request's result (processor.py, _EntryRun.apply).
+_FIELDS = {op: (req, (*opt, "request_hash") if "rid" in opt else opt) for op, (req, opt) in _FIELDS.items()}
 _TASK_OPS = frozenset(tasks.FIELDS)
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
@@ -123,6 +128,8 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
 
     if "rid" in command:
         check_rid(command["rid"])
+    if "request_hash" in command:
+        check_request_hash(command)
     if op in ("put", "delete"):
         check_key(command["key"])
         if "if_version" in command:
@@ -214,6 +221,22 @@ def check_rid(rid: Any, field: str = "rid") -> None:
             f"use a request id of at most {MAX_RID_CHARS} characters, such as a UUID",
         )
     _check_utf8(rid, field)
+
+
+def check_request_hash(command: dict[str, Any]) -> None:
+    """``request_hash``: REQUEST_HASH_BYTES bytes, and only beside a ``rid`` (it says which
+    request the rid was first used with; synapse/api/common.py computes it)."""
+    value = command["request_hash"]
+    if "rid" not in command:
+        raise CommandError(
+            "request_hash", "request_hash: given without a rid; it identifies the request a rid names, send both or neither"
+        )
+    if not isinstance(value, bytes) or len(value) != REQUEST_HASH_BYTES:
+        raise CommandError(
+            "request_hash",
+            f"request_hash: expected {REQUEST_HASH_BYTES} bytes, got {short(value)}; "
+            "send a 16-byte digest of the request (the API uses BLAKE2b)",
+        )
 
 
 def check_node_id(node_id: Any, field: str = "node_id") -> None:

@@ -168,16 +168,32 @@ def decode_node(raw: bytes) -> dict[str, Any]:
     return node
 
 
-def encode_rid(index: int, result: dict[str, Any]) -> bytes:
-    return pack([index, result])
+def encode_rid(index: int, result: dict[str, Any], request_hash: bytes | None = None) -> bytes:
+    # Without a request hash the record keeps its original two-element form: entries proposed
+    # before request hashes existed must replay to the very bytes (and digest) they had.
+    return pack([index, result] if request_hash is None else [index, result, request_hash])
 
 
 def decode_rid(raw: bytes) -> tuple[int, dict[str, Any]]:
     """The (log index, result) of a request id's first application."""
+    index, result, _ = decode_rid_record(raw)
+    return index, result
+
+
+def decode_rid_record(raw: bytes) -> tuple[int, dict[str, Any], bytes | None]:
+    """The (log index, result, request hash or None) of a request id's first application.
+
+    Records of commands without a ``request_hash`` (all of them before it existed) are
+    ``[index, result]``; the others ``[index, result, request_hash]``."""
     record = unpack(raw)
-    if not isinstance(record, list) or len(record) != 2 or not isinstance(record[1], dict):
-        raise ValueError("state rid/ entry: stored value is not [index, result]")
-    return record[0], record[1]
+    if (
+        not isinstance(record, list)
+        or len(record) not in (2, 3)
+        or not isinstance(record[1], dict)
+        or (len(record) == 3 and not isinstance(record[2], bytes))
+    ):
+        raise ValueError("state rid/ entry: stored value is not [index, result] or [index, result, request_hash]")
+    return record[0], record[1], record[2] if len(record) == 3 else None
 
 
 def encode_count(count: int) -> bytes:

@@ -28,7 +28,7 @@ from synapse.state.commands import (
     validate_command,
 )
 from synapse.state.records import KvChange, KvRecord
-from synapse.state.validation import MAX_UINT64
+from synapse.state.validation import MAX_UINT64, short
 
 if TYPE_CHECKING:
     from synapse._core import StateStore
@@ -339,7 +339,7 @@ class _EntryRun:
             if rid is not None:
                 prior = self.writes.get(keys.rid_key(rid))
                 if prior is not None:
-                    return keys.decode_rid(prior)[1]
+                    return _replayed(rid, command, prior)
             try:
                 validate_command(command, check_json=False)
             except CommandError as exc:
@@ -352,7 +352,8 @@ class _EntryRun:
             else:
                 result = getattr(self, "_op_" + op)(command)
             if rid is not None:
-                self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result))
+                # request_hash is validated above: bytes, or absent.
+                self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result, command.get("request_hash")))
                 self.writes.set(keys.ridx_key(self.index, rid), b"")
             self.writes.commit()
             return result
@@ -524,6 +525,27 @@ def _rid_of(command: Any) -> str | None:
     except CommandError:
         return None
     return command["rid"]
+
+
+def _replayed(rid: str, command: dict[str, Any], prior: bytes) -> Result:
+    """The answer to a command whose rid was already applied: the first result — unless both
+    carry a request hash and they differ. Then the rid was reused for another request (another
+    op, key, body...), and answering with the first result would tell the client that *its*
+    request took effect; it gets ``request_id_reused`` and nothing changes (not even the dedup
+    record, so the first request's retries still get its result).
+
+    A record without a hash (its command was proposed before request hashes existed, or by a
+    proposer that sends none) cannot tell; it answers as before, with the first result."""
+    index, result, first_hash = keys.decode_rid_record(prior)
+    sent = command.get("request_hash")
+    if first_hash is not None and isinstance(sent, bytes) and sent != first_hash:
+        return _error(
+            "request_id_reused",
+            f"rid: request id {short(rid)} was already used by a different request (applied at log index "
+            f"{index}); nothing was changed. Send a new request with a new request id (X-Request-Id); a retry "
+            "must repeat its request exactly",
+        )
+    return result
 
 
 def _version_conflict(key: str, record: KvRecord | None, expected: int) -> Result | None:
