@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +49,17 @@ def node_of(request: web.Request) -> "Node":
     return request.app[NODE_KEY]
 
 
-async def json_body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict:
+async def json_body(request: web.Request, allowed: set[str], required: set[str] = frozenset(),
+                    optional: bool = False) -> dict:
+    """The request's JSON object body; ``optional``: an empty body is ``{}``."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, "too_large", f"the body is {request.content_length} bytes; the limit is {MAX_BODY}")
-    return parse_json_object(await request.read(), allowed, required)
+    raw = await request.read()
+    return {} if optional and not raw.strip() else parse_json_object(raw, allowed, required)
+
+
+# A \u escape of a UTF-16 surrogate: a pair of them is one character, a lone one is no text at all.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozenset()) -> dict:
@@ -60,8 +68,14 @@ def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozen
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the body is nested too deeply to parse; flatten the document") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _is_text(body):
+        # Python's parser lets a lone one through; it cannot be stored or sent on as UTF-8.
+        raise ApiError(400, "bad_json", "the body has a string with a lone UTF-16 surrogate escape (\\ud800 to "
+                       "\\udfff without its pair); send valid Unicode text")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(400, "bad_request", f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -71,12 +85,23 @@ def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozen
     return body
 
 
+def _is_text(value: Any) -> bool:
+    """Whether every string in the parsed JSON ``value`` (keys included) is valid Unicode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
 def encode_value(field: str, value: Any) -> bytes:
     # Canonical JSON text, produced once by the proposer: every node stores the same bytes.
     try:
         encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    except ValueError as e:
-        raise ApiError(400, "bad_request", f"{field}: {e}") from None
+    except ValueError as e:  # NaN or Infinity, a lone surrogate (UnicodeEncodeError)
+        raise ApiError(400, "bad_request", f"{field}: {e}; send finite numbers and valid Unicode text") from None
+    except RecursionError:
+        raise ApiError(400, "bad_request", f"{field}: nested too deeply; flatten the document") from None
     if len(encoded) > MAX_VALUE_BYTES:
         raise ApiError(413, "too_large", f"{field}: {len(encoded)} bytes of JSON exceeds the {MAX_VALUE_BYTES}-byte limit")
     return encoded
@@ -95,7 +120,8 @@ def int_query(request: web.Request, name: str, minimum: int, maximum: int | None
     raw = request.query.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
+    # isascii: str.isdigit() also accepts digits int() refuses, such as "²".
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
         bound = f" and <= {maximum}" if maximum is not None else ""
         raise ApiError(400, "bad_request", f"query parameter {name} must be an integer >= {minimum}{bound}, got {raw!r}")
     return int(raw)

@@ -34,7 +34,7 @@ from synapse.api.common import (
 )
 from synapse.cluster.committer import ProposalError
 from synapse.config import ConfigError, check_node_id, split_address
-from synapse.state.commands import MAX_KEY_BYTES
+from synapse.state.commands import MAX_KEY_BYTES, CommandError
 
 if TYPE_CHECKING:
     from synapse.node import Node
@@ -217,7 +217,10 @@ async def scan_kv(request: web.Request) -> web.Response:
     start_after = request.query.get("start_after")
     limit = int_query(request, "limit", 1, MAX_SCAN_LIMIT) or 1000
     await _consistent(request)
-    records = node_of(request).read(lambda p: p.scan(prefix, limit + 1, start_after))
+    try:
+        records = node_of(request).read(lambda p: p.scan(prefix, limit + 1, start_after))
+    except CommandError as e:  # a prefix that is not UTF-8 text
+        raise ApiError(400, "bad_request", str(e)) from None
     more = len(records) > limit
     records = records[:limit]
     return web.json_response(
@@ -236,7 +239,7 @@ def _txn_ops(branch: str, raw: Any) -> list[dict]:
     ops = []
     for i, op in enumerate(raw):
         where = f"{branch}[{i}]"
-        if not isinstance(op, dict) or op.get("op") not in _TXN_OPS:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str) or op["op"] not in _TXN_OPS:
             raise ApiError(400, "bad_request", f"{where} must be an object with op 'put', 'delete' or 'get'")
         unknown = sorted(set(op) - _TXN_OPS[op["op"]])
         if unknown or not isinstance(op.get("key"), str):
@@ -381,13 +384,33 @@ async def metrics(request: web.Request) -> web.Response:
 # --- membership ---
 
 
-def _raft_callback(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, Any]:
+async def _raft_change(node: "Node", start, what: str) -> int:
+    """Starts a PySyncObj membership or leadership change (``start(callback)``) and returns its
+    error code (0: done). No answer within the request timeout is a 503, as for a write."""
+    loop = asyncio.get_running_loop()
     fut = loop.create_future()
 
     def done(result, err):  # PySyncObj's tick thread
         loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
 
-    return fut, done
+    start(done)
+    try:
+        return await asyncio.wait_for(fut, node.config.request_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(503, "unavailable", f"{what}: no answer from the cluster within {node.config.request_timeout:g} s "
+                       "(no leader or no quorum?); the change may still happen — see GET /v1/cluster/status, then "
+                       "retry", reason="timeout", outcome_unknown=True, retry=True) from None
+
+
+def _address(body: dict, name: str) -> str:
+    value = body[name]
+    if not isinstance(value, str) or not value.isascii():
+        raise ApiError(400, "bad_request", f"{name}: expected \"HOST:PORT\" text, e.g. \"10.0.0.5:7071\"")
+    try:
+        split_address(name, value)
+    except ConfigError as e:
+        raise ApiError(400, "bad_request", str(e)) from None
+    return value
 
 
 def _voters(node: "Node") -> set[str]:
@@ -403,15 +426,14 @@ async def add_member(request: web.Request) -> web.Response:
     body = await json_body(request, {"node_id", "raft", "api"}, {"node_id", "raft", "api"})
     try:
         check_node_id("node_id", body["node_id"])
-        split_address("raft", str(body["raft"]))
-        split_address("api", str(body["api"]))
     except ConfigError as e:
         raise ApiError(400, "bad_request", str(e)) from None
+    _address(body, "raft")
+    _address(body, "api")
     # Idempotent: a retry after a timed-out add (the voter is in already) only registers it.
     if body["raft"] not in _voters(node):
-        fut, done = _raft_callback(asyncio.get_running_loop())
-        node.raft.addNodeToCluster(body["raft"], callback=done)
-        err = await asyncio.wait_for(fut, node.config.request_timeout)
+        err = await _raft_change(node, lambda done: node.raft.addNodeToCluster(body["raft"], callback=done),
+                                 f"adding {body['raft']}")
         if err != 0:
             raise ApiError(409, "membership_change_failed", f"adding {body['raft']} failed (PySyncObj reason {err}); only one change at a time, on a cluster with a leader")
     await propose(request, identified({"op": "register_node", "node_id": body["node_id"], "raft": body["raft"],
@@ -433,9 +455,8 @@ async def remove_member(request: web.Request) -> web.Response:
                        leader=status["leader"], leader_api=status["leader_api"])
     # Idempotent: a retry after a timed-out removal (the voter is out already) only unregisters it.
     if info["raft"] in _voters(node):
-        fut, done = _raft_callback(asyncio.get_running_loop())
-        node.raft.removeNodeFromCluster(info["raft"], callback=done)
-        err = await asyncio.wait_for(fut, node.config.request_timeout)
+        err = await _raft_change(node, lambda done: node.raft.removeNodeFromCluster(info["raft"], callback=done),
+                                 f"removing {node_id}")
         if err != 0:
             raise ApiError(409, "membership_change_failed", f"removing {node_id} failed (PySyncObj reason {err})")
     await propose(request, identified({"op": "unregister_node", "node_id": node_id}, rid), 128,
@@ -445,8 +466,10 @@ async def remove_member(request: web.Request) -> web.Response:
 
 async def transfer_leader(request: web.Request) -> web.Response:
     node = node_of(request)
-    body = await json_body(request, {"node_id"})
+    body = await json_body(request, {"node_id"}, optional=True)
     target = None
+    if body.get("node_id") is not None and not isinstance(body["node_id"], str):
+        raise ApiError(400, "bad_request", "node_id: expected a node id (text) or null for the most caught-up follower")
     if body.get("node_id") is not None:
         info = node.read(lambda p: p.nodes().get(body["node_id"]))
         if info is None:
@@ -455,9 +478,8 @@ async def transfer_leader(request: web.Request) -> web.Response:
     status = cluster_status(node)
     if not status["is_leader"]:
         raise ApiError(421, "not_leader", "send this to the leader", leader=status["leader"], leader_api=status["leader_api"])
-    fut, done = _raft_callback(asyncio.get_running_loop())
-    node.raft.transferLeadership(target, callback=done)
-    err = await asyncio.wait_for(fut, node.config.request_timeout)
+    err = await _raft_change(node, lambda done: node.raft.transferLeadership(target, callback=done),
+                             "transferring leadership")
     if err != 0:
         raise ApiError(409, "transfer_denied", "the target is not connected or not fully caught up; try again")
     return web.json_response({"transferring_to": body.get("node_id") or "most caught-up follower"})

@@ -21,13 +21,19 @@ from synapse.api.common import (
     request_id,
 )
 from synapse.integrity.catchup import SHORT
-from synapse.integrity.repair import RepairError, b64
+from synapse.integrity.repair import RepairBusy, RepairError, b64
 from synapse.state import keys
 from synapse.state.commands import CommandError, check_key, check_label
+from synapse.state.validation import MAX_UINT64
 
 MAX_CHECKPOINT_LIST = 256
 # A peer asks for at most this many buckets (or tree nodes) per request.
 MAX_BUCKETS_PER_REQUEST = 8192
+# A repairing peer asks to freeze a few entries past the newer of the two nodes' applied
+# indexes (synapse/integrity/repair.py); an index this far past this node's commit index is
+# not reached within the freeze timeout (10 s) at the rates a cluster appends entries (a
+# few thousand a second at most), so it is refused at once instead of after the wait.
+MAX_FREEZE_AHEAD = 10_000
 
 
 def checkpoint_json(index: int, record: dict, registered: dict, retained: set[int] | None = None) -> dict:
@@ -75,7 +81,7 @@ async def list_checkpoints(request: web.Request) -> web.Response:
 async def create_checkpoint(request: web.Request) -> web.Response:
     """Proposes a checkpoint; with ``"wait": true`` answers once a majority agreed on it."""
     node = node_of(request)
-    body = await json_body(request, {"label", "wait"})
+    body = await json_body(request, {"label", "wait"}, optional=True)
     label = body.get("label")
     if label is not None:
         try:
@@ -107,7 +113,7 @@ async def rollback(request: web.Request) -> web.Response:
     rid = request_id(request)
     body = await json_body(request, {"checkpoint"}, {"checkpoint"})
     target = body["checkpoint"]
-    if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= MAX_UINT64:
         raise ApiError(400, "bad_request", "checkpoint must be the log index of a checkpoint (see GET /v1/checkpoints)")
     # This node's view may lag; the entry checks the target again where it applies, so a
     # refusal here only saves a log entry (and changes nothing).
@@ -155,12 +161,22 @@ async def open_repair_session(request: web.Request) -> web.Response:
     index = body["index"]
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ApiError(400, "bad_request", "index must be a log index (an integer >= 0)")
+    commit = node.raft.status()["commit_index"]
+    if index > commit + MAX_FREEZE_AHEAD:
+        raise ApiError(409, "too_far_ahead", f"index {index} is more than {MAX_FREEZE_AHEAD} entries past this node's "
+                       f"commit index {commit}: it would not be reached in time; ask for an index near the applied "
+                       "indexes (GET /v1/cluster/status)", commit_index=commit)
     try:
         sid, at, digest = await node.repair_sessions.open(index)
     except ValueError as e:
         raise ApiError(409, "passed", str(e)) from None
+    except RepairBusy as e:
+        raise _busy(e) from None
     except RepairError as e:
-        raise ApiError(503, "unavailable", str(e)) from None
+        # The log did not move on to the index in time (a repairing peer pushes it while it
+        # waits): the request asked for a future that did not come, nothing is wrong here.
+        raise ApiError(409, "not_reached", f"{e}; nothing was frozen — ask for an index the log reaches "
+                       "(a few entries past the applied indexes, while the log moves)") from None
     return web.json_response({"session": sid, "index": at, "digest": b64(digest)})
 
 
@@ -215,9 +231,14 @@ async def catchup_state(request: web.Request) -> web.Response:
             return _msgpack_response({"session": sid, "index": at, "digest": digest})
         except ValueError:
             continue  # an entry applied meanwhile: freeze at the new index
-        except RepairError as e:
-            raise ApiError(503, "unavailable", str(e)) from None
-    raise ApiError(503, "unavailable", "this node keeps applying entries; it is not lagging")
+        except RepairBusy as e:
+            raise _busy(e) from None
+    raise ApiError(409, "not_lagging", "this node keeps applying entries: it is not lagging, no catch-up needed")
+
+
+def _busy(e: RepairBusy) -> ApiError:
+    # Sessions are held for their callers until closed (DELETE) or expired: a 429, not a 5xx.
+    return ApiError(429, "busy", f"{e}; close finished sessions with DELETE, or retry in a second")
 
 
 async def catchup_buckets(request: web.Request) -> web.Response:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import time
 import uuid
@@ -133,8 +132,11 @@ async def heartbeat(request: web.Request) -> web.Response:
     """The worker's heartbeat and long poll. Answered by the leader only: it keeps the
     heartbeat times and wakes the poll when the worker's leases change."""
     node = node_of(request)
-    worker_id = request.match_info["worker_id"]
+    worker_id = _path_id(request, "worker_id")
     body = await json_body(request, {"epoch", "holding", "wait_s"}, {"epoch"})
+    if isinstance(body["epoch"], bool) or not isinstance(body["epoch"], int) or body["epoch"] < 0:
+        raise ApiError(400, "bad_request", f"epoch: expected the epoch POST /v1/workers gave, an integer >= 0, "
+                                           f"got {json.dumps(body['epoch'])[:60]}")
     holding = body.get("holding", {})
     if not isinstance(holding, dict) or not all(isinstance(v, int) for v in holding.values()):
         raise ApiError(400, "bad_request", "holding must map task ids to the leases the worker runs them under")
@@ -142,16 +144,24 @@ async def heartbeat(request: web.Request) -> web.Response:
     if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "bad_request", f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
     _leader_only(node)
+
+    def check_up(worker: dict | None) -> None:
+        if worker is None or worker["state"] != "up" or worker["epoch"] != body["epoch"]:
+            raise ApiError(409, "worker_down", f"worker {worker_id!r} is not up at epoch {body['epoch']} "
+                                               "(never registered, marked down, or registered again); register again",
+                           state=worker["state"] if worker else None, epoch=worker["epoch"] if worker else None)
+
+    # Ids that never registered leave no trace in the scheduler. (A registered worker's
+    # heartbeat counts as heard even when it is down: it is alive, and registers again.)
+    if node.read(lambda p: p.worker(worker_id)) is None:
+        check_up(None)
     deadline = time.monotonic() + wait
     news = node.scheduler.news_for(worker_id)
     while True:
         news.clear()
         node.scheduler.heartbeat(worker_id)
         worker, leases = node.read(lambda p: (p.worker(worker_id), p.worker_leases(worker_id)))
-        if worker is None or worker["state"] != "up" or worker["epoch"] != body["epoch"]:
-            raise ApiError(409, "worker_down", f"worker {worker_id!r} is not up at epoch {body['epoch']} "
-                                               "(marked down, or registered again); register again",
-                           state=worker["state"] if worker else None, epoch=worker["epoch"] if worker else None)
+        check_up(worker)
         revoked = {t: lease for t, lease in holding.items() if leases.get(t) != lease}
         new = {t: lease for t, lease in leases.items() if holding.get(t) != lease}
         left = deadline - time.monotonic()
@@ -244,7 +254,7 @@ def spec_from_json(body: dict) -> dict:
             elif isinstance(content, dict) and set(content) == {"base64"} and isinstance(content["base64"], str):
                 try:
                     spec["files"][name] = base64.b64decode(content["base64"], validate=True)
-                except binascii.Error:
+                except ValueError:  # binascii.Error, or a non-ASCII character
                     raise ApiError(400, "bad_request", f"files[{name!r}].base64: not valid base64") from None
             else:
                 raise ApiError(400, "bad_request", f'files[{name!r}]: give the text, or {{"base64": "..."}} for bytes')
@@ -317,7 +327,7 @@ def outcome_from_json(outcome: Any, field: str) -> dict:
         if name in out:
             try:
                 out[name] = base64.b64decode(out[name], validate=True)
-            except (binascii.Error, TypeError):
+            except (ValueError, TypeError):  # binascii.Error, a non-ASCII character, not a string
                 raise ApiError(400, "bad_request", f"{field}.{name}: expected base64") from None
     if out.get("result") is not None:
         out["result"] = json.dumps(out["result"], separators=(",", ":")).encode()
@@ -329,6 +339,16 @@ def _leader_only(node: Node) -> None:
         leader, leader_api = node.leader()
         raise ApiError(421, "not_leader", "workers heartbeat to the leader; send this to leader_api",
                        leader=leader, leader_api=leader_api)
+
+
+def _path_id(request: web.Request, name: str) -> str:
+    """A task or worker id from the path: a 400 naming it unless it is a valid id."""
+    value = request.match_info[name]
+    try:
+        check_id(value, name)
+    except CommandError as e:
+        raise ApiError(400, "bad_request", str(e)) from None
+    return value
 
 
 def _wait_query(request: web.Request) -> float:

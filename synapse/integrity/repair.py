@@ -53,6 +53,10 @@ class RepairError(RuntimeError):
     pass
 
 
+class RepairBusy(RepairError):
+    """Every repair session slot is taken: the caller should retry shortly (HTTP 429)."""
+
+
 @dataclass
 class _Session:
     index: int
@@ -72,7 +76,7 @@ class RepairSessions:
         applied) and returns (session id, index, digest). ValueError if already past it."""
         self._expire()
         if len(self._sessions) >= _MAX_SESSIONS:
-            raise RepairError(f"{_MAX_SESSIONS} repair sessions are open already; retry shortly")
+            raise RepairBusy(f"{_MAX_SESSIONS} repair sessions are open already; retry shortly")
         fut = self._node.raft.freeze_at(index)
         try:
             at, frozen = await asyncio.wait_for(asyncio.wrap_future(fut), _FREEZE_TIMEOUT)
