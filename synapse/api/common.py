@@ -19,6 +19,7 @@ from synapse.state.commands import (
     CommandError,
     LimitError,
     check_rid,
+    encode_entry,
     validate_command,
 )
 
@@ -76,6 +77,10 @@ def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozen
         # Python's parser lets a lone one through; it cannot be stored or sent on as UTF-8.
         raise ApiError(400, "bad_json", "the body has a string with a lone UTF-16 surrogate escape (\\ud800 to "
                        "\\udfff without its pair); send valid Unicode text")
+    try:
+        body = _integral(body)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the body is nested too deeply; flatten the document") from None
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(400, "bad_request", f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -83,6 +88,26 @@ def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozen
     if missing:
         raise ApiError(400, "bad_request", f"missing field(s) {', '.join(missing)}")
     return body
+
+
+# Fields holding a JSON document of the user's, kept as sent (stored as its JSON text).
+_OPAQUE = frozenset(("value", "args", "result"))
+_INT_RANGE = (-(1 << 63), (1 << 64) - 1)  # the integers msgpack (a log entry) holds
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers with no fraction as ints (5.0 -> 5): in JSON, and for JSON Schema's
+    ``integer`` (openapi.yaml), 5.0 is the integer 5, and the fields that hold counts, indexes
+    and versions take it as such. Documents in ``_OPAQUE`` fields are left exactly as sent."""
+    if isinstance(value, float):
+        # Only where an int can go: a larger one would be out of range anyway, and as a float
+        # it stays a number that validation bounds or stores (a usage figure, say).
+        return int(value) if value.is_integer() and _INT_RANGE[0] <= value <= _INT_RANGE[1] else value
+    if isinstance(value, dict):
+        return {k: v if k in _OPAQUE else _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def _is_text(value: Any) -> bool:
@@ -166,12 +191,14 @@ def request_hash(identity: dict) -> bytes:
     return hashlib.blake2b(encoded, digest_size=REQUEST_HASH_BYTES).digest()
 
 
-def _canonical(value: Any) -> Any:
+_CONTAINERS = (dict, list, tuple)
+
+
+def _canonical(value: dict | list | tuple) -> dict | list:
+    # Scalars are not passed down: a put's identity is hashed on every write.
     if isinstance(value, dict):
-        return {k: _canonical(value[k]) for k in sorted(value)}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
+        return {k: _canonical(v) if isinstance(v, _CONTAINERS) else v for k, v in sorted(value.items())}
+    return [_canonical(v) if isinstance(v, _CONTAINERS) else v for v in value]
 
 
 def identified(identity: dict, rid: str, **volatile: Any) -> dict:
@@ -198,10 +225,47 @@ def check_command(command: dict) -> None:
     """A command about to be proposed: a 400 or 413 naming what is wrong."""
     try:
         validate_command(command)
+        check_encodable(command)
     except LimitError as e:
         raise ApiError(413, "too_large", str(e)) from None
     except CommandError as e:
         raise ApiError(400, "bad_request", str(e)) from None
+
+
+# Validation bounds every field of these ops to what msgpack encodes (the hot path skips the
+# extra encoding); other ops carry numbers it leaves unbounded, such as a task's usage figures.
+_BOUNDED_OPS = frozenset(("put", "delete"))
+
+
+def check_encodable(command: dict) -> None:
+    """CommandError naming the field unless ``command`` can be encoded into a log entry. (One
+    that cannot would fail in the group committer, after the request was accepted.)"""
+    if command.get("op") in _BOUNDED_OPS:
+        return
+    try:
+        encode_entry([command])
+    except (OverflowError, ValueError, TypeError):
+        path = _unencodable(command, "")
+        raise CommandError(path or "command", f"{path or 'command'}: a number outside the 64-bit range or text that "
+                           "is not valid Unicode; send integers from -2**63 to 2**64-1 and valid text") from None
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    """The path of the first value msgpack cannot encode, or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _unencodable(k, path) or _unencodable(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if found := _unencodable(v, f"{path}[{i}]"):
+                return found
+    elif isinstance(value, int) and not isinstance(value, bool) and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        return path or "command"
+    elif isinstance(value, str) and not _is_text(value):
+        return path or "command"
+    return None
 
 
 def checked_result(result: dict, fields: tuple[str, ...] = ()) -> dict:

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from synapse.api.common import ApiError, identified, int_query, json_body, node_of, propose, request_hash, request_id
+from synapse.api.common import (
+    ApiError,
+    check_encodable,
+    identified,
+    int_query,
+    json_body,
+    node_of,
+    propose,
+    request_hash,
+    request_id,
+)
 from synapse.orchestrator.scheduler import now_ms
 from synapse.state.commands import CommandError, LimitError, validate_command
 from synapse.state.tasks import TASK_STATES, TERMINAL, check_id
@@ -312,6 +322,7 @@ def _report_command(worker_id: str, i: int, report: Any) -> dict:
     try:
         check_id(task_id, f"reports[{i}].task_id")
         validate_command(command)
+        check_encodable(command)
     except LimitError as e:
         raise ApiError(413, "too_large", f"reports[{i}]: {e}") from None
     except CommandError as e:
