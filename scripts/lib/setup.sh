@@ -4,7 +4,7 @@ VENV="${SYNAPSE_VENV:-$PWD/.venv}"
 PYTHON="${PYTHON:-python3}"
 
 # Python packages the scripts and tests need, beyond the project's own (pyproject.toml).
-PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "pyyaml>=6" "matplotlib>=3.8")
+PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "pyyaml>=6" "matplotlib>=3.8" "schemathesis==4.32.5")
 
 ensure_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
