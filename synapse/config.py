@@ -139,7 +139,7 @@ def parse_peers(value: str | Mapping[str, str]) -> dict[str, str]:
 
 
 def check_node_id(setting: str, node_id: str) -> str:
-    if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
+    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
         raise ConfigError(
             setting, f"{node_id!r} is not a valid node id: 1-63 letters, digits, '.', '_' or '-'"
         )

@@ -141,3 +141,29 @@ def test_a_write_sent_before_the_first_election_waits_for_it(tmp_path):
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         assert json.loads(resp.read())["version"] == 1
+
+
+def test_a_command_that_cannot_be_encoded_fails_alone_and_the_committer_goes_on(tmp_path):
+    """The API validates every command, so only a bug could hand the group committer one that
+    msgpack cannot encode (an integer past 64 bits) — but then the encoding error ended the
+    committer's task and every later write on the node timed out. Now that command fails
+    alone (not an unknown outcome), the commands coalesced with it are proposed, and the
+    node goes on committing."""
+    from synapse.cluster.committer import ProposalError
+
+    async def main():
+        async with synapse.Node(_config(tmp_path, worker_slots=0)) as node:
+            async with synapse.AsyncClient(node.api_url, node.root_token) as c:
+                deadline = time.monotonic() + 10
+                while (await c.status())["leader"] is None:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            bad = node.proposal({"op": "put", "key": "enc/bad", "value": b"1", "if_version": 1 << 70}, 64)
+            good = node.proposal({"op": "put", "key": "enc/good", "value": b"2"}, 64)  # same entry
+            with pytest.raises(ProposalError) as e:
+                await bad
+            assert e.value.reason == "bad_command" and not e.value.outcome_unknown
+            assert (await good)["ok"]
+            assert (await node.propose({"op": "put", "key": "enc/later", "value": b"3"}, 64))["ok"]
+
+    asyncio.run(main())

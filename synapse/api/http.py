@@ -117,6 +117,8 @@ def failure(e: ApiError | ProposalError) -> tuple[int, dict]:
     """The HTTP status and JSON body of a request that failed with ``e``."""
     if isinstance(e, ApiError):
         return e.status, error_body(e.error, str(e), **e.extra)
+    if e.reason == "bad_command":  # refused before proposing: the request, not the cluster
+        return 400, error_body("bad_request", str(e))
     return 503, error_body("unavailable", str(e), reason=e.reason, outcome_unknown=e.outcome_unknown, retry=True)
 
 

@@ -156,6 +156,7 @@ class GroupCommitter:
             size += hint
             if alone:
                 break
+        commands, hints, flags, futures = _encodable(commands, hints, flags, futures)
         solo = any(flags)
         barriers, self._barriers = ([], self._barriers) if solo else (self._barriers, [])
         if barriers:
@@ -226,6 +227,28 @@ class GroupCommitter:
                 entry,
                 ProposalError("timeout", "no outcome from the cluster in time (no quorum?)", outcome_unknown=True),
             )
+
+
+def _encodable(commands: list, hints: list, flags: list, futures: list) -> tuple[list, list, list, list]:
+    """The commands msgpack can encode, with their hints, flags and futures; the others' futures
+    fail. The API validates every command before proposing it, so this only guards: an encoding
+    error raised here would end the committer's task, and every later write would time out."""
+    try:
+        encode_entry(commands)
+        return commands, hints, flags, futures
+    except (TypeError, ValueError, OverflowError):
+        pass
+    kept: tuple[list, list, list, list] = ([], [], [], [])
+    for row in zip(commands, hints, flags, futures):
+        try:
+            encode_entry([row[0]])
+        except (TypeError, ValueError, OverflowError) as e:
+            log.error("a %r command cannot be encoded into a log entry (%s); refused", row[0].get("op"), e)
+            _fail(row[3], ProposalError("bad_command", f"the command cannot be encoded into a log entry: {e}", False))
+            continue
+        for column, value in zip(kept, row):
+            column.append(value)
+    return kept
 
 
 def _fail(fut: asyncio.Future, error: Exception) -> None:
