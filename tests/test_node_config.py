@@ -31,6 +31,7 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ({"peers": "bad id!=127.0.0.1:1"}, "peers"),
         ({"peers": "n2=127.0.0.1:7071"}, "peers"),  # this node's own Raft address
         ({"node_id": "../etc"}, "node_id"),
+        ({"node_id": "n9\n"}, "node_id"),
         ({"storage": "mysql://x"}, "storage"),
         ({"request_timeout": "fast"}, "request_timeout"),
         ({"raft_fsync": "maybe"}, "raft_fsync"),
