@@ -1,5 +1,13 @@
-"""A Synapse node: the Raft voter, its group committer, storage materializer and HTTP API,
-wired together. ``synapse node start`` runs one; Python programs embed one with ``Node``."""
+"""A Synapse node: builds its parts and wires them together, nothing more (docs/ARCHITECTURE.md).
+``synapse node start`` runs one; Python programs embed one with ``Node``.
+
+The parts are built in ``start`` in dependency order — the storage view, the checkpoint
+tracker and audit trail (the log replays into them as soon as the replica exists), the replica
+and the cluster service over it, catch-up, the scheduler, repair, the HTTP API, the embedded
+worker — and ``stop`` takes down whatever was built, in reverse. While PySyncObj's tick thread
+applies entries, the node is the replica's ``ApplyListener`` and hands each event to the parts
+that want it.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +22,11 @@ import threading
 from pathlib import Path
 
 from synapse import _core
-from synapse.api.front import start_api
-from synapse.cluster.committer import GroupCommitter, ProposalError
-from synapse.cluster.raft import ReplicatedLog
+from synapse.api.context import ApiContext
+from synapse.api.front import ApiServer, start_api
+from synapse.cluster.committer import ProposalError
+from synapse.cluster.raft import RaftError, ReplicatedLog
+from synapse.cluster.service import Cluster
 from synapse.config import ConfigError, NodeConfig
 from synapse.integrity.audit import TRAIL as AUDIT_TRAIL
 from synapse.integrity.audit import AuditTrail
@@ -47,40 +57,71 @@ class Node:
     ``await node.stop()``) runs it on the running loop. From plain code: ``with Node(config)
     as node: ...`` (or ``node.run_in_background()`` / ``node.close()``) runs it on its own
     loop in a background thread. Either way the Raft tick thread lives as long as the thread
-    that started the node.
+    that started the node. While it runs, ``node.cluster`` is the cluster service (propose,
+    read, status, membership) and ``node.integrity`` its checkpoint tracker.
     """
 
     def __init__(self, config: NodeConfig | None = None) -> None:
         self.config = config or NodeConfig()
-        self.raft: ReplicatedLog | None = None
-        self.committer: GroupCommitter | None = None
-        self.materializer: Materializer | None = None
         self.root_token: str = ""
         self.token_was_created = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._storage = None
-        self._api_runner = None
-        self._thread: threading.Thread | None = None
-        self._register_task: asyncio.Task | None = None
-        self._materializer_task: asyncio.Task | None = None
-        self._checkpoint_task: asyncio.Task | None = None
-        self.integrity: CheckpointTracker | None = None
-        self.repairer: Repairer | None = None
-        self.repair_sessions: RepairSessions | None = None
-        self.audit: AuditTrail | None = None
-        self.snapshots: CheckpointSnapshots | None = None
-        self.catchup: CatchUpPlanner | None = None
-        self.scheduler = Scheduler(self, self.config.heartbeat_timeout)
-        self.worker = None  # the embedded execution node (local mode)
         self.started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # The parts, in the order start() builds them; each None until built.
+        self._storage = None
+        self._materializer: Materializer | None = None
+        self._materializer_task: asyncio.Task | None = None
+        self._integrity: CheckpointTracker | None = None
+        self._audit: AuditTrail | None = None
+        self._snapshots: CheckpointSnapshots | None = None
+        self._replica: ReplicatedLog | None = None
+        self._catchup: CatchUpPlanner | None = None
+        self._cluster: Cluster | None = None
+        self._scheduler: Scheduler | None = None
+        self._repairer: Repairer | None = None
+        self._api: ApiServer | None = None
+        self._register_task: asyncio.Task | None = None
+        self._checkpoint_task: asyncio.Task | None = None
+        self._worker = None  # the embedded execution node (local mode)
+        # A divergence found while the log replayed at start, before the repairer existed.
+        self._unrepaired: int | None = None
+
+    # --- the running parts ---
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            raise NodeError("the node is not running; start it first")
+        return self._cluster
+
+    @property
+    def integrity(self) -> CheckpointTracker:
+        if self._integrity is None:
+            raise NodeError("the node is not running; start it first")
+        return self._integrity
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.api}"
 
     # --- lifecycle (asyncio) ---
 
     async def start(self) -> None:
         if self.started:
             raise NodeError("the node is already running")
+        try:
+            await self._build()
+        except BaseException:
+            await self.stop()
+            raise
+        self.started = True
+        log.info("node %s: API on http://%s, Raft on %s, data in %s", self.config.node_id, self.config.api,
+                 self.config.raft, self.config.data_dir)
+
+    async def _build(self) -> None:
         cfg = self.config
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         data_dir = cfg.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._check_identity(data_dir)
@@ -92,19 +133,17 @@ class Node:
         # transactions, at ~5K writes/s each node's SQLite thread took 7-8 µs of CPU per write
         # and the three nodes' WAL writes ~50 MB/s (the same leaf pages rewritten in every small
         # transaction); with 0.2 s, 2-3 µs and throughput at 64 clients +15% (scripts/bench-cluster).
-        self.materializer = Materializer(self._storage, linger=0.2)
-        self._materializer_task = self._loop.create_task(self.materializer.run(), name="materializer")
-        # Before Raft: replaying the log at start already reaches the tracker.
-        self.integrity = CheckpointTracker(
-            cfg.node_id, self._loop, self._propose_when_ready, self.read, self._diverged,
+        self._materializer = Materializer(self._storage, linger=0.2)
+        self._materializer_task = loop.create_task(self._materializer.run(), name="materializer")
+        # Before the replica: replaying the log at start already reaches the tracker.
+        self._integrity = integrity = CheckpointTracker(
+            cfg.node_id, loop, self._propose_when_ready, lambda fn: self._replica.read(fn), self._diverged,
             CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds, cfg.checkpoint_snapshot_seconds),
-            is_leader=lambda: self.raft is not None and self.raft.is_leader(),
+            is_leader=lambda: self._replica is not None and self._replica.is_leader(),
         )
-        self.repairer = Repairer(self)
-        self.repair_sessions = RepairSessions(self)
-        self.audit = AuditTrail(data_dir / AUDIT_TRAIL)
-        self.snapshots = CheckpointSnapshots(data_dir / "checkpoints", cfg.checkpoint_retain)
-        self.raft = ReplicatedLog(
+        self._audit = AuditTrail(data_dir / AUDIT_TRAIL)
+        self._snapshots = CheckpointSnapshots(data_dir / "checkpoints", cfg.checkpoint_retain)
+        self._replica = replica = ReplicatedLog(
             raft_addr=cfg.raft,
             peers=sorted(cfg.peers.values()),
             data_dir=data_dir,
@@ -115,65 +154,71 @@ class Node:
             bind_address=cfg.raft,
             fsync=cfg.raft_fsync,
         )
-        self.catchup = CatchUpPlanner(self)
-        self.raft.set_catchup_planner(self.catchup.payload_for)
-        self.raft.catchup_loader = ContainerLoader(self.catchup.stats)
+        self._catchup = CatchUpPlanner(replica.read, self.root_token)
+        replica.set_catchup_planner(self._catchup.payload_for)
+        replica.catchup_loader = ContainerLoader(self._catchup.stats)
         try:
-            await self._loop.run_in_executor(None, self.raft.waitBinded)
-        except Exception as e:
-            await self.stop()
-            raise NodeError(f"cannot listen on the Raft address {cfg.raft}: {e} (is it in use?)") from e
-        self.committer = GroupCommitter(self.raft)
-        self.committer.start()
+            self._cluster = cluster = await Cluster.open(replica, cfg.request_timeout)
+        except RaftError as e:
+            raise NodeError(f"{e} (is it in use?)") from e
+        serving = lambda: integrity.service == Service.SERVING  # noqa: E731
+        self._scheduler = Scheduler(cfg.node_id, cluster, serving, cfg.heartbeat_timeout)
+        self._scheduler.start()
+        self._repairer = Repairer(cfg.node_id, cluster, integrity, self._materializer.submit, self.root_token)
+        if self._unrepaired is not None:
+            self._repairer.start(self._unrepaired)
+        context = ApiContext(
+            node_id=cfg.node_id, request_timeout=cfg.request_timeout, debug_fault_injection=cfg.debug_fault_injection,
+            cluster=cluster, integrity=integrity, repairer=self._repairer, repair_sessions=RepairSessions(replica),
+            snapshots=self._snapshots, scheduler=self._scheduler, catchup=self._catchup.stats,
+            check_token=self._check_token,
+        )
         try:
-            self._api_runner = await start_api(self)
+            self._api = await start_api(context, *cfg.api_host_port())
         except OSError as e:
-            await self.stop()
             raise NodeError(f"cannot listen on the API address {cfg.api}: {e.strerror}") from e
-        self._register_task = self._loop.create_task(self._register_self(), name="register")
-        self._checkpoint_task = self._loop.create_task(self._periodic_checkpoints(), name="checkpoints")
-        self.scheduler.start()
+        self._register_task = loop.create_task(self._register_self(), name="register")
+        self._checkpoint_task = loop.create_task(self._periodic_checkpoints(), name="checkpoints")
         if cfg.embedded_worker_slots > 0:
             await self._start_worker(cfg.embedded_worker_slots)
-        self.started = True
-        log.info("node %s: API on http://%s, Raft on %s, data in %s", cfg.node_id, cfg.api, cfg.raft, data_dir)
 
     async def stop(self) -> None:
         """Stops serving, then Raft, then writes out what the materializer still holds."""
-        if self.worker is not None:
+        if self._worker is not None:
             # Its tasks are cancelled; their leases lapse when the cluster marks it down.
-            await self._loop.run_in_executor(None, self.worker.close)
-            self.worker = None
-        await self.scheduler.close()
-        if self._api_runner is not None:
-            await self._api_runner.cleanup()
-            self._api_runner = None
+            await self._loop.run_in_executor(None, self._worker.close)
+            self._worker = None
+        if self._scheduler is not None:
+            await self._scheduler.close()
+        if self._api is not None:
+            await self._api.cleanup()
+            self._api = None
         for task in (self._register_task, self._checkpoint_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if self.repairer is not None:
-            await self.repairer.close()
-        if self.catchup is not None:
-            await self.catchup.close()
-        if self.integrity is not None:
-            await self.integrity.close()
-        if self.committer is not None:
-            await self.committer.close()
-        if self.raft is not None:
-            # Waits for the tick thread; off the event loop so in-flight callbacks can land.
-            await self._loop.run_in_executor(None, self.raft.close)
-        if self.audit is not None:
-            self.audit.close()
-            self.audit = None
-        if self.snapshots is not None:
-            self.snapshots.wait(60)
-        if self.materializer is not None:
-            await self.materializer.stop()
+        if self._repairer is not None:
+            await self._repairer.close()
+        if self._catchup is not None:
+            await self._catchup.close()
+        if self._integrity is not None:
+            await self._integrity.close()
+        if self._cluster is not None:
+            await self._cluster.close()  # the committer, then the voter (waits for its tick thread)
+        elif self._replica is not None:
+            await self._loop.run_in_executor(None, self._replica.close)
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+        if self._snapshots is not None:
+            self._snapshots.wait(60)
+        if self._materializer is not None:
+            await self._materializer.stop()
         if self._materializer_task is not None:
             await asyncio.gather(self._materializer_task, return_exceptions=True)
         if self._storage is not None:
             await self._storage.close()
+        self._cluster = self._replica = None
         self.started = False
 
     async def __aenter__(self) -> "Node":
@@ -224,82 +269,43 @@ class Node:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- what the API needs ---
-
-    @property
-    def api_url(self) -> str:
-        return f"http://{self.config.api}"
-
-    def check_token(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.root_token.encode())
-
-    async def propose(self, command: dict, size_hint: int, alone: bool = False) -> dict:
-        assert self.committer is not None
-        return await self.committer.submit(command, size_hint, self.config.request_timeout, alone)
-
-    def proposal(self, command: dict, size_hint: int) -> "asyncio.Future[dict]":
-        """``propose`` as a future (no coroutine): the HTTP front's writes."""
-        assert self.committer is not None
-        return self.committer.proposal(command, size_hint, self.config.request_timeout)
-
-    async def read_barrier(self) -> None:
-        assert self.committer is not None
-        await self.committer.barrier(self.config.request_timeout)
-
-    def leader(self) -> tuple[str | None, str | None]:
-        """(node id, API address) of the leader as this node knows it; (None, None) if none."""
-        if self.raft is None:
-            return None, None
-        addr = self.raft.status()["leader_raft_addr"]
-        for node_id, info in self.read(lambda p: p.nodes()).items():
-            if info["raft"] == addr:
-                return node_id, info["api"]
-        return None, None
-
-    def read(self, fn):
-        """Runs ``fn(processor)`` under the state lock (the applier holds it per entry)."""
-        assert self.raft is not None
-        with self.raft.state_lock:
-            return fn(self.raft.processor)
-
     # --- ApplyListener (PySyncObj's tick thread: hand off, return at once) ---
 
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None:
-        if self.materializer is not None and outcome.changes:
-            self.materializer.submit(index, outcome.changes)
-        if self.integrity is not None:
-            self.integrity.entry_applied(index, outcome, digest)
-        if outcome.events:
-            self.scheduler.entry_applied(outcome.events)
-        if self.audit is not None:
-            self.audit.append(index, outcome.chain, digest)
-            if index % 10_000 == 0 and len(self.raft.journal):
-                self.audit.trim_below(self.raft.journal[0][1])  # nothing before the log verifies
+        if self._materializer is not None and outcome.changes:
+            self._materializer.submit(index, outcome.changes)
+        if self._integrity is not None:
+            self._integrity.entry_applied(index, outcome, digest)
+        if outcome.events and self._scheduler is not None:
+            self._scheduler.entry_applied(outcome.events)
+        if self._audit is not None:
+            self._audit.append(index, outcome.chain, digest)
+            if index % 10_000 == 0 and (first := self._replica.first_log_index()) is not None:
+                self._audit.trim_below(first)  # nothing before the log verifies
 
     def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None:
-        if self.snapshots is not None:
-            self.snapshots.take(index, frozen)
+        if self._snapshots is not None:
+            self._snapshots.take(index, frozen)
 
     def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore:
-        if self.snapshots is None:
+        if self._snapshots is None:
             raise NotRetained("this node keeps no checkpoint snapshots")
-        return self.snapshots.load(index, digest)
+        return self._snapshots.load(index, digest)
 
     def rollback_failed(self, index: int, target: int, error: Exception) -> None:
-        if self.integrity is not None:
-            self.integrity.cannot_follow(index, f"rollback to checkpoint {target}: {error}")
+        if self._integrity is not None:
+            self._integrity.cannot_follow(index, f"rollback to checkpoint {target}: {error}")
 
     def state_repaired(self, records: list[tuple[int, bytes, bytes]]) -> None:
-        # Under the state lock: the next entry's record comes after these.
-        if self.audit is not None:
-            self.audit.rewrite(records)
+        # Under the entry lock: the next entry's record comes after these.
+        if self._audit is not None:
+            self._audit.rewrite(records)
 
     def state_replaced(self, index: int, store: _core.StateStore) -> None:
-        if self.integrity is not None:
-            self.integrity.state_replaced(index)
-        if self.materializer is not None:
-            frozen = store.clone()
-            self.materializer.submit_snapshot(index, _kv_records(frozen))
+        if self._integrity is not None:
+            self._integrity.state_replaced(index)
+        if self._materializer is not None:
+            self._materializer.submit_snapshot(index, _kv_records(store.clone()))
         # The new state may predate this node's registration (a rollback, an old dump).
         if self.started and self._loop is not None:
             try:
@@ -307,67 +313,64 @@ class Node:
             except RuntimeError:  # the loop is closed: stopping
                 pass
 
-    def _reregister(self) -> None:
-        if self._register_task is None or self._register_task.done():
-            self._register_task = self._loop.create_task(self._register_self(), name="register")
-
     def role_changed(self, leader: str | None, is_leader: bool) -> None:
         log.info("node %s: leader is now %s%s", self.config.node_id, leader, " (this node)" if is_leader else "")
 
-    # --- integrity ---
+    # --- wiring ---
 
-    @property
-    def serving(self) -> bool:
-        """False while this node's state is known to differ from the agreed one."""
-        return self.integrity is None or self.integrity.service == Service.SERVING
-
-    async def _propose_when_ready(self, command: dict, size_hint: int) -> dict:
-        # Reports can be due while the log replays at start, before the committer exists.
-        while self.committer is None:
-            await asyncio.sleep(0.05)
-        return await self.propose(command, size_hint)
+    def _check_token(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.root_token.encode())
 
     def _diverged(self, checkpoint: int) -> None:
-        if self.repairer is not None:
-            self.repairer.start(checkpoint)
+        if self._repairer is not None:
+            self._repairer.start(checkpoint)
+        else:
+            self._unrepaired = checkpoint  # repaired as soon as the repairer exists
+
+    async def _propose_when_ready(self, command: dict, size_hint: int) -> dict:
+        # Reports can be due while the log replays at start, before the cluster service exists.
+        while self._cluster is None:
+            await asyncio.sleep(0.05)
+        return await self._cluster.propose(command, size_hint)
 
     async def _periodic_checkpoints(self) -> None:
         while True:
             await asyncio.sleep(0.2)
-            if self.raft is not None and self.raft.status()["is_leader"]:
-                await self.integrity.propose_if_due(self.raft.applied()[0])
+            if self._cluster.is_leader():
+                await self._integrity.propose_if_due(self._cluster.applied()[0])
 
-    # --- internals ---
-
-    async def _start_worker(self, slots: int) -> None:
-        from synapse.execution.worker import Worker  # the sandbox is only needed with a worker
-
-        cfg = self.config
-        try:
-            self.worker = Worker(self.api_url, self.root_token, worker_id=cfg.node_id, slots=slots,
-                                 driver=cfg.worker_driver, request_timeout=cfg.request_timeout)
-        except Exception as e:  # SandboxUnavailable: the driver asked for cannot run here
-            await self.stop()
-            raise NodeError(f"the embedded worker cannot start: {e}") from e
-        self.worker.start()
+    def _reregister(self) -> None:
+        if self._register_task is None or self._register_task.done():
+            self._register_task = self._loop.create_task(self._register_self(), name="register")
 
     async def _register_self(self) -> None:
         """Publishes this node's API address in the replicated state, so any node can tell
         clients where the others (and the leader) are. Checks a linearizable view first, so a
         restarted node that is already registered writes nothing (its state hash must come
         back unchanged). Retries until it lands."""
-        cfg = self.config
+        cfg, cluster = self.config, self._cluster
         command = {"op": "register_node", "node_id": cfg.node_id, "api": cfg.api, "raft": cfg.raft}
         while True:
             try:
-                await self.read_barrier()
-                known = self.read(lambda p: p.nodes().get(cfg.node_id))
+                await cluster.barrier()
+                known = cluster.read(lambda p: p.nodes().get(cfg.node_id))
                 if known and known.get("api") == cfg.api and known.get("raft") == cfg.raft:
                     return
-                await self.propose(dict(command, rid=f"register/{cfg.node_id}/{secrets.token_hex(8)}"), 256)
+                await cluster.propose(dict(command, rid=f"register/{cfg.node_id}/{secrets.token_hex(8)}"), 256)
                 return
             except ProposalError:
                 await asyncio.sleep(0.5)
+
+    async def _start_worker(self, slots: int) -> None:
+        from synapse.execution.worker import Worker  # the sandbox is only needed with a worker
+
+        cfg = self.config
+        try:
+            self._worker = Worker(self.api_url, self.root_token, worker_id=cfg.node_id, slots=slots,
+                                  driver=cfg.worker_driver, request_timeout=cfg.request_timeout)
+        except Exception as e:  # SandboxUnavailable: the driver asked for cannot run here
+            raise NodeError(f"the embedded worker cannot start: {e}") from e
+        self._worker.start()
 
     def _check_identity(self, data_dir: Path) -> None:
         path = data_dir / _IDENTITY

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory) -> Path:
         for i in range(20):
             c.put(f"before/{i}", {"i": i})
         before = (root / "raft.dump").stat().st_mtime_ns if (root / "raft.dump").exists() else 0
-        node.raft.forceLogCompaction()
+        node.cluster.compact()
         _wait(lambda: (root / "raft.dump").exists() and (root / "raft.dump").stat().st_mtime_ns != before)
         for i in range(40):
             c.put(f"after/{i}", "x" * 40)

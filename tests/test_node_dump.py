@@ -27,12 +27,12 @@ def _wait(predicate, timeout=15.0, what="condition"):
 
 def _contents(node: synapse.Node) -> list[tuple[bytes, bytes]]:
     """The replicated state but the audit chain head (every entry since extends that)."""
-    return node.read(lambda p: [(k, v) for k, v in p.store.scan() if k != keys.CHAIN])
+    return node.cluster.read(lambda p: [(k, v) for k, v in p.store.scan() if k != keys.CHAIN])
 
 
 def _compact(node: synapse.Node, dump: Path) -> None:
     before = dump.stat().st_mtime_ns if dump.exists() else 0
-    node.raft.forceLogCompaction()
+    node.cluster.compact()
     _wait(lambda: dump.exists() and dump.stat().st_mtime_ns != before, what=f"a new {dump}")
 
 
@@ -72,7 +72,7 @@ def test_a_node_that_missed_compacted_entries_catches_up_from_the_dump(tmp_path)
     try:
         c = synapse.Client([n.api_url for n in nodes.values()], nodes["n1"].root_token)
         _wait(lambda: c.status()["leader"] is not None, what="a leader")
-        lagging = next(n for n, node in nodes.items() if not node.raft.status()["is_leader"])
+        lagging = next(n for n, node in nodes.items() if not node.cluster.status()["is_leader"])
         nodes.pop(lagging).close()
         for i in range(200):
             c.put(f"lag/{i}", {"i": i})
@@ -83,7 +83,7 @@ def test_a_node_that_missed_compacted_entries_catches_up_from_the_dump(tmp_path)
         back = synapse.Client(nodes[lagging].api_url, nodes[lagging].root_token)
         _wait(lambda: back.status()["applied_index"] >= target["applied_index"], timeout=30, what="catch-up")
         assert back.get("lag/199", consistency="stale")["value"] == {"i": 199}
-        _wait(lambda: len({(n.raft.applied()[1]) for n in nodes.values()}) == 1, what="equal hashes")
+        _wait(lambda: len({(n.cluster.applied()[1]) for n in nodes.values()}) == 1, what="equal hashes")
     finally:
         for node in nodes.values():
             node.close()
@@ -100,7 +100,7 @@ def test_writes_go_on_while_a_dump_is_written_and_all_survive_a_restart(tmp_path
         for batch in range(40):  # ~5,000 keys, so the dump takes a while to write
             c.txn(then=[{"op": "put", "key": f"big/{batch}/{i}", "value": "y" * 100} for i in range(128)])
         dump = tmp_path / "raft.dump"
-        node.raft.forceLogCompaction()
+        node.cluster.compact()
         for i in range(100):  # proposed while the dump is (very likely) being written
             c.put(f"during/{i}", i)
         _wait(lambda: dump.exists(), what="the dump")
@@ -132,7 +132,7 @@ def test_a_kill_between_the_dump_rename_and_the_log_cut_loses_nothing(tmp_path, 
             c.put(f"after/{i}", i)
         status = c.status()
         contents = _contents(node)
-        assert node.raft.journal[0][1] == 1  # the log was not cut
+        assert node.cluster.replica.journal[0][1] == 1  # the log was not cut
     monkeypatch.undo()
     with synapse.Node(cfg) as node, synapse.Client(node.api_url, node.root_token) as c:
         _wait(lambda: c.status()["applied_index"] >= status["applied_index"], what="replay")

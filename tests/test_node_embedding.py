@@ -63,7 +63,7 @@ def test_asyncio_node_and_async_client(tmp_path):
                 results = await asyncio.gather(*(c.put(f"async/{i}", i) for i in range(100)))
                 assert all(r["version"] == 1 for r in results)
                 # Concurrent writes were group-committed: fewer entries than commands.
-                assert node.committer.entries_proposed < node.committer.commands_proposed
+                assert node.cluster.entries_proposed < node.cluster.commands_proposed
                 page = await c.scan("async/", limit=1000)
                 assert len(page["items"]) == 100
 
@@ -134,7 +134,7 @@ def test_a_write_sent_before_the_first_election_waits_for_it(tmp_path):
     import http.client
 
     with synapse.Node(_config(tmp_path)) as node:
-        assert node.raft.status()["leader_raft_addr"] is None
+        assert node.cluster.status()["leader_raft_addr"] is None
         host, port = node.config.api_host_port()
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("PUT", "/v1/kv/early", b'{"value": "bird"}', {"Authorization": f"Bearer {node.root_token}"})
@@ -158,12 +158,12 @@ def test_a_command_that_cannot_be_encoded_fails_alone_and_the_committer_goes_on(
                 while (await c.status())["leader"] is None:
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
-            bad = node.proposal({"op": "put", "key": "enc/bad", "value": b"1", "if_version": 1 << 70}, 64)
-            good = node.proposal({"op": "put", "key": "enc/good", "value": b"2"}, 64)  # same entry
+            bad = node.cluster.proposal({"op": "put", "key": "enc/bad", "value": b"1", "if_version": 1 << 70}, 64)
+            good = node.cluster.proposal({"op": "put", "key": "enc/good", "value": b"2"}, 64)  # same entry
             with pytest.raises(ProposalError) as e:
                 await bad
             assert e.value.reason == "bad_command" and not e.value.outcome_unknown
             assert (await good)["ok"]
-            assert (await node.propose({"op": "put", "key": "enc/later", "value": b"3"}, 64))["ok"]
+            assert (await node.cluster.propose({"op": "put", "key": "enc/later", "value": b"3"}, 64))["ok"]
 
     asyncio.run(main())

@@ -13,7 +13,7 @@ What must hold (Raft's promises, as the API exposes them):
 The test process reaches the nodes' APIs from the bridge namespace (``Topology.call`` /
 ``submit`` run the HTTP calls on threads inside it), so the root namespace is never touched.
 Root only; skipped, with the reason, where namespaces cannot be created. The last test
-reproduces a catch-up livelock in PySyncObj 0.3.17 that ``ReplicatedLog`` works around
+reproduces a catch-up livelock in PySyncObj 0.3.17 that ``Voter`` works around
 (see ``_SyncObj__onMessageReceived`` in synapse/cluster/raft.py). About 35 s in all."""
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 from pysyncobj import SyncObj
 
-from synapse.cluster.raft import ReplicatedLog
+from synapse.cluster.raft import Voter
 
 
 def _handled(monkeypatch, me, message) -> dict:
     seen = []
     monkeypatch.setattr(SyncObj, "_SyncObj__onMessageReceived", lambda self, node, msg: seen.append(msg))
-    ReplicatedLog._SyncObj__onMessageReceived(me, "peer", message)
+    Voter._SyncObj__onMessageReceived(me, "peer", message)
     (forwarded,) = seen
     return forwarded
 
@@ -55,8 +55,8 @@ def test_vote_requests_from_removed_voters_are_ignored(monkeypatch):
     monkeypatch.setattr(SyncObj, "_SyncObj__onMessageReceived", lambda self, node, msg: seen.append((node, msg)))
     me = SimpleNamespace(raftCommitIndex=0, _isLeader=lambda: True, otherNodes={"member"})
     vote = {"type": "request_vote", "term": 99, "last_log_index": 1, "last_log_term": 1}
-    ReplicatedLog._SyncObj__onMessageReceived(me, "removed", vote)
-    ReplicatedLog._SyncObj__onMessageReceived(me, "member", vote)
+    Voter._SyncObj__onMessageReceived(me, "removed", vote)
+    Voter._SyncObj__onMessageReceived(me, "member", vote)
     assert seen == [("member", vote)]
 
 
@@ -70,7 +70,7 @@ def test_a_resent_batch_never_cuts_entries_the_follower_already_has(monkeypatch)
     # The leader resends 46..50 (a lower nextIndex); the follower has them and 51..60 too.
     message = {"type": "append_entries", "term": 5, "commit_index": 58, "prevLogIdx": 45, "prevLogTerm": 5,
                "entries": [e for e in _LOG if 46 <= e[1] <= 50]}
-    ReplicatedLog._SyncObj__onMessageReceived(me, "peer", message)
+    Voter._SyncObj__onMessageReceived(me, "peer", message)
     (handed,) = seen
     assert "prevLogIdx" not in handed and "entries" not in handed  # PySyncObj cuts nothing
     assert handed["commit_index"] == 50  # only as far as this batch proved
@@ -110,32 +110,32 @@ def test_the_leader_holds_back_a_commit_notice_instead_of_sending_it_at_once(mon
 
     me = _leader(monkeypatch, True)
     before = time.monotonic()
-    assert ReplicatedLog._SyncObj__applyLogEntries(me) is False  # PySyncObj sends nothing now
+    assert Voter._SyncObj__applyLogEntries(me) is False  # PySyncObj sends nothing now
     due, heartbeat_time = me._commit_notice
     assert before + 0.002 <= due <= time.monotonic() + 0.002 and heartbeat_time == 100.0
     # The tick thread's poll waits no longer than the notice.
-    assert ReplicatedLog._poll_timeout(me, 0.05) <= 0.002
-    ReplicatedLog._send_commit_notice(me, due - 0.001)
+    assert Voter._poll_timeout(me, 0.05) <= 0.002
+    Voter._send_commit_notice(me, due - 0.001)
     assert me.sent == [] and me._commit_notice is not None
-    ReplicatedLog._send_commit_notice(me, due)
+    Voter._send_commit_notice(me, due)
     assert me.sent == ["append_entries"] and me._commit_notice is None
-    assert ReplicatedLog._poll_timeout(me, 0.05) == 0.05
+    assert Voter._poll_timeout(me, 0.05) == 0.05
 
 
 def test_an_append_entries_sent_meanwhile_carries_the_commit_index(monkeypatch):
     me = _leader(monkeypatch, True)
-    ReplicatedLog._SyncObj__applyLogEntries(me)
+    Voter._SyncObj__applyLogEntries(me)
     due, _ = me._commit_notice
     me._SyncObj__newAppendEntriesTime = 100.05  # the next entry (or a heartbeat) went out
-    ReplicatedLog._send_commit_notice(me, due + 1)
+    Voter._send_commit_notice(me, due + 1)
     assert me.sent == [] and me._commit_notice is None
 
 
 def test_followers_and_a_zero_delay_keep_pysyncobjs_behaviour(monkeypatch):
     me = _leader(monkeypatch, True, delay=0)
-    assert ReplicatedLog._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
+    assert Voter._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
     me = _leader(monkeypatch, True)
     me._isLeader = lambda: False
-    assert ReplicatedLog._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
+    assert Voter._SyncObj__applyLogEntries(me) is True and me._commit_notice is None
     me = _leader(monkeypatch, False)
-    assert ReplicatedLog._SyncObj__applyLogEntries(me) is False and me._commit_notice is None
+    assert Voter._SyncObj__applyLogEntries(me) is False and me._commit_notice is None

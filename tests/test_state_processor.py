@@ -772,3 +772,36 @@ def test_finish_rollback_continues_the_chain_and_keeps_the_agreement(proc):
     assert proc.chain() == (9, b"z" * 32)
     assert proc.checkpoint(1)["agreed"] == [b"d" * 32, b"c" * 32]
     assert keys.decode_rollback(proc.store.get(keys.ROLLBACK)) == (9, 1)
+
+
+def test_the_store_lock_is_held_only_around_the_entrys_one_batch():
+    """Readers on other threads take the store lock for a lookup; the applier takes it only
+    around the Rust batch an entry ends with, never while its commands run (a read would
+    otherwise wait behind up to 1024 commands of Python, synapse/cluster/DESIGN.md)."""
+
+    class Probe:
+        held, entered = False, 0
+
+        def __enter__(self):
+            Probe.held, Probe.entered = True, Probe.entered + 1
+
+        def __exit__(self, *exc):
+            Probe.held = False
+
+    class WatchedStore(CountingStore):
+        def get(self, key):
+            assert not Probe.held, "a command ran under the store lock"
+            return self.inner.get(key)
+
+        def apply(self, ops):
+            assert Probe.held, "the store changed outside the store lock"
+            return super().apply(ops)
+
+    store = WatchedStore()
+    proc = CommandProcessor(store, store_lock=Probe())
+    outcome = proc.apply_entry(1, encode_entry([put(f"k{i}", rid=f"r{i}") for i in range(200)] + [delete("k3")]))
+    assert all(r["ok"] for r in outcome.results)
+    assert Probe.entered == 1 and len(store.applies) == 1
+    store.fail_next_apply = True  # the batch fails: the entry still extends the chain, under the lock
+    proc.apply_entry(2, encode_entry([put("x")]))
+    assert Probe.entered == 3

@@ -1,5 +1,5 @@
-"""What every HTTP handler module shares: the error type and its JSON shape, the app keys,
-body and query parsing, request ids, and proposing a command."""
+"""What every HTTP handler module shares: the error type and its JSON shape, body and query
+parsing, request ids, and proposing a command."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import hashlib
 import json
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 from aiohttp import web
 
+from synapse.api.context import context_of
 from synapse.state.commands import (
     MAX_RID_CHARS,
     MAX_VALUE_BYTES,
@@ -23,13 +24,9 @@ from synapse.state.commands import (
     validate_command,
 )
 
-if TYPE_CHECKING:
-    from synapse.node import Node
-
 REQUEST_ID_HEADER = "X-Request-Id"
 # A value may be up to 1 MiB of JSON; leave room for the envelope, refuse the rest early.
 MAX_BODY = MAX_VALUE_BYTES + 64 * 1024
-NODE_KEY: web.AppKey["Node"] = web.AppKey("node")
 
 
 class ApiError(Exception):
@@ -44,10 +41,6 @@ def error_response(status: int, error: str, message: str, **extra: Any) -> web.R
 
 def error_body(error: str, message: str, **extra: Any) -> dict:
     return {"error": error, "message": message, **extra}
-
-
-def node_of(request: web.Request) -> "Node":
-    return request.app[NODE_KEY]
 
 
 async def json_body(request: web.Request, allowed: set[str], required: set[str] = frozenset(),
@@ -218,13 +211,14 @@ async def propose(request: web.Request, command: dict, size_hint: int, alone: bo
                   fields: tuple[str, ...] = ()) -> dict:
     """Proposes ``command`` and returns its result, which has ``fields`` (see checked_result)."""
     check_command(command)
-    return checked_result(await node_of(request).propose(command, size_hint, alone), fields)
+    return checked_result(await context_of(request).cluster.propose(command, size_hint, alone), fields)
 
 
 def check_command(command: dict) -> None:
-    """A command about to be proposed: a 400 or 413 naming what is wrong."""
+    """A command about to be proposed: a 400 or 413 naming what is wrong. Its values are JSON
+    text made by ``encode_value`` — valid by construction, so not parsed a second time."""
     try:
-        validate_command(command)
+        validate_command(command, check_json=False)
         check_encodable(command)
     except LimitError as e:
         raise ApiError(413, "too_large", str(e)) from None

@@ -6,9 +6,9 @@ The front owns the API address. ``PUT`` and ``GET /v1/kv/{key}`` in their plain 
 batches: one wake-up of the event loop per batch instead of aiohttp's parsing, routing and
 socket calls per request — on the leader that was ~80 µs of a write's ~140 µs of CPU at 64
 clients (scripts/bench-cluster). Everything else goes to the aiohttp app on a loopback port,
-unchanged. The answers are built by the same functions as the app's handlers
-(``put_command``/``put_answer``, ``read_value``, ``failure``), so a request means the same on
-either path.
+unchanged. Both paths go through the same request pipeline (``pipeline.py``: the token, the
+serving check, failures, metrics) and the same kv functions (``kv.py``), so a request means
+the same on either path; the front decides only which path a request takes.
 """
 
 from __future__ import annotations
@@ -17,33 +17,35 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from synapse import _core
-from synapse.api.common import MAX_BODY, ApiError, check_request_id, error_body, parse_json_object
-from synapse.api.http import (
+from synapse.api.common import (
+    MAX_BODY,
+    ApiError,
+    check_request_id,
+    error_body,
+    parse_json_object,
+)
+from synapse.api.context import ApiContext
+from synapse.api.http import make_app
+from synapse.api.kv import (
     PUT_FIELDS,
-    METRICS_KEY,
-    Metrics,
     check_key_size,
-    check_serving,
-    failure,
-    make_app,
     put_answer,
     put_command,
     read_value,
     wait_consistent,
 )
+from synapse.api.metrics import Metrics
+from synapse.api.pipeline import RequestPipeline
 from synapse.cluster.committer import ProposalError
-
-if TYPE_CHECKING:
-    from synapse.node import Node
 
 log = logging.getLogger("synapse.api")
 
 _KV_ROUTE = "/v1/kv/{key}"  # the app's route, as its metrics name it
+_KV_PATH = "/v1/kv/"  # what the pipeline's checks look at of a hot request's path
 
 
 class ApiServer:
@@ -58,22 +60,22 @@ class ApiServer:
         await self.runner.cleanup()
 
 
-async def start_api(node: "Node") -> ApiServer:
-    app = make_app(node)
+async def start_api(ctx: ApiContext, host: str, port: int) -> ApiServer:
+    """Serves the API on ``host:port`` (every address it resolves to; port 0: one free port)."""
+    pipeline = RequestPipeline(ctx, Metrics())
+    app = make_app(pipeline)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # Port 0: the kernel picks a free one; only the front connects to it.
     site = web.TCPSite(runner, "127.0.0.1", 0, reuse_address=True)
     await site.start()
     backend_port = runner.addresses[0][1]
-    host, port = node.config.api_host_port()
     try:
-        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend_port,
-                                node.root_token, MAX_BODY)
+        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend_port, MAX_BODY)
     except BaseException:
         await runner.cleanup()
         raise
-    hot = HotPath(node, app[METRICS_KEY], front)
+    hot = HotPath(pipeline, front)
     hot.start()
     return ApiServer(runner, front, hot)
 
@@ -81,9 +83,9 @@ async def start_api(node: "Node") -> ApiServer:
 class HotPath:
     """Answers the requests the front hands over. Runs on the node's event loop."""
 
-    def __init__(self, node: "Node", metrics: Metrics, front: _core.HttpFront) -> None:
-        self._node = node
-        self._metrics = metrics
+    def __init__(self, pipeline: RequestPipeline, front: _core.HttpFront) -> None:
+        self._pipeline = pipeline
+        self._ctx = pipeline.ctx
         self._front = front
         self._loop = asyncio.get_running_loop()
         self._fd = front.notify_fd()
@@ -101,26 +103,27 @@ class HotPath:
             task.cancel()
 
     def _take(self) -> None:
-        for rid, put, key, consistency, request_id, raw in self._front.take():
+        for rid, put, key, consistency, request_id, authorization, raw in self._front.take():
             started = time.perf_counter()
             if put:
-                self._put(rid, key, request_id, raw, started)
+                self._put(rid, key, request_id, authorization, raw, started)
             else:
-                task = self._loop.create_task(self._get(rid, key, consistency, started))
+                task = self._loop.create_task(self._get(rid, key, consistency, authorization, started))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _put(self, rid: int, key: str, request_id: str | None, raw: bytes, started: float) -> None:
+    def _put(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
+             started: float) -> None:
         # Callbacks, not a task per request: a task and its two steps were a measurable share
         # of the leader's event loop per write.
         try:
-            check_serving(self._node)
+            self._pipeline.admit(_KV_PATH, authorization)
             check_key_size(key)
             body = parse_json_object(raw, PUT_FIELDS, {"value"})
             command, size_hint = put_command(key, body, check_request_id(request_id))
-            proposal = self._node.proposal(command, size_hint)
+            proposal = self._ctx.cluster.proposal(command, size_hint)
         except ApiError as e:
-            self._answer(rid, *failure(e), started)
+            self._answer(rid, *self._pipeline.failure(e), started)
             return
         except Exception:
             self._crashed(rid, "PUT", key, started)
@@ -133,20 +136,21 @@ class HotPath:
         try:
             status, answer = 200, put_answer(key, fut.result())
         except (ApiError, ProposalError) as e:
-            status, answer = failure(e)
+            status, answer = self._pipeline.failure(e)
         except Exception:
             self._crashed(rid, "PUT", key, started)
             return
         self._answer(rid, status, answer, started)
 
-    async def _get(self, rid: int, key: str, consistency: str | None, started: float) -> None:
+    async def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None,
+                   started: float) -> None:
         try:
-            check_serving(self._node)
+            self._pipeline.admit(_KV_PATH, authorization)
             check_key_size(key)
-            await wait_consistent(self._node, consistency)
-            status, answer = 200, read_value(self._node, key)
+            await wait_consistent(self._ctx, consistency)
+            status, answer = 200, read_value(self._ctx, key)
         except (ApiError, ProposalError) as e:
-            status, answer = failure(e)
+            status, answer = self._pipeline.failure(e)
         except asyncio.CancelledError:
             return  # the node is stopping: the front answers 503
         except Exception:
@@ -159,7 +163,7 @@ class HotPath:
         self._answer(rid, 500, error_body("internal", "the node failed to answer; see its log"), started)
 
     def _answer(self, rid: int, status: int, answer: dict, started: float) -> None:
-        self._metrics.observe(_KV_ROUTE, status, time.perf_counter() - started)
+        self._pipeline.observe(_KV_ROUTE, status, time.perf_counter() - started)
         if not self._answers:
             self._loop.call_soon(self._send)  # one crossing for every answer ready this turn
         self._answers.append((rid, status, json.dumps(answer).encode()))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp import web
-
 import msgpack
+from aiohttp import web
 
 from synapse import _core
 from synapse.api.common import (
@@ -16,10 +15,10 @@ from synapse.api.common import (
     identified,
     int_query,
     json_body,
-    node_of,
     propose_alone,
     request_id,
 )
+from synapse.api.context import ApiContext, context_of
 from synapse.integrity.catchup import SHORT
 from synapse.integrity.repair import RepairBusy, RepairError, b64
 from synapse.state import keys
@@ -59,28 +58,28 @@ def checkpoint_json(index: int, record: dict, registered: dict, retained: set[in
     }
 
 
-def checkpoint_status(node) -> dict:
+def checkpoint_status(ctx: ApiContext) -> dict:
     """The newest checkpoint as /v1/cluster/status shows it, with this node's integrity state."""
-    latest, registered = node.read(lambda p: (p.checkpoints(1), p.nodes()))
-    status = dict(node.integrity.status())
+    latest, registered = ctx.cluster.read(lambda p: (p.checkpoints(1), p.nodes()))
+    status = dict(ctx.integrity.status())
     status["latest"] = checkpoint_json(*latest[0], registered) if latest else None
-    if node.repairer is not None and node.repairer.last is not None:
-        status["repair"] = node.repairer.last.as_dict()
-        status["repairs"] = node.repairer.repairs
+    if ctx.repairer.last is not None:
+        status["repair"] = ctx.repairer.last.as_dict()
+        status["repairs"] = ctx.repairer.repairs
     return status
 
 
 async def list_checkpoints(request: web.Request) -> web.Response:
-    node = node_of(request)
+    ctx = context_of(request)
     limit = int_query(request, "limit", 1, MAX_CHECKPOINT_LIST) or 20
-    rows, registered = node.read(lambda p: (p.checkpoints(limit), p.nodes()))
-    retained = set(node.snapshots.retained())
+    rows, registered = ctx.cluster.read(lambda p: (p.checkpoints(limit), p.nodes()))
+    retained = set(ctx.snapshots.retained())
     return web.json_response({"checkpoints": [checkpoint_json(i, r, registered, retained) for i, r in rows]})
 
 
 async def create_checkpoint(request: web.Request) -> web.Response:
     """Proposes a checkpoint; with ``"wait": true`` answers once a majority agreed on it."""
-    node = node_of(request)
+    ctx = context_of(request)
     body = await json_body(request, {"label", "wait"}, optional=True)
     label = body.get("label")
     if label is not None:
@@ -90,26 +89,26 @@ async def create_checkpoint(request: web.Request) -> web.Response:
             raise ApiError(400, "bad_request", str(e)) from None
     if not isinstance(body.get("wait", False), bool):
         raise ApiError(400, "bad_request", "wait must be true or false")
-    result = await node.integrity.propose_checkpoint(label)
+    result = await ctx.integrity.propose_checkpoint(label)
     index = result["checkpoint"]
     if body.get("wait"):
-        deadline = time.monotonic() + node.config.request_timeout
+        deadline = time.monotonic() + ctx.request_timeout
         while True:
-            record = node.read(lambda p: p.checkpoint(index))
+            record = ctx.cluster.read(lambda p: p.checkpoint(index))
             if record is not None and record["agreed"] is not None:
                 break
             if time.monotonic() > deadline:
                 raise ApiError(504, "not_agreed", f"checkpoint {index} was made but no majority agreed within "
-                               f"{node.config.request_timeout:g} s; see GET /v1/checkpoints", index=index)
+                               f"{ctx.request_timeout:g} s; see GET /v1/checkpoints", index=index)
             await asyncio.sleep(0.02)
-    record, registered = node.read(lambda p: (p.checkpoint(index), p.nodes()))
+    record, registered = ctx.cluster.read(lambda p: (p.checkpoint(index), p.nodes()))
     return web.json_response(checkpoint_json(index, record, registered))
 
 
 async def rollback(request: web.Request) -> web.Response:
     """Rolls the whole cluster back to a retained, agreed checkpoint: one replicated entry
     after which every node holds the checkpoint's state (proven by its agreed digest)."""
-    node = node_of(request)
+    ctx = context_of(request)
     rid = request_id(request)
     body = await json_body(request, {"checkpoint"}, {"checkpoint"})
     target = body["checkpoint"]
@@ -117,21 +116,21 @@ async def rollback(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "checkpoint must be the log index of a checkpoint (see GET /v1/checkpoints)")
     # This node's view may lag; the entry checks the target again where it applies, so a
     # refusal here only saves a log entry (and changes nothing).
-    record = node.read(lambda p: p.checkpoint(target))
+    record = ctx.cluster.read(lambda p: p.checkpoint(target))
     if record is None:
         raise ApiError(404, "unknown_checkpoint", f"there is no checkpoint at index {target}; see GET /v1/checkpoints")
     if record["agreed"] is None:
         raise ApiError(409, "not_agreed", f"checkpoint {target} was never agreed by a majority; pick an agreed one")
-    if not node.snapshots.available(target):
+    if not ctx.snapshots.available(target):
         raise ApiError(409, "not_retained", f"checkpoint {target} is not retained on this node (retained: "
-                       f"{node.snapshots.retained()}); nothing was changed. Raise checkpoint_retain to keep more")
+                       f"{ctx.snapshots.retained()}); nothing was changed. Raise checkpoint_retain to keep more")
     result = await propose_alone(request, identified({"op": "rollback", "checkpoint": target}, rid),
                                  fields=("index", "undone_entries"))
     return web.json_response({
         "rolled_back_to": target,
         "index": result["index"],
         "undone_entries": result["undone_entries"],
-        "state_hash": node.raft.applied()[1].hex(),
+        "state_hash": ctx.cluster.applied()[1].hex(),
     })
 
 
@@ -140,7 +139,7 @@ async def rollback(request: web.Request) -> web.Response:
 
 def _session(request: web.Request) -> _core.FrozenState:
     try:
-        return node_of(request).repair_sessions.get(request.match_info["session"])
+        return context_of(request).repair_sessions.get(request.match_info["session"])
     except KeyError:
         raise ApiError(404, "not_found", "no such repair session (expired?); open a new one") from None
 
@@ -156,18 +155,18 @@ def _int_list(body: dict, name: str, limit: int, maximum: int) -> list[int]:
 
 
 async def open_repair_session(request: web.Request) -> web.Response:
-    node = node_of(request)
+    ctx = context_of(request)
     body = await json_body(request, {"index"}, {"index"})
     index = body["index"]
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ApiError(400, "bad_request", "index must be a log index (an integer >= 0)")
-    commit = node.raft.status()["commit_index"]
+    commit = ctx.cluster.status()["commit_index"]
     if index > commit + MAX_FREEZE_AHEAD:
         raise ApiError(409, "too_far_ahead", f"index {index} is more than {MAX_FREEZE_AHEAD} entries past this node's "
                        f"commit index {commit}: it would not be reached in time; ask for an index near the applied "
                        "indexes (GET /v1/cluster/status)", commit_index=commit)
     try:
-        sid, at, digest = await node.repair_sessions.open(index)
+        sid, at, digest = await ctx.repair_sessions.open(index)
     except ValueError as e:
         raise ApiError(409, "passed", str(e)) from None
     except RepairBusy as e:
@@ -199,7 +198,7 @@ async def repair_buckets(request: web.Request) -> web.Response:
 
 
 async def close_repair_session(request: web.Request) -> web.Response:
-    node_of(request).repair_sessions.close(request.match_info["session"])
+    context_of(request).repair_sessions.close(request.match_info["session"])
     return web.json_response({"closed": True})
 
 
@@ -224,10 +223,10 @@ def _msgpack_response(value) -> web.Response:
 async def catchup_state(request: web.Request) -> web.Response:
     """Freezes this node's state as it is (it is behind: nothing new applies) for the leader
     to compare with its dump."""
-    node = node_of(request)
+    ctx = context_of(request)
     for _ in range(3):
         try:
-            sid, at, digest = await node.repair_sessions.open(node.raft.applied()[0])
+            sid, at, digest = await ctx.repair_sessions.open(ctx.cluster.applied()[0])
             return _msgpack_response({"session": sid, "index": at, "digest": digest})
         except ValueError:
             continue  # an entry applied meanwhile: freeze at the new index
@@ -262,8 +261,8 @@ async def catchup_keys(request: web.Request) -> web.Response:
 
 async def corrupt(request: web.Request) -> web.Response:
     """Changes one kv key in this node's state only, behind the log's back."""
-    node = node_of(request)
-    if not node.config.debug_fault_injection:
+    ctx = context_of(request)
+    if not ctx.debug_fault_injection:
         raise ApiError(403, "forbidden", "fault injection is off on this node; start it with "
                        "--debug-fault-injection (debug_fault_injection = true) to allow it — tests only")
     body = await json_body(request, {"key", "value", "delete"}, {"key"})
@@ -276,20 +275,20 @@ async def corrupt(request: web.Request) -> web.Response:
         op = (keys.kv_key(key), None)
     else:
         value = encode_value("value", body.get("value", "corrupted"))
-        current = node.read(lambda p: p.get(key))
+        current = ctx.cluster.read(lambda p: p.get(key))
         version, created, modified = (current.version, current.create_index, current.mod_index) if current else (1, 0, 0)
         op = (keys.kv_key(key), keys.encode_kv(value, version, created, modified))
-    digest = node.raft.inject_fault([op])
-    return web.json_response({"key": key, "node_id": node.config.node_id, "state_hash": digest.hex()})
+    digest = ctx.cluster.replica.inject_fault([op])
+    return web.json_response({"key": key, "node_id": ctx.node_id, "state_hash": digest.hex()})
 
 
 async def compact(request: web.Request) -> web.Response:
     """Asks this node's Raft log to compact into a dump now (tests and benchmarks)."""
-    node = node_of(request)
-    if not node.config.debug_fault_injection:
+    ctx = context_of(request)
+    if not ctx.debug_fault_injection:
         raise ApiError(403, "forbidden", "debug endpoints are off on this node; start it with --debug-fault-injection")
-    node.raft.forceLogCompaction()
-    return web.json_response({"compacting": True, "node_id": node.config.node_id})
+    ctx.cluster.compact()
+    return web.json_response({"compacting": True, "node_id": ctx.node_id})
 
 
 def add_routes(app: web.Application) -> None:

@@ -11,7 +11,7 @@ import base64
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -21,17 +21,14 @@ from synapse.api.common import (
     identified,
     int_query,
     json_body,
-    node_of,
     propose,
     request_hash,
     request_id,
 )
+from synapse.api.context import ApiContext, context_of, leader_of
 from synapse.orchestrator.scheduler import now_ms
 from synapse.state.commands import CommandError, LimitError, validate_command
 from synapse.state.tasks import TASK_STATES, TERMINAL, check_id
-
-if TYPE_CHECKING:
-    from synapse.node import Node
 
 _SUBMIT_FIELDS = {"task_id", "idempotency_key", "command", "entry", "args", "env", "files", "limits",
                   "capabilities", "labels", "priority", "retries", "backoff_ms"}
@@ -53,21 +50,21 @@ async def submit_task(request: web.Request) -> web.Response:
                          now_ms=now_ms())
     result = await propose(request, command, 512 + sum(len(v) for v in spec.get("files", {}).values()),
                            fields=("task_id", "duplicate"))
-    node = node_of(request)
-    task = node.read(lambda p: p.task(result["task_id"]))
+    ctx = context_of(request)
+    task = ctx.cluster.read(lambda p: p.task(result["task_id"]))
     return web.json_response({"task_id": result["task_id"], "duplicate": result["duplicate"],
                               "task": task_view(result["task_id"], task) if task else None},
                              status=200 if result["duplicate"] else 201)
 
 
 async def get_task(request: web.Request) -> web.Response:
-    node = node_of(request)
+    ctx = context_of(request)
     task_id = request.match_info["task_id"]
     wait = _wait_query(request)
-    await node.read_barrier()
-    ended = node.scheduler.watch_task(task_id)
+    await ctx.cluster.barrier()
+    ended = ctx.scheduler.watch_task(task_id)
     try:
-        task = node.read(lambda p: p.task(task_id))
+        task = ctx.cluster.read(lambda p: p.task(task_id))
         if task is None:
             raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
         # Long poll: until the task ends or the wait runs out (then its current state).
@@ -77,21 +74,21 @@ async def get_task(request: web.Request) -> web.Response:
                 await asyncio.wait_for(ended.wait(), left)
             except asyncio.TimeoutError:
                 pass
-            task = node.read(lambda p: p.task(task_id)) or task
+            task = ctx.cluster.read(lambda p: p.task(task_id)) or task
     finally:
-        node.scheduler.unwatch_task(task_id)
+        ctx.scheduler.unwatch_task(task_id)
     return web.json_response(task_view(task_id, task))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    node = node_of(request)
+    ctx = context_of(request)
     state = request.query.get("state")
     if state is not None and state not in TASK_STATES:
         raise ApiError(400, "bad_request", f"state must be one of {', '.join(TASK_STATES)}, got {state!r}")
     limit = int_query(request, "limit", 1, 1000) or 100
     after = request.query.get("start_after")
-    await node.read_barrier()
-    rows = node.read(lambda p: p.tasks(state, limit, after))
+    await ctx.cluster.barrier()
+    rows = ctx.cluster.read(lambda p: p.tasks(state, limit, after))
     return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows],
                               "next": rows[-1][0] if len(rows) == limit else None})
 
@@ -104,13 +101,13 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def task_logs(request: web.Request) -> web.Response:
-    node = node_of(request)
+    ctx = context_of(request)
     task_id = request.match_info["task_id"]
     stream = request.query.get("stream")
     if stream not in (None, "stdout", "stderr"):
         raise ApiError(400, "bad_request", f"stream must be stdout or stderr, got {stream!r}")
-    await node.read_barrier()
-    task = node.read(lambda p: p.task(task_id))
+    await ctx.cluster.barrier()
+    task = ctx.cluster.read(lambda p: p.task(task_id))
     if task is None:
         raise ApiError(404, "unknown_task", f"no task {task_id!r} (never submitted, or expired)")
     result = task.get("result") or {}
@@ -141,7 +138,7 @@ async def register_worker(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     """The worker's heartbeat and long poll. Answered by the leader only: it keeps the
     heartbeat times and wakes the poll when the worker's leases change."""
-    node = node_of(request)
+    ctx = context_of(request)
     worker_id = _path_id(request, "worker_id")
     body = await json_body(request, {"epoch", "holding", "wait_s"}, {"epoch"})
     if isinstance(body["epoch"], bool) or not isinstance(body["epoch"], int) or body["epoch"] < 0:
@@ -153,7 +150,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     wait = body.get("wait_s", 0)
     if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "bad_request", f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
-    _leader_only(node)
+    _leader_only(ctx)
 
     def check_up(worker: dict | None) -> None:
         if worker is None or worker["state"] != "up" or worker["epoch"] != body["epoch"]:
@@ -163,14 +160,14 @@ async def heartbeat(request: web.Request) -> web.Response:
 
     # Ids that never registered leave no trace in the scheduler. (A registered worker's
     # heartbeat counts as heard even when it is down: it is alive, and registers again.)
-    if node.read(lambda p: p.worker(worker_id)) is None:
+    if ctx.cluster.read(lambda p: p.worker(worker_id)) is None:
         check_up(None)
     deadline = time.monotonic() + wait
-    news = node.scheduler.news_for(worker_id)
+    news = ctx.scheduler.news_for(worker_id)
     while True:
         news.clear()
-        node.scheduler.heartbeat(worker_id)
-        worker, leases = node.read(lambda p: (p.worker(worker_id), p.worker_leases(worker_id)))
+        ctx.scheduler.heartbeat(worker_id)
+        worker, leases = ctx.cluster.read(lambda p: (p.worker(worker_id), p.worker_leases(worker_id)))
         check_up(worker)
         revoked = {t: lease for t, lease in holding.items() if leases.get(t) != lease}
         new = {t: lease for t, lease in leases.items() if holding.get(t) != lease}
@@ -181,19 +178,19 @@ async def heartbeat(request: web.Request) -> web.Response:
             await asyncio.wait_for(news.wait(), left)
         except asyncio.TimeoutError:
             pass
-        _leader_only(node)
-    tasks = node.read(lambda p: {t: p.task(t) for t in new})
+        _leader_only(ctx)
+    tasks = ctx.cluster.read(lambda p: {t: p.task(t) for t in new})
     assignments = [{"task_id": t, "lease": lease, "spec": spec_to_json(tasks[t]["spec"])}
                    for t, lease in new.items() if tasks.get(t) is not None]
     return web.json_response({"assign": assignments, "revoke": revoked,
-                              "heartbeat_timeout_s": node.scheduler.heartbeat_timeout})
+                              "heartbeat_timeout_s": ctx.scheduler.heartbeat_timeout})
 
 
 async def reports(request: web.Request) -> web.Response:
     """Start and finish reports, many per request; each is answered on its own (a refused
     lease does not fail the others). Retries are safe: each report's request id is derived
     from its task, lease and kind."""
-    node = node_of(request)
+    ctx = context_of(request)
     worker_id = request.match_info["worker_id"]
     body = await json_body(request, {"reports"}, {"reports"})
     items = body["reports"]
@@ -201,7 +198,7 @@ async def reports(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "reports must be a list of 1 to 1024 reports")
     commands = [_report_command(worker_id, i, r) for i, r in enumerate(items)]
     size = sum(len(json.dumps(r)) for r in items)
-    results = await asyncio.gather(*(node.propose(c, 256 + size // len(items)) for c in commands))
+    results = await asyncio.gather(*(ctx.cluster.propose(c, 256 + size // len(items)) for c in commands))
     return web.json_response({"results": [
         {"task_id": c["task_id"], "ok": r.get("ok", False), **({"state": r.get("state")} if r.get("ok") else
                                                                 {"error": r.get("error"), "message": r.get("message")})}
@@ -220,18 +217,18 @@ async def leave(request: web.Request) -> web.Response:
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    node = node_of(request)
-    await node.read_barrier()
-    return web.json_response({"workers": workers_view(node)})
+    ctx = context_of(request)
+    await ctx.cluster.barrier()
+    return web.json_response({"workers": workers_view(ctx)})
 
 
-def workers_view(node: Node) -> list[dict]:
+def workers_view(ctx: ApiContext) -> list[dict]:
     """The registered workers with their load and, on the leader, how long since it heard them."""
-    rows = node.read(lambda p: [(w, info, len(p.worker_leases(w))) for w, info in p.workers().items()])
-    leader = node.raft is not None and node.raft.is_leader()
+    rows = ctx.cluster.read(lambda p: [(w, info, len(p.worker_leases(w))) for w, info in p.workers().items()])
+    leader = ctx.cluster.is_leader()
     out = []
     for w, info, running in rows:
-        heard = node.scheduler.last_heard(w) if leader else None
+        heard = ctx.scheduler.last_heard(w) if leader else None
         out.append({"worker_id": w, "state": info["state"], "epoch": info["epoch"], "slots": info["slots"],
                     "running": running, "labels": info.get("labels", {}), "memory_mb": info.get("memory_mb"),
                     "driver": info.get("driver"), "since_ms": info["since_ms"], "reason": info.get("reason"),
@@ -345,9 +342,9 @@ def outcome_from_json(outcome: Any, field: str) -> dict:
     return out
 
 
-def _leader_only(node: Node) -> None:
-    if node.raft is None or not node.raft.is_leader():
-        leader, leader_api = node.leader()
+def _leader_only(ctx: ApiContext) -> None:
+    if not ctx.cluster.is_leader():
+        leader, leader_api = leader_of(ctx)
         raise ApiError(421, "not_leader", "workers heartbeat to the leader; send this to leader_api",
                        leader=leader, leader_api=leader_api)
 

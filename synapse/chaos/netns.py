@@ -51,10 +51,6 @@ SUBNET = "10.231.0"
 TEST_ADDR = f"{SUBNET}.254"
 
 
-class NetnsUnavailable(RuntimeError):
-    """Namespaces cannot be created here (not root, no `ip`, or no CAP_SYS_ADMIN)."""
-
-
 def _run(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

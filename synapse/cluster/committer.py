@@ -20,7 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from synapse.cluster.raft import FAILURES, ReplicatedLog
+from typing import Callable, Protocol
+
 from synapse.state.commands import encode_entry
 
 log = logging.getLogger("synapse.cluster")
@@ -40,6 +41,13 @@ class ProposalError(Exception):
         self.outcome_unknown = outcome_unknown
 
 
+class EntryLog(Protocol):
+    """Where entries go (``ReplicatedLog``): ``append`` calls back on another thread with
+    (result, None) once the entry is applied on this node, or (None, the failure's reason)."""
+
+    def append(self, payload: bytes, callback: Callable[[object, str | None], None]) -> None: ...
+
+
 @dataclass
 class _Entry:
     commands: list[tuple[dict, int, bool]]  # (command, size hint, alone), aligned with futures
@@ -52,7 +60,7 @@ class _Entry:
 class GroupCommitter:
     def __init__(
         self,
-        raft: ReplicatedLog,
+        raft: EntryLog,
         max_commands: int = 1024,
         max_bytes: int = 4 << 20,
         # Two: one entry filling while one commits. With one, 64 small-write clients ran
@@ -167,18 +175,17 @@ class GroupCommitter:
         self._in_flight.append(entry)
         self.entries_proposed += 1
         self.commands_proposed += len(futures)
-        self._raft.apply_entry(encode_entry(commands), callback=functools.partial(self._on_applied, entry))
+        self._raft.append(encode_entry(commands), functools.partial(self._on_applied, entry))
 
-    def _on_applied(self, entry: _Entry, result, err) -> None:
+    def _on_applied(self, entry: _Entry, result, failure: str | None) -> None:
         # Tick thread: hand over and return.
         try:
-            self._loop.call_soon_threadsafe(self._resolve, entry, result, err)
+            self._loop.call_soon_threadsafe(self._resolve, entry, result, failure)
         except RuntimeError:  # the loop is closed: the node is gone
             pass
 
-    def _resolve(self, entry: _Entry, result, err) -> None:
-        if err != 0:
-            reason = FAILURES.get(err, f"raft_error_{err}")
+    def _resolve(self, entry: _Entry, result, reason: str | None) -> None:
+        if reason is not None:
             if reason == "no_leader":
                 # Nothing was appended anywhere: wait for the election and propose again, as
                 # etcd does, rather than fail every request during the ~0.4 s without a leader.

@@ -31,6 +31,10 @@ from synapse import _core
 from synapse.cluster.fsutil import fsync_dir
 from synapse.cluster.threads import run_in_background_priority
 
+# What a catch-up planner answers when it is not ready yet (raft.py's BackgroundSerializer
+# asks again at its next round); otherwise a container of the changes, or None for this file.
+PLAN_PENDING = object()
+
 log = logging.getLogger("synapse.cluster")
 
 MAGIC = b"SYNDUMP1"

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -24,8 +23,9 @@ from pysyncobj.serializer import Serializer
 
 from synapse import _core
 from synapse.cluster import wire
-from synapse.cluster.dump import DumpJob, read_dump
+from synapse.cluster.dump import PLAN_PENDING, DumpJob, read_dump
 from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
+from synapse.cluster.tuning import RaftTuning
 from synapse.state.processor import CommandProcessor, EntryOutcome
 
 log = logging.getLogger("synapse.cluster")
@@ -42,7 +42,6 @@ wire.install()
 
 _CONSTRUCTION_HOOK = threading.Lock()
 
-PLAN_PENDING = object()  # a catch-up planner's "not ready: ask again"
 
 
 def _cut_only_on_conflict(raft, node, message: dict) -> dict | None:
@@ -176,42 +175,6 @@ FAILURES = {
 }
 
 
-@dataclass(frozen=True)
-class RaftTuning:
-    """Timing, tuned by measurement (DESIGN.md: 20 leader SIGKILLs each, 3 nodes on loopback).
-
-    PySyncObj's defaults (0.4/1.4 s, 0.1 s heartbeats) gave a median failover of 1.44 s, every
-    time in two election rounds: idle follower-to-follower links hit ``connectionTimeout``, so
-    the first vote requests went nowhere. 0.3/0.6 s with 0.05 s heartbeats plus a keep-alive
-    on every link gave a median of 0.42 s in one round, with no spurious elections under load.
-    """
-
-    min_timeout: float = 0.3
-    max_timeout: float = 0.6
-    heartbeat: float = 0.05
-    # Keep-alives make every link carry traffic, so a dead peer is still noticed by this
-    # timeout (unlike with the timeout disabled, where a silently dropped link is only seen
-    # after ~15 minutes of TCP retries).
-    keepalive: float = 0.5
-    connection_timeout: float = 2.0
-    # PySyncObj redials a lost peer every connectionRetryTime (default 5 s): a restarted node
-    # then took 5-7 s to hear the leader and, with no pre-vote in PySyncObj, disturbed the
-    # cluster with elections meanwhile (scripts/bench-node, 10 restarts).
-    reconnect: float = 0.5
-    # A leader cut off from the majority steps down after this long (PySyncObj default: 30 s).
-    # Linearizable reads never depend on it — they need a committed barrier — but clients
-    # find the new leader sooner.
-    leader_fallback: float = 2.0
-    # How long the leader holds back telling followers that its commit index moved, hoping
-    # the next entry (which carries the commit index) goes out first (_SyncObj__applyLogEntries).
-    commit_notice_delay: float = 0.002
-    compaction_min_entries: int = 50_000
-    compaction_min_seconds: float = 600.0
-    # ...or as soon as the log holds this much on disk (dumps are written off the tick thread,
-    # so compacting by size no longer stalls heartbeats).
-    compaction_max_log_bytes: int = 256 << 20
-
-
 class ApplyListener(Protocol):
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None: ...
     def state_replaced(self, index: int, store: _core.StateStore) -> None: ...
@@ -222,73 +185,26 @@ class ApplyListener(Protocol):
     def role_changed(self, leader: str | None, is_leader: bool) -> None: ...
 
 
-class ReplicatedLog(SyncObj):
-    """One Raft voter. Create it in a thread that lives as long as the voter (PySyncObj's
-    tick thread stops when the thread that created it ends), and stop it with ``close()``."""
+class Voter(SyncObj):
+    """PySyncObj's ``SyncObj`` with our guards against its defects and the one replicated
+    method. Owned by a ``ReplicatedLog`` and never handed out: nothing outside this module
+    calls PySyncObj, sees its method names or its error codes."""
 
-    def __init__(
-        self,
-        raft_addr: str,
-        peers: list[str],
-        data_dir: Path,
-        processor_factory: Callable[[_core.StateStore], CommandProcessor],
-        listener: ApplyListener,
-        secret: str | None,
-        tuning: RaftTuning = RaftTuning(),
-        bind_address: str | None = None,
-        fsync: bool = False,
-    ) -> None:
-        self._processor_factory = processor_factory
-        self._processor = processor_factory(_core.StateStore())
-        self._listener = listener
+    def __init__(self, owner: "ReplicatedLog", raft_addr: str, peers: list[str], conf: SyncObjConf,
+                 tuning: RaftTuning) -> None:
+        # PySyncObj's tick thread starts inside SyncObj.__init__ and may load a dump, apply
+        # entries and report its role before it returns: the owner must know its voter first.
+        owner._raft = self
+        self._owner = owner
         self._tuning = tuning
-        # Readers on the event loop and the applier on the tick thread share the Rust store,
-        # whose mutable borrow is held (GIL released) for a whole batch: one lock orders them.
-        self.state_lock = threading.Lock()
-        self._applied: tuple[int, bytes] = (0, self._processor.store.digest())
-        # Repair support (synapse/integrity/repair.py), all under state_lock: views to freeze
-        # right after an exact index, and the entries applied since an index.
-        self._freezes: dict[int, list[concurrent.futures.Future]] = {}
-        self._captured: list[tuple[int, bytes]] | None = None
-        # Catch-up by diff, follower side: ``is_container(path)``, ``install(path, store) ->
-        # (index, last, prev, cluster)`` (synapse/integrity/catchup.py); None: full dumps only.
-        self.catchup_loader = None
         self._last_keepalive = 0.0
         # A commit-index notice held back: (when it is due, PySyncObj's next-heartbeat time
         # then — any AppendEntries sent since moves it, and carried the commit index).
         self._commit_notice: tuple[float, float] | None = None
         self._last_role: tuple[str | None, bool] | None = None
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = SegmentedJournal(data_dir / "raft-log", fsync=fsync)
-        legacy = data_dir / "raft.journal"
-        if legacy.exists():
-            moved = import_pysyncobj_journal(legacy, self.journal)
-            log.info("node %s: moved %d entries from PySyncObj's %s into %s", raft_addr, moved, legacy, data_dir / "raft-log")
-        conf = SyncObjConf(
-            password=secret,
-            bindAddress=bind_address,
-            appendEntriesUseBatch=False,
-            raftMinTimeout=tuning.min_timeout,
-            raftMaxTimeout=tuning.max_timeout,
-            appendEntriesPeriod=tuning.heartbeat,
-            connectionTimeout=tuning.connection_timeout,
-            connectionRetryTime=tuning.reconnect,
-            maxBindRetries=5,
-            bindRetryTime=0.2,
-            leaderFallbackTimeout=tuning.leader_fallback,
-            journalFile=str(data_dir / "raft-log"),  # see _CONSTRUCTION_HOOK
-            fullDumpFile=str(data_dir / "raft.dump"),
-            serializer=self._start_dump,  # see BackgroundSerializer
-            deserializer=self._deserialize,
-            dynamicMembershipChange=True,
-            logCompactionMinEntries=tuning.compaction_min_entries,
-            logCompactionMinTime=tuning.compaction_min_seconds,
-            commandsWaitLeader=False,
-            onStateChanged=self._on_state_changed,
-        )
         with _CONSTRUCTION_HOOK:
             create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
-            pysyncobj.syncobj.createJournal = lambda _path: self.journal
+            pysyncobj.syncobj.createJournal = lambda _path: owner.journal
             pysyncobj.syncobj.Serializer = BackgroundSerializer
             try:
                 super().__init__(raft_addr, peers, conf)
@@ -306,231 +222,7 @@ class ReplicatedLog(SyncObj):
     def apply_entry(self, payload: bytes) -> list[dict]:
         # Inside a replicated method the entry's index is raftLastApplied + 1 on every node,
         # replays and snapshot installs included (DESIGN.md, "PySyncObj 0.3.17, measured").
-        index = self.raftLastApplied + 1
-        try:
-            with self.state_lock:
-                if self._freezes:
-                    # PySyncObj's own entries never come here: the state after index - 1 is
-                    # the state at every index since the last entry applied here.
-                    self._fire_freezes(index - 1)
-                outcome = self._processor.apply_entry(index, payload)
-                replaced = self._roll_back(index, outcome) if outcome.events else None
-                digest = self._processor.store.digest()
-                self._applied = (index, digest)
-                if self._captured is not None:
-                    self._captured.append((index, payload))
-                if self._freezes:
-                    self._fire_freezes(index)
-                checkpoint = self._processor.store.freeze() if ("snapshot", index) in outcome.events else None
-        except Exception:  # the processor never raises; this guards the cluster if it does
-            log.exception("node %s: applying entry %d failed; the entry is skipped", self.selfNode, index)
-            return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
-        try:
-            if replaced is not None:
-                self._listener.state_replaced(index, replaced)
-            if checkpoint is not None:
-                self._listener.checkpoint_made(index, checkpoint)
-            self._listener.entry_applied(index, outcome, digest)
-        except Exception:
-            log.exception("node %s: a listener failed on entry %d", self.selfNode, index)
-        return outcome.results
-
-    def _roll_back(self, index: int, outcome: EntryOutcome) -> _core.StateStore | None:
-        """Under the state lock, for a rollback entry: replaces the state with the listener's
-        retained snapshot of the checkpoint (its digest checked against the agreed one) and
-        finishes the entry on it. If this node has no such snapshot it keeps its state — it
-        then differs from the others, finds out at the next checkpoint and repairs itself."""
-        event = next((e for e in outcome.events if e[0] == "rollback"), None)
-        if event is None:
-            return None
-        _, target, digest, chain = event
-        try:
-            store = self._listener.checkpoint_state(target, digest)
-        except Exception as e:
-            log.error("node %s: cannot roll back to checkpoint %d at entry %d: %s", self.selfNode, target, index, e)
-            self._listener.rollback_failed(index, target, e)
-            return None
-        processor = self._processor_factory(store)
-        processor.finish_rollback(index, outcome.chain, target, [digest, chain], self._processor.store)
-        self._processor = processor
-        log.warning("node %s: rolled back to checkpoint %d at entry %d", self.selfNode, target, index)
-        return store
-
-    # --- repair support (any thread) ---
-
-    def set_catchup_planner(self, planner) -> None:
-        """Leader side of catch-up by diff: see ``BackgroundSerializer.planner``."""
-        self._SyncObj__serializer.planner = planner
-
-    def processor_for(self, store: _core.StateStore) -> CommandProcessor:
-        """A processor like this node's own (same replicated settings) over ``store``."""
-        return self._processor_factory(store)
-
-    def freeze_at(self, index: int) -> concurrent.futures.Future:
-        """A future of (index, FrozenState) of the state right after entry ``index``; fails at
-        once with ValueError if this node has already applied past it."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self.state_lock:
-            applied = self.applied()[0]
-            if applied > index:
-                fut.set_exception(ValueError(f"index {index} is already applied here (at {applied})"))
-            elif applied == index:
-                fut.set_result((index, self._processor.store.freeze()))
-            else:
-                self._freezes.setdefault(index, []).append(fut)
-        return fut
-
-    def cancel_freeze(self, fut: concurrent.futures.Future) -> None:
-        with self.state_lock:
-            for index, waiting in list(self._freezes.items()):
-                if fut in waiting:
-                    waiting.remove(fut)
-                    if not waiting:
-                        del self._freezes[index]
-        fut.cancel()
-
-    def _fire_freezes(self, index: int) -> None:
-        due = [i for i in self._freezes if i <= index]
-        if not due:
-            return
-        frozen = self._processor.store.freeze()
-        for i in due:
-            for fut in self._freezes.pop(i):
-                if not fut.done():
-                    # i < index only when i was one of PySyncObj's own entries: same state.
-                    fut.set_result((i, frozen))
-
-    def start_capture(self) -> None:
-        """Starts keeping (index, payload) of every entry applied from now on, for
-        ``install_repaired``; call it before ``freeze_at`` so nothing after the frozen index
-        is missed."""
-        with self.state_lock:
-            self._captured = []
-
-    def captured(self, after: int) -> list[tuple[int, bytes]]:
-        with self.state_lock:
-            return [e for e in (self._captured or []) if e[0] > after]
-
-    def install_repaired(
-        self, processor: CommandProcessor, at_index: int, replayed: list[tuple[int, bytes, bytes]]
-    ) -> tuple[int, _core.StateStore]:
-        """Swaps in a repaired processor whose state is at ``at_index``: under the state lock
-        (an entry boundary) it first replays the captured entries after ``at_index``, so the
-        new state is at this node's applied index. ``replayed`` lists (index, chain, digest)
-        of the entries the caller already replayed; the listener's ``state_repaired`` gets
-        them all before the next entry applies. Returns (the applied index, the old store)."""
-        with self.state_lock:
-            records = list(replayed)
-            for index, payload in self._captured or []:
-                if index > at_index:
-                    outcome = processor.apply_entry(index, payload)
-                    records.append((index, outcome.chain, processor.store.digest()))
-            old = self._processor.store
-            self._processor = processor
-            self._captured = None
-            applied = self.applied()[0]
-            self._applied = (applied, processor.store.digest())
-            try:
-                self._listener.state_repaired(records)
-            except Exception:
-                log.exception("node %s: a listener failed on the repaired state", self.selfNode)
-            return applied, old
-
-    def stop_capture(self) -> None:
-        with self.state_lock:
-            self._captured = None
-
-    def inject_fault(self, ops: list[tuple[bytes, bytes | None]]) -> bytes:
-        """Writes ``ops`` straight into this node's store, behind the log's back (fault
-        injection for tests and chaos runs). Returns the new digest."""
-        with self.state_lock:
-            self._processor.store.apply(ops)
-            index, digest = self._applied[0], self._processor.store.digest()
-            self._applied = (index, digest)
-            return digest
-
-    # --- reads from other threads ---
-
-    @property
-    def processor(self) -> CommandProcessor:
-        return self._processor
-
-    def applied(self) -> tuple[int, bytes]:
-        """(applied index, state digest at that index), consistent with each other.
-
-        PySyncObj also applies entries that never reach ``apply_entry`` (a new leader's no-op,
-        membership changes); they leave the state, and so the digest, unchanged. Our own
-        record can also run one entry ahead of ``raftLastApplied`` while PySyncObj finishes
-        an apply. Either way the later of the two indexes is the one the digest belongs to."""
-        index, digest = self._applied
-        return max(index, self.raftLastApplied), digest
-
-    # --- PySyncObj hooks (tick thread) ---
-
-    def _start_dump(self, path: Path, raft_tuple: tuple) -> DumpJob:
-        # Tick thread, between applies: the state is exactly at the tuple's last entry.
-        # Freezing is O(buckets) and needs no lock (this thread is the only writer).
-        job = DumpJob(path, self._processor.store.freeze(), raft_tuple, self._SyncObj__serializer.job_lock)
-        log.info("node %s: writing a Raft dump at index %d in the background", self.selfNode, job.index)
-        return job
-
-    def _deserialize(self, path: str) -> tuple:
-        if self.catchup_loader is not None and self.catchup_loader.is_container(Path(path)):
-            return self._install_catchup(Path(path))
-        dump = read_dump(path)
-        Path(path + ".prev").unlink(missing_ok=True)
-        self._trim_journal_to(dump.prev, dump.last)
-        with self.state_lock:
-            self._processor = self._processor_factory(dump.store)
-            self._applied = (dump.info.log_index, dump.store.digest())
-        log.info("node %s: loaded Raft dump at index %d", self.selfNode, dump.info.log_index)
-        try:
-            self._listener.state_replaced(dump.info.log_index, dump.store)
-        except Exception:
-            log.exception("node %s: a listener failed on state replacement", self.selfNode)
-        # PySyncObj drops its own node from this list by comparing Node objects with what we
-        # return; an address string never equals a Node, so a node would count itself as a
-        # peer and (alone) never win an election. Leave ourselves out here.
-        me = str(self.selfNode.id)
-        return (dump.last, dump.prev, [addr for addr in dump.cluster if addr != me])
-
-    def _install_catchup(self, path: Path) -> tuple:
-        """A catch-up container from the leader (synapse/integrity/catchup.py): applied to
-        the current state under the lock, then replaced on disk by a full dump. If it cannot
-        be applied, the previous dump file comes back and nothing changes (PySyncObj logs the
-        failure; the leader sends the full dump next time)."""
-        previous = path.with_name(path.name + ".prev")
-        with self.state_lock:
-            try:
-                index, last, prev, cluster = self.catchup_loader.install(path, self._processor.store)
-            except Exception:
-                if previous.exists():
-                    os.replace(previous, path)
-                else:
-                    path.unlink(missing_ok=True)
-                raise
-            self._applied = (index, self._processor.store.digest())
-        previous.unlink(missing_ok=True)
-        log.info("node %s: caught up to index %d by diff", self.selfNode, index)
-        try:
-            self._listener.state_replaced(index, self._processor.store)
-        except Exception:
-            log.exception("node %s: a listener failed on state replacement", self.selfNode)
-        me = str(self.selfNode.id)
-        return (last, prev, [addr for addr in cluster if addr != me])
-
-    def _trim_journal_to(self, prev: tuple, last: tuple) -> None:
-        """PySyncObj keeps the journal on loading a dump only if it starts with the dump's two
-        entries, and otherwise clears it — entries after the dump included. A node killed
-        after its new dump was renamed into place but before the log was cut (a tick later)
-        has a journal that starts earlier: cut it here, so nothing after the dump is lost."""
-        journal = self.journal
-        if len(journal) < 2 or journal[0] == prev:
-            return
-        pos = prev[1] - journal[0][1]
-        if 0 < pos < len(journal) - 1 and journal[pos] == prev and journal[pos + 1] == last:
-            journal.deleteEntriesTo(pos)
-            log.info("node %s: cut the Raft log to the dump at index %d before loading it", self.selfNode, last[1])
+        return self._owner._apply(self.raftLastApplied + 1, payload)
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
         """Fixes four PySyncObj 0.3.17 defects before its handler sees the message.
@@ -606,7 +298,7 @@ class ReplicatedLog(SyncObj):
     def _on_tick(self) -> None:
         if self._commit_notice is not None:
             self._send_commit_notice(time.monotonic())
-        if self.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
+        if self._owner.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
             self._SyncObj__forceLogCompaction = True  # PySyncObj's own flag; cleared when it starts
         now = time.monotonic()
         if now - self._last_keepalive >= self._tuning.keepalive:
@@ -616,7 +308,7 @@ class ReplicatedLog(SyncObj):
                 transport.send(node, _KEEPALIVE)
         self._report_role()
 
-    def _on_state_changed(self, old: int, new: int) -> None:
+    def on_state_changed(self, old: int, new: int) -> None:
         self._report_role()
 
     def _report_role(self) -> None:
@@ -624,35 +316,398 @@ class ReplicatedLog(SyncObj):
         role = (str(leader.id) if leader is not None else None, self._isLeader())
         if role != self._last_role:
             self._last_role = role
-            try:
-                self._listener.role_changed(*role)
-            except Exception:
-                log.exception("node %s: a listener failed on a role change", self.selfNode)
+            self._owner._role_changed(*role)
 
-    # --- status, for the API (any thread; values may be a tick old) ---
+
+class ReplicatedLog:
+    """This node's replica of the log and the state it applies: one Raft voter (a PySyncObj
+    ``SyncObj``, held privately) with its journal, dump file and state store. Create it in a
+    thread that lives as long as the voter (PySyncObj's tick thread stops when the thread
+    that created it ends), and stop it with ``close()``."""
+
+    def __init__(
+        self,
+        raft_addr: str,
+        peers: list[str],
+        data_dir: Path,
+        processor_factory: Callable[..., CommandProcessor],
+        listener: ApplyListener,
+        secret: str | None,
+        tuning: RaftTuning = RaftTuning(),
+        bind_address: str | None = None,
+        fsync: bool = False,
+    ) -> None:
+        # Two locks. Readers on the event loop and the applier on the tick thread share the
+        # Rust store, whose mutable borrow is held (GIL released) for a whole batch: the read
+        # lock orders them, held by readers for a lookup and by writers only around a change
+        # to the store or a swap of the processor — an entry's commands (up to 1024) run
+        # before its one batch, outside it, so a read never waits behind a whole entry. The
+        # entry lock orders whole entries against everything else that changes the state
+        # (a repair's swap, a catch-up, fault injection) and the freeze and capture records.
+        self._read_lock = threading.Lock()
+        self._entry_lock = threading.Lock()
+        self._processor_factory: Callable[[_core.StateStore], CommandProcessor] = (
+            lambda store: processor_factory(store, store_lock=self._read_lock))
+        self._processor = self._processor_factory(_core.StateStore())
+        self._listener = listener
+        self._tuning = tuning
+        self._applied: tuple[int, bytes] = (0, self._processor.store.digest())
+        # Repair support (synapse/integrity/repair.py), under the entry lock: views to freeze
+        # right after an exact index, and the entries applied since an index.
+        self._freezes: dict[int, list[concurrent.futures.Future]] = {}
+        self._captured: list[tuple[int, bytes]] | None = None
+        # Catch-up by diff, follower side: ``is_container(path)``, ``install(path, store) ->
+        # (index, last, prev, cluster)`` (synapse/integrity/catchup.py); None: full dumps only.
+        self.catchup_loader = None
+        self._raft_addr = raft_addr
+        self._raft: Voter  # set by Voter.__init__ before its tick thread starts
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = SegmentedJournal(data_dir / "raft-log", fsync=fsync)
+        legacy = data_dir / "raft.journal"
+        if legacy.exists():
+            moved = import_pysyncobj_journal(legacy, self.journal)
+            log.info("node %s: moved %d entries from PySyncObj's %s into %s", raft_addr, moved, legacy, data_dir / "raft-log")
+        conf = SyncObjConf(
+            password=secret,
+            bindAddress=bind_address,
+            appendEntriesUseBatch=False,
+            raftMinTimeout=tuning.min_timeout,
+            raftMaxTimeout=tuning.max_timeout,
+            appendEntriesPeriod=tuning.heartbeat,
+            connectionTimeout=tuning.connection_timeout,
+            connectionRetryTime=tuning.reconnect,
+            maxBindRetries=5,
+            bindRetryTime=0.2,
+            leaderFallbackTimeout=tuning.leader_fallback,
+            journalFile=str(data_dir / "raft-log"),  # see _CONSTRUCTION_HOOK
+            fullDumpFile=str(data_dir / "raft.dump"),
+            serializer=self._start_dump,  # see BackgroundSerializer
+            deserializer=self._deserialize,
+            dynamicMembershipChange=True,
+            logCompactionMinEntries=tuning.compaction_min_entries,
+            logCompactionMinTime=tuning.compaction_min_seconds,
+            commandsWaitLeader=False,
+            onStateChanged=lambda old, new: self._raft.on_state_changed(old, new),
+        )
+        Voter(self, raft_addr, peers, conf, tuning)
+
+    def _apply(self, index: int, payload: bytes) -> list[dict]:
+        """The replicated method's work (tick thread): never raises."""
+        try:
+            with self._entry_lock:
+                if self._freezes:
+                    # PySyncObj's own entries never come here: the state after index - 1 is
+                    # the state at every index since the last entry applied here.
+                    self._fire_freezes(index - 1)
+                outcome = self._processor.apply_entry(index, payload)
+                replaced = self._roll_back(index, outcome) if outcome.events else None
+                digest = self._processor.store.digest()
+                self._applied = (index, digest)
+                if self._captured is not None:
+                    self._captured.append((index, payload))
+                if self._freezes:
+                    self._fire_freezes(index)
+                checkpoint = self._processor.store.freeze() if ("snapshot", index) in outcome.events else None
+        except Exception:  # the processor never raises; this guards the cluster if it does
+            log.exception("node %s: applying entry %d failed; the entry is skipped", self._raft_addr, index)
+            return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
+        try:
+            if replaced is not None:
+                self._listener.state_replaced(index, replaced)
+            if checkpoint is not None:
+                self._listener.checkpoint_made(index, checkpoint)
+            self._listener.entry_applied(index, outcome, digest)
+        except Exception:
+            log.exception("node %s: a listener failed on entry %d", self._raft_addr, index)
+        return outcome.results
+
+    def _roll_back(self, index: int, outcome: EntryOutcome) -> _core.StateStore | None:
+        """Under the entry lock, for a rollback entry: replaces the state with the listener's
+        retained snapshot of the checkpoint (its digest checked against the agreed one) and
+        finishes the entry on it. If this node has no such snapshot it keeps its state — it
+        then differs from the others, finds out at the next checkpoint and repairs itself."""
+        event = next((e for e in outcome.events if e[0] == "rollback"), None)
+        if event is None:
+            return None
+        _, target, digest, chain = event
+        try:
+            store = self._listener.checkpoint_state(target, digest)
+        except Exception as e:
+            log.error("node %s: cannot roll back to checkpoint %d at entry %d: %s", self._raft_addr, target, index, e)
+            self._listener.rollback_failed(index, target, e)
+            return None
+        processor = self._processor_factory(store)
+        processor.finish_rollback(index, outcome.chain, target, [digest, chain], self._processor.store)
+        with self._read_lock:
+            self._processor = processor
+        log.warning("node %s: rolled back to checkpoint %d at entry %d", self._raft_addr, target, index)
+        return store
+
+    # --- the log (any thread) ---
+
+    def append(self, payload: bytes, callback: Callable[[object, str | None], None]) -> None:
+        """Proposes one entry; ``callback(result, failure)`` runs on the tick thread once it
+        is applied here (failure None) or refused (failure: one of ``FAILURES``' reasons)."""
+        self._raft.apply_entry(payload, callback=lambda result, err: callback(result, _reason(err)))
+
+    def wait_bound(self) -> None:
+        """Blocks until the Raft port is bound; raises RaftError if it cannot be."""
+        try:
+            self._raft.waitBinded()
+        except Exception as e:  # PySyncObj's SyncObjException("BindError")
+            raise RaftError(f"cannot listen on the Raft address {self._raft_addr}: {e}") from e
+
+    def add_voter(self, raft_addr: str, done: Callable[[str | None], None]) -> None:
+        """Starts adding a voter (one membership change at a time); ``done(failure)`` on the
+        tick thread, failure None once the change is committed."""
+        self._raft.addNodeToCluster(raft_addr, callback=_reason_callback(done))
+
+    def remove_voter(self, raft_addr: str, done: Callable[[str | None], None]) -> None:
+        self._raft.removeNodeFromCluster(raft_addr, callback=_reason_callback(done))
+
+    def transfer_leadership(self, raft_addr: str | None, done: Callable[[str | None], None] | None = None) -> None:
+        """Asks the leader to hand over to ``raft_addr`` (None: the most caught-up follower);
+        ``done(None)`` once the request is sent, ``done("denied")`` if the target is not
+        connected and fully caught up, ``done("leader_changed")`` if this node does not lead."""
+        self._raft.transferLeadership(raft_addr, callback=_reason_callback(done) if done else None)
+
+    def compact(self) -> None:
+        """Writes a dump and cuts the log up to it at the next tick, whatever the thresholds."""
+        self._raft.forceLogCompaction()
+
+    def read(self, fn: Callable[[CommandProcessor], object]) -> object:
+        """``fn(processor)`` on the applied state, between entries. Hold it for lookups only:
+        the next entry's batch waits for ``fn`` (decode what it returns afterwards)."""
+        with self._read_lock:
+            return fn(self._processor)
+
+    def first_log_index(self) -> int | None:
+        """The index of the oldest entry still in the log (None: empty)."""
+        return self.journal[0][1] if len(self.journal) else None
+
+    # --- repair support (any thread) ---
+
+    def set_catchup_planner(self, planner) -> None:
+        """Leader side of catch-up by diff: see ``BackgroundSerializer.planner``."""
+        self._raft._SyncObj__serializer.planner = planner
+
+    def processor_for(self, store: _core.StateStore) -> CommandProcessor:
+        """A processor like this node's own (same replicated settings) over ``store``."""
+        return self._processor_factory(store)
+
+    def freeze_at(self, index: int) -> concurrent.futures.Future:
+        """A future of (index, FrozenState) of the state right after entry ``index``; fails at
+        once with ValueError if this node has already applied past it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._entry_lock:
+            applied = self.applied()[0]
+            if applied > index:
+                fut.set_exception(ValueError(f"index {index} is already applied here (at {applied})"))
+            elif applied == index:
+                fut.set_result((index, self._processor.store.freeze()))
+            else:
+                self._freezes.setdefault(index, []).append(fut)
+        return fut
+
+    def cancel_freeze(self, fut: concurrent.futures.Future) -> None:
+        with self._entry_lock:
+            for index, waiting in list(self._freezes.items()):
+                if fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._freezes[index]
+        fut.cancel()
+
+    def _fire_freezes(self, index: int) -> None:
+        due = [i for i in self._freezes if i <= index]
+        if not due:
+            return
+        frozen = self._processor.store.freeze()
+        for i in due:
+            for fut in self._freezes.pop(i):
+                if not fut.done():
+                    # i < index only when i was one of PySyncObj's own entries: same state.
+                    fut.set_result((i, frozen))
+
+    def start_capture(self) -> None:
+        """Starts keeping (index, payload) of every entry applied from now on, for
+        ``install_repaired``; call it before ``freeze_at`` so nothing after the frozen index
+        is missed."""
+        with self._entry_lock:
+            self._captured = []
+
+    def captured(self, after: int) -> list[tuple[int, bytes]]:
+        with self._entry_lock:
+            return [e for e in (self._captured or []) if e[0] > after]
+
+    def install_repaired(
+        self, processor: CommandProcessor, at_index: int, replayed: list[tuple[int, bytes, bytes]]
+    ) -> tuple[int, _core.StateStore]:
+        """Swaps in a repaired processor whose state is at ``at_index``: under the entry lock
+        (an entry boundary) it first replays the captured entries after ``at_index``, so the
+        new state is at this node's applied index. ``replayed`` lists (index, chain, digest)
+        of the entries the caller already replayed; the listener's ``state_repaired`` gets
+        them all before the next entry applies. Returns (the applied index, the old store)."""
+        with self._entry_lock:
+            records = list(replayed)
+            for index, payload in self._captured or []:
+                if index > at_index:
+                    outcome = processor.apply_entry(index, payload)
+                    records.append((index, outcome.chain, processor.store.digest()))
+            old = self._processor.store
+            with self._read_lock:
+                self._processor = processor
+            self._captured = None
+            applied = self.applied()[0]
+            self._applied = (applied, processor.store.digest())
+            try:
+                self._listener.state_repaired(records)
+            except Exception:
+                log.exception("node %s: a listener failed on the repaired state", self._raft_addr)
+            return applied, old
+
+    def stop_capture(self) -> None:
+        with self._entry_lock:
+            self._captured = None
+
+    def inject_fault(self, ops: list[tuple[bytes, bytes | None]]) -> bytes:
+        """Writes ``ops`` straight into this node's store, behind the log's back (fault
+        injection for tests and chaos runs). Returns the new digest."""
+        with self._entry_lock, self._read_lock:
+            self._processor.store.apply(ops)
+            index, digest = self._applied[0], self._processor.store.digest()
+            self._applied = (index, digest)
+            return digest
+
+    # --- reads from other threads ---
+
+    def applied(self) -> tuple[int, bytes]:
+        """(applied index, state digest at that index), consistent with each other.
+
+        PySyncObj also applies entries that never reach ``apply_entry`` (a new leader's no-op,
+        membership changes); they leave the state, and so the digest, unchanged. Our own
+        record can also run one entry ahead of ``raftLastApplied`` while PySyncObj finishes
+        an apply. Either way the later of the two indexes is the one the digest belongs to."""
+        index, digest = self._applied
+        return max(index, self._raft.raftLastApplied), digest
+
+    # --- PySyncObj hooks (tick thread) ---
+
+    def _start_dump(self, path: Path, raft_tuple: tuple) -> DumpJob:
+        # Tick thread, between applies: the state is exactly at the tuple's last entry.
+        # Freezing is O(buckets) and needs no lock (this thread is the only writer).
+        job = DumpJob(path, self._processor.store.freeze(), raft_tuple, self._raft._SyncObj__serializer.job_lock)
+        log.info("node %s: writing a Raft dump at index %d in the background", self._raft_addr, job.index)
+        return job
+
+    def _deserialize(self, path: str) -> tuple:
+        if self.catchup_loader is not None and self.catchup_loader.is_container(Path(path)):
+            return self._install_catchup(Path(path))
+        dump = read_dump(path)
+        Path(path + ".prev").unlink(missing_ok=True)
+        self._trim_journal_to(dump.prev, dump.last)
+        with self._entry_lock, self._read_lock:
+            self._processor = self._processor_factory(dump.store)
+            self._applied = (dump.info.log_index, dump.store.digest())
+        log.info("node %s: loaded Raft dump at index %d", self._raft_addr, dump.info.log_index)
+        try:
+            self._listener.state_replaced(dump.info.log_index, dump.store)
+        except Exception:
+            log.exception("node %s: a listener failed on state replacement", self._raft_addr)
+        # PySyncObj drops its own node from this list by comparing Node objects with what we
+        # return; an address string never equals a Node, so a node would count itself as a
+        # peer and (alone) never win an election. Leave ourselves out here.
+        me = self._raft_addr
+        return (dump.last, dump.prev, [addr for addr in dump.cluster if addr != me])
+
+    def _install_catchup(self, path: Path) -> tuple:
+        """A catch-up container from the leader (synapse/integrity/catchup.py): applied to
+        the current state under the lock, then replaced on disk by a full dump. If it cannot
+        be applied, the previous dump file comes back and nothing changes (PySyncObj logs the
+        failure; the leader sends the full dump next time)."""
+        previous = path.with_name(path.name + ".prev")
+        with self._entry_lock, self._read_lock:  # the container changes the live store
+            try:
+                index, last, prev, cluster = self.catchup_loader.install(path, self._processor.store)
+            except Exception:
+                if previous.exists():
+                    os.replace(previous, path)
+                else:
+                    path.unlink(missing_ok=True)
+                raise
+            self._applied = (index, self._processor.store.digest())
+        previous.unlink(missing_ok=True)
+        log.info("node %s: caught up to index %d by diff", self._raft_addr, index)
+        try:
+            self._listener.state_replaced(index, self._processor.store)
+        except Exception:
+            log.exception("node %s: a listener failed on state replacement", self._raft_addr)
+        me = self._raft_addr
+        return (last, prev, [addr for addr in cluster if addr != me])
+
+    def _trim_journal_to(self, prev: tuple, last: tuple) -> None:
+        """PySyncObj keeps the journal on loading a dump only if it starts with the dump's two
+        entries, and otherwise clears it — entries after the dump included. A node killed
+        after its new dump was renamed into place but before the log was cut (a tick later)
+        has a journal that starts earlier: cut it here, so nothing after the dump is lost."""
+        journal = self.journal
+        if len(journal) < 2 or journal[0] == prev:
+            return
+        pos = prev[1] - journal[0][1]
+        if 0 < pos < len(journal) - 1 and journal[pos] == prev and journal[pos + 1] == last:
+            journal.deleteEntriesTo(pos)
+            log.info("node %s: cut the Raft log to the dump at index %d before loading it", self._raft_addr, last[1])
+
+    # --- status (any thread; values may be a tick old) ---
 
     def is_leader(self) -> bool:
-        return self._isLeader()
+        return self._raft._isLeader()
+
+    def leader_raft_addr(self) -> str | None:
+        leader = self._raft._getLeader()
+        return str(leader.id) if leader is not None else None
 
     def status(self) -> dict:
-        leader = self._getLeader()
-        others = sorted(self.otherNodes, key=lambda n: str(n.id))  # otherNodes is a copy
+        raft = self._raft
+        leader = raft._getLeader()
+        others = sorted(raft.otherNodes, key=lambda n: str(n.id))  # otherNodes is a copy
         return {
-            "raft_addr": str(self.selfNode.id),
+            "raft_addr": self._raft_addr,
             "leader_raft_addr": str(leader.id) if leader is not None else None,
-            "is_leader": self._isLeader(),
-            "term": self.raftCurrentTerm,
-            "commit_index": self.raftCommitIndex,
+            "is_leader": raft._isLeader(),
+            "term": raft.raftCurrentTerm,
+            "commit_index": raft.raftCommitIndex,
             "peers": [str(n.id) for n in others],
-            "connected": {str(n.id): self.isNodeConnected(n) for n in others},
+            "connected": {str(n.id): raft.isNodeConnected(n) for n in others},
         }
+
+    def _role_changed(self, leader: str | None, is_leader: bool) -> None:
+        try:
+            self._listener.role_changed(leader, is_leader)
+        except Exception:
+            log.exception("node %s: a listener failed on a role change", self._raft_addr)
 
     def close(self) -> None:
         """Stops the tick thread and waits for it, so the Raft port is free when this returns
         (a node restarted in the same process must be able to bind it again), then lets a dump
         being written finish (its file is complete or absent, never torn)."""
-        if self.tick_thread_alive():
-            self.destroy_synchronous()
+        raft = self._raft
+        if raft.tick_thread_alive():
+            raft.destroy_synchronous()
         else:
-            self.destroy()
-        self._SyncObj__serializer.wait()
+            raft.destroy()
+        raft._SyncObj__serializer.wait()
+
+
+class RaftError(RuntimeError):
+    """The Raft voter cannot run (its port cannot be bound)."""
+
+
+def _reason(err) -> str | None:
+    """PySyncObj's error code as our reason (None: success)."""
+    return None if err == FAIL_REASON.SUCCESS else FAILURES.get(err, f"raft_error_{err}")
+
+
+def _reason_callback(done: Callable[[str | None], None]):
+    """PySyncObj's ``callback(result, error code)`` as ``done(our reason or None)``."""
+    return lambda result, err: done(_reason(err))

@@ -39,10 +39,6 @@ _FROZEN_KEPT = 16
 _TRIM_AT = 64 << 20
 
 
-class AuditError(ValueError):
-    pass
-
-
 class AuditTrail:
     """Appended on PySyncObj's tick thread only."""
 

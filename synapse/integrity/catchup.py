@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 import blake3
@@ -35,11 +35,10 @@ import msgpack
 
 from synapse import _core
 from synapse.background import TaskGroup
-from synapse.cluster.dump import dump_index, read_dump, write_dump
-from synapse.cluster.raft import PLAN_PENDING
+from synapse.cluster.dump import PLAN_PENDING, dump_index, read_dump, write_dump
 
 if TYPE_CHECKING:
-    from synapse.node import Node
+    from synapse.state.processor import CommandProcessor
 
 log = logging.getLogger("synapse.integrity")
 
@@ -129,8 +128,11 @@ class CatchUpStats:
 class CatchUpPlanner:
     """Leader side; ``payload_for`` is called on the tick thread, planning runs on the loop."""
 
-    def __init__(self, node: "Node") -> None:
-        self._node = node
+    def __init__(self, read: Callable[[Callable[["CommandProcessor"], Any]], Any], token: str) -> None:
+        """``read(fn)``: ``fn(processor)`` on the applied state (the registered nodes' API
+        addresses); ``token`` authenticates this node to the follower."""
+        self._read = read
+        self._token = token
         self._loop = asyncio.get_running_loop()  # made by the node on its loop
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}
@@ -196,15 +198,14 @@ class CatchUpPlanner:
                 plan.state = "full"
 
     async def _build(self, raft_addr: str, dump_path: Path) -> tuple[bytes, dict]:
-        node = self._node
-        members = node.read(lambda p: p.nodes())
+        members = self._read(lambda p: p.nodes())
         api = next((m["api"] for m in members.values() if m["raft"] == raft_addr), None)
         if api is None:
             raise CatchUpError(f"no registered node has Raft address {raft_addr}")
         loop = asyncio.get_running_loop()
         dump = await loop.run_in_executor(None, read_dump, dump_path)
         base = f"http://{api}"
-        headers = {"Authorization": f"Bearer {node.root_token}"}
+        headers = {"Authorization": f"Bearer {self._token}"}
         stats = self.stats
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=_PLAN_TIMEOUT)) as http:
 

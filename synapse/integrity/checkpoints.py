@@ -155,10 +155,6 @@ class CheckpointTracker:
 
     # --- event loop ---
 
-    def my_checkpoint(self, index: int) -> list[bytes] | None:
-        with self._lock:
-            return self._mine.get(index)
-
     def repairing(self) -> None:
         with self._lock:
             self.service = Service.REPAIRING
@@ -172,10 +168,6 @@ class CheckpointTracker:
             # state: judged after the repair, they would declare it diverged again.
             for index in [i for i in self._mine if i < proof_after]:
                 del self._mine[index]
-
-    def repair_failed(self) -> None:
-        with self._lock:
-            self.service = Service.DIVERGED
 
     def _report(self, index: int, digest: bytes, chain: bytes) -> None:
         self._spawn(self._send_report(index, digest, chain))

@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import aiohttp
 
 from synapse import _core
-from synapse.integrity.checkpoints import Service
+from synapse.integrity.checkpoints import CheckpointTracker, Service
 from synapse.state import keys
+from synapse.state.processor import CommandProcessor
 from synapse.state.records import KvChange
-
-if TYPE_CHECKING:
-    from synapse.node import Node
 
 log = logging.getLogger("synapse.integrity")
 
@@ -53,6 +52,30 @@ class RepairError(RuntimeError):
     pass
 
 
+class Replica(Protocol):
+    """The replica's hooks a repair uses (``synapse.cluster.raft.ReplicatedLog``)."""
+
+    def applied(self) -> tuple[int, bytes]: ...
+    def freeze_at(self, index: int) -> concurrent.futures.Future: ...
+    def cancel_freeze(self, fut: concurrent.futures.Future) -> None: ...
+    def start_capture(self) -> None: ...
+    def stop_capture(self) -> None: ...
+    def captured(self, after: int) -> list[tuple[int, bytes]]: ...
+    def processor_for(self, store: _core.StateStore) -> CommandProcessor: ...
+    def install_repaired(self, processor: CommandProcessor, at_index: int,
+                         replayed: list[tuple[int, bytes, bytes]]) -> tuple[int, _core.StateStore]: ...
+
+
+class RepairingCluster(Protocol):
+    """What a repair needs of the cluster (``synapse.cluster.service.Cluster``)."""
+
+    replica: Replica
+
+    def read(self, fn: Callable[[CommandProcessor], Any]) -> Any: ...
+    async def barrier(self, timeout: float | None = None) -> None: ...
+    def step_down(self) -> None: ...
+
+
 class RepairBusy(RepairError):
     """Every repair session slot is taken: the caller should retry shortly (HTTP 429)."""
 
@@ -67,8 +90,8 @@ class _Session:
 class RepairSessions:
     """Frozen views this node holds for peers that repair from it."""
 
-    def __init__(self, node: "Node") -> None:
-        self._node = node
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
         self._sessions: dict[str, _Session] = {}
 
     async def open(self, index: int) -> tuple[str, int, bytes]:
@@ -77,11 +100,11 @@ class RepairSessions:
         self._expire()
         if len(self._sessions) >= _MAX_SESSIONS:
             raise RepairBusy(f"{_MAX_SESSIONS} repair sessions are open already; retry shortly")
-        fut = self._node.raft.freeze_at(index)
+        fut = self._replica.freeze_at(index)
         try:
             at, frozen = await asyncio.wait_for(asyncio.wrap_future(fut), _FREEZE_TIMEOUT)
         except asyncio.TimeoutError:
-            self._node.raft.cancel_freeze(fut)
+            self._replica.cancel_freeze(fut)
             raise RepairError(f"this node did not reach index {index} within {_FREEZE_TIMEOUT:g} s") from None
         sid = secrets.token_hex(8)
         self._sessions[sid] = _Session(at, frozen)
@@ -127,10 +150,17 @@ class RepairReport:
 
 
 class Repairer:
-    """Runs repairs for a node: at most one at a time, retried until one succeeds."""
+    """Runs repairs for a node: at most one at a time, retried until one succeeds.
+    ``send_to_view(index, changes)`` hands the kv changes a repair made to the SQL view;
+    ``token`` authenticates this node to its peers."""
 
-    def __init__(self, node: "Node") -> None:
-        self._node = node
+    def __init__(self, node_id: str, cluster: RepairingCluster, tracker: CheckpointTracker,
+                 send_to_view: Callable[[int, list[KvChange]], None], token: str) -> None:
+        self._node_id = node_id
+        self._cluster = cluster
+        self._tracker = tracker
+        self._send_to_view = send_to_view
+        self._token = token
         self._task: asyncio.Task | None = None
         self.last: RepairReport | None = None
         self.repairs = 0
@@ -149,11 +179,9 @@ class Repairer:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, checkpoint: int) -> None:
-        node = self._node
-        node.integrity.repairing()
-        if node.raft.status()["is_leader"]:
-            # A diverged leader answers with results computed from the wrong state.
-            node.raft.transferLeadership(None)
+        self._tracker.repairing()
+        # A diverged leader answers with results computed from the wrong state.
+        self._cluster.step_down()
         delay = 0.5
         while True:
             report = RepairReport(checkpoint)
@@ -166,23 +194,23 @@ class Repairer:
                 self.repairs += 1
                 log.warning(
                     "node %s: repaired from %s at index %d: %d differing buckets, %d records, %d bytes in %.2f s",
-                    node.config.node_id, report.peer, report.index, report.differing_buckets, report.records,
+                    self._node_id, report.peer, report.index, report.differing_buckets, report.records,
                     report.bytes_received, report.seconds,
                 )
                 again, self._again = self._again, None
-                if again is None or node.integrity.service != Service.DIVERGED:
+                if again is None or self._tracker.service != Service.DIVERGED:
                     return
                 checkpoint = again  # diverged again while this repair finished: repair again
-                node.integrity.repairing()
+                self._tracker.repairing()
                 continue
             except asyncio.CancelledError:
-                node.raft.stop_capture()
+                self._cluster.replica.stop_capture()
                 raise
             except Exception as e:  # any failure: report it, try again (maybe another peer)
-                node.raft.stop_capture()
+                self._cluster.replica.stop_capture()
                 report.outcome, report.error = "failed", f"{type(e).__name__}: {e}"
                 report.seconds = round(time.monotonic() - started, 3)
-                log.error("node %s: repair attempt failed: %s; retrying in %.1f s", node.config.node_id, report.error, delay)
+                log.error("node %s: repair attempt failed: %s; retrying in %.1f s", self._node_id, report.error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -190,8 +218,7 @@ class Repairer:
         """(node_id, api address) of the peers to repair from: those whose report matched
         the agreed digest of ``checkpoint`` — or of the newest agreed checkpoint when that one
         is unknown (a divergence found at an entry, not a checkpoint) — then the rest."""
-        node = self._node
-        me = node.config.node_id
+        me = self._node_id
 
         def pick(processor) -> list[tuple[str, str]]:
             members = processor.nodes()
@@ -204,14 +231,13 @@ class Repairer:
             ordered = agreeing + sorted(set(members) - set(agreeing))
             return [(n, members[n]["api"]) for n in ordered if n != me and n in members]
 
-        return node.read(pick)
+        return self._cluster.read(pick)
 
     async def _repair_once(self, report: RepairReport) -> None:
-        node = self._node
         peers = self._healthy_peers(report.checkpoint)
         if not peers:
             raise RepairError(f"no healthy peer is known for checkpoint {report.checkpoint}")
-        headers = {"Authorization": f"Bearer {node.root_token}"}
+        headers = {"Authorization": f"Bearer {self._token}"}
         timeout = aiohttp.ClientTimeout(total=30)
         last_error: Exception | None = None
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
@@ -221,11 +247,11 @@ class Repairer:
                     return
                 except (aiohttp.ClientError, asyncio.TimeoutError, RepairError) as e:
                     last_error = e
-                    log.warning("node %s: repair from %s failed: %s", node.config.node_id, peer_id, e)
+                    log.warning("node %s: repair from %s failed: %s", self._node_id, peer_id, e)
         raise RepairError(f"every healthy peer failed; last: {last_error}")
 
     async def _repair_from(self, http: aiohttp.ClientSession, base: str, peer_id: str, report: RepairReport) -> None:
-        node, raft = self._node, self._node.raft
+        raft = self._cluster.replica
         report.peer = peer_id
 
         async def call(path: str, body: dict) -> dict:
@@ -315,16 +341,16 @@ class Repairer:
         report.records = records
         applied, old = raft.install_repaired(processor, replayed[-1][0] if replayed else at, replayed)
         self._send_changes_to_view(old, processor.store, applied)
-        node.integrity.repaired(proof_after=applied + 1)
+        self._tracker.repaired(proof_after=applied + 1)
         step("install")
-        await node.integrity.propose_checkpoint(label=f"repair of {node.config.node_id}")
+        await self._tracker.propose_checkpoint(label=f"repair of {self._node_id}")
         step("prove")
 
     async def _push_log_until(self, fut) -> None:
         """Commits barrier entries until ``fut`` (a freeze at a future index) is done."""
         while not fut.done():
             try:
-                await self._node.committer.barrier(1.0)
+                await self._cluster.barrier(1.0)
             except Exception:
                 await asyncio.sleep(0.05)
 
@@ -339,8 +365,8 @@ class Repairer:
         for key in diff.removed:
             if key.startswith(keys.KV):
                 changes.append(KvChange(keys.kv_name(key), None, 0, 0, 0, index))
-        if changes and self._node.materializer is not None:
-            self._node.materializer.submit(index, changes)
+        if changes:
+            self._send_to_view(index, changes)
 
 
 def _json_bytes(body: dict) -> bytes:

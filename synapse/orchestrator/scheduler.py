@@ -7,11 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-
-if TYPE_CHECKING:
-    from synapse.node import Node
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger("synapse.orchestrator")
 
@@ -63,12 +59,24 @@ def place(pending: list[tuple[str, dict]], workers: dict[str, dict], used: dict[
     return out
 
 
-class Scheduler:
-    """Runs on every node, acts while the node leads. ``entry_applied`` is called from the
-    apply thread with each entry's task and worker events; the rest runs on the node's loop."""
+class SchedulingCluster(Protocol):
+    """What the scheduler needs of the cluster (``synapse.cluster.service.Cluster``)."""
 
-    def __init__(self, node: Node, heartbeat_timeout: float) -> None:
-        self.node = node
+    def read(self, fn: Callable[[Any], Any]) -> Any: ...
+    async def propose(self, command: dict, size_hint: int) -> dict: ...
+    def is_leader(self) -> bool: ...
+
+
+class Scheduler:
+    """Runs on every node, acts while the node leads and its state is the agreed one
+    (``serving()``). ``entry_applied`` is called from the apply thread with each entry's task
+    and worker events; the rest runs on the node's loop."""
+
+    def __init__(self, node_id: str, cluster: SchedulingCluster, serving: Callable[[], bool],
+                 heartbeat_timeout: float) -> None:
+        self._node_id = node_id
+        self._cluster = cluster
+        self._serving = serving
         self.heartbeat_timeout = heartbeat_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
@@ -162,21 +170,20 @@ class Scheduler:
                     self._leading = True
                     start = time.monotonic()
                     self._seen = {w: start for w in self._seen} | {
-                        w: start for w in self.node.read(lambda p: p.workers())}
+                        w: start for w in self._cluster.read(lambda p: p.workers())}
                 await self._round()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed proposal (leader change, timeout): next round retries
-                log.info("node %s: scheduling round failed: %s: %s", self.node.config.node_id, type(e).__name__, e)
+                log.info("node %s: scheduling round failed: %s: %s", self._node_id, type(e).__name__, e)
                 await asyncio.sleep(TICK_S)
 
     def _is_leader(self) -> bool:
-        raft = self.node.raft
-        return raft is not None and raft.is_leader() and self.node.serving
+        return self._cluster.is_leader() and self._serving()
 
     async def _round(self) -> None:
         now, mono = now_ms(), time.monotonic()
-        workers, pending, used = self.node.read(_snapshot)
+        workers, pending, used = self._cluster.read(_snapshot)
         commands: list[dict[str, Any]] = []
         for w, info in workers.items():
             if info["state"] != "up":
@@ -192,13 +199,13 @@ class Scheduler:
         if not commands:
             return
         self.rounds += 1
-        results = await asyncio.gather(*(self.node.propose(c, 256) for c in commands), return_exceptions=True)
+        results = await asyncio.gather(*(self._cluster.propose(c, 256) for c in commands), return_exceptions=True)
         for c, r in zip(commands, results):
             if isinstance(r, dict) and r.get("ok"):
                 if c["op"] == "task_assign":
                     self.assigned += 1
                 else:
-                    log.warning("node %s: worker %s marked down (%s); requeued %s, lost %s", self.node.config.node_id,
+                    log.warning("node %s: worker %s marked down (%s); requeued %s, lost %s", self._node_id,
                                 c["worker_id"], c["reason"], r.get("requeued"), r.get("lost"))
             elif isinstance(r, BaseException):
                 raise r

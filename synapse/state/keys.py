@@ -157,6 +157,11 @@ def decode_kv(key: str, raw: bytes) -> KvRecord:
     return KvRecord(key, record[0], record[1], record[2], record[3])
 
 
+def decode_kv_rows(rows: list[tuple[bytes, bytes]]) -> list[KvRecord]:
+    """Raw kv rows of the store (full keys, encoded records), as records."""
+    return [decode_kv(kv_name(k), v) for k, v in rows]
+
+
 def encode_node(api: str, raft: str, index: int) -> bytes:
     return pack({"api": api, "raft": raft, "index": index})
 

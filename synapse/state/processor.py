@@ -13,6 +13,7 @@ invariants. The shape of one ``apply_entry``:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,11 +66,16 @@ class CommandProcessor:
 
     ``dedup_capacity`` is part of the replicated behaviour: every node must use the same one."""
 
-    def __init__(self, store: StateStore, dedup_capacity: int = DEDUP_CAPACITY) -> None:
+    def __init__(self, store: StateStore, dedup_capacity: int = DEDUP_CAPACITY,
+                 store_lock: AbstractContextManager | None = None) -> None:
+        """``store_lock`` is held around each change to the store, and only then: readers on
+        other threads that hold it see the state between two entries, and wait for no more
+        than the one Rust batch an entry ends with (its commands run before, outside it)."""
         if type(dedup_capacity) is not int or dedup_capacity < 0:
             raise ValueError(f"dedup_capacity: expected an integer >= 0, got {dedup_capacity!r}")
         self.store = store
         self.dedup_capacity = dedup_capacity
+        self._store_lock = store_lock if store_lock is not None else nullcontext()
 
     def apply_entry(self, index: int, payload: bytes) -> EntryOutcome:
         """Apply the entry at log ``index``. Never raises (an exception here would make
@@ -102,13 +108,15 @@ class CommandProcessor:
                     self._bound_dedup(run.writes)
                     self._bound_tasks(run.writes)
                     ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
-            self.store.apply([*ops, link])
+            with self._store_lock:
+                self.store.apply([*ops, link])
         except Exception as exc:
             # Nothing reached the store: store.apply validates its whole batch before changing
             # anything, and it is the last step. The entry still extends the chain.
             results, changes, events = [_internal(exc) for _ in range(count)], [], ()
             try:
-                self.store.apply([link])
+                with self._store_lock:
+                    self.store.apply([link])
             except Exception:
                 pass
         return EntryOutcome(results, changes, chain, events)
@@ -147,7 +155,8 @@ class CommandProcessor:
         if record is not None:
             record["agreed"], record["agreed_index"] = agreed, record["agreed_index"] or index
             ops.append((keys.ckpt_key(target), keys.encode_checkpoint(record)))
-        self.store.apply(ops)
+        with self._store_lock:
+            self.store.apply(ops)
 
     def get(self, key: str) -> KvRecord | None:
         """The key's record in this node's state (stale on a follower); None also for a key
@@ -162,6 +171,11 @@ class CommandProcessor:
     def scan(self, prefix: str, limit: int | None, start_after: str | None = None) -> list[KvRecord]:
         """Records whose key starts with ``prefix``, in key (UTF-8 byte) order, after
         ``start_after`` if given, at most ``limit`` of them (None: all)."""
+        return keys.decode_kv_rows(self.scan_rows(prefix, limit, start_after))
+
+    def scan_rows(self, prefix: str, limit: int | None, start_after: str | None = None) -> list[tuple[bytes, bytes]]:
+        """``scan`` as the store's raw rows: decode them with ``keys.decode_kv_rows`` after
+        letting go of the state (the lookup is all a reader needs it for)."""
         if not isinstance(prefix, str):
             raise CommandError("prefix", f"prefix: expected a string, got {type(prefix).__name__}")
         if limit is not None and (type(limit) is not int or limit < 0):
@@ -182,8 +196,7 @@ class CommandProcessor:
         end = keys.prefix_end(keys.kv_key(prefix))
         if limit == 0 or (end is not None and start >= end):
             return []
-        rows = self.store.scan(start, end, limit)
-        return [keys.decode_kv(keys.kv_name(k), v) for k, v in rows]
+        return self.store.scan(start, end, limit)
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Registered nodes in node-id order: ``{node_id: {"api", "raft", "index"}}``."""

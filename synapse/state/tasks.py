@@ -39,7 +39,6 @@ MAX_ID_CHARS = 128
 MAX_SLOTS = 4096
 HISTORY_KEPT = 32  # state changes kept in a task's record
 
-DEFAULT_LIMITS = {"cpu_s": None, "memory_mb": None, "wall_s": 600.0, "output_bytes": 64 << 10, "processes": None}
 _LIMIT_RANGES = {  # name -> (min, max, integer only)
     "cpu_s": (1, 86_400, False),
     "memory_mb": (16, 1 << 20, True),

@@ -7,11 +7,11 @@
 //! forms — is parsed in Rust and handed to Python in batches (`Front::take`), one wake-up
 //! per batch; Python answers each with a status and a JSON body (`Front::respond`). Every
 //! other request, and any hot-path request in a form this module does not recognise
-//! (percent-escapes, dot segments, query parameters other than `consistency`, a missing or
-//! different bearer token, chunked bodies, `Expect`), is proxied unchanged to the node's
-//! aiohttp app on a loopback port, which stays the one place that defines the API's
-//! behaviour, errors included. So classification only ever decides *who* answers, never
-//! *what*: the Python side builds hot-path answers with the same functions as the app.
+//! (percent-escapes, dot segments, query parameters other than `consistency`, headers that
+//! are not text, chunked bodies, `Expect`), is proxied unchanged to the node's aiohttp app on
+//! a loopback port. Classification only ever decides *which path* a request takes, never
+//! policy: the credential is handed over as it came, and the Python side judges it and builds
+//! the answer through the same request pipeline as the app.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -50,6 +50,8 @@ pub struct HotRequest {
     /// The `consistency` query value of a GET, if given.
     pub consistency: Option<String>,
     pub request_id: Option<String>,
+    /// The `Authorization` header as sent, for the Python side to judge.
+    pub authorization: Option<String>,
     pub body: Bytes,
 }
 
@@ -64,9 +66,10 @@ pub enum Route {
 
 /// Decides who answers. Only forms whose meaning cannot differ between this parser and
 /// aiohttp's are hot: a key of unreserved characters and single slashes (no escapes, no dot
-/// segments, no empty segments, so no URL normalisation can apply), the exact bearer token,
-/// a body with a Content-Length no larger than `max_body` for PUT and none for GET.
-pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, token_header: &[u8], max_body: usize) -> Route {
+/// segments, no empty segments, so no URL normalisation can apply) and a body with a
+/// Content-Length no larger than `max_body` for PUT and none for GET. Whether the request may
+/// be answered at all (its token) is not decided here.
+pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, max_body: usize) -> Route {
     let put = match *method {
         Method::PUT => true,
         Method::GET => false,
@@ -84,10 +87,6 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, token_header: &
         },
         (true, Some(_)) => return Route::Proxy,
     };
-    match headers.get(AUTHORIZATION) {
-        Some(v) if constant_time_eq(v.as_bytes(), token_header) => {}
-        _ => return Route::Proxy, // the app answers 401 (or whatever it decides)
-    }
     if headers.contains_key(TRANSFER_ENCODING) || headers.contains_key(EXPECT) {
         return Route::Proxy;
     }
@@ -112,10 +111,6 @@ fn plain_key(key: &str) -> bool {
         && key.split('/').all(|segment| !matches!(segment, "" | "." | ".."))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Locks `mutex` even if a thread panicked while holding it. Every critical section here is
 /// one push, take, insert or remove, so a panic elsewhere cannot leave the data half-changed,
 /// and a poisoned lock must not turn into a panic across the Python boundary.
@@ -135,7 +130,6 @@ struct Shared {
     signalled: AtomicBool,
     notify: UnixStream,
     next_id: AtomicU64,
-    token_header: Vec<u8>,
     max_body: usize,
     backend: String,
     client: Client<HttpConnector, Body>,
@@ -164,8 +158,8 @@ pub struct Front {
 
 impl Front {
     /// Listens on `listen` (host:port; port 0 picks one) and proxies to `backend_port` on
-    /// 127.0.0.1. `token` is the API root token; `max_body` the largest hot-path body.
-    pub fn start(listen: &str, backend_port: u16, token: &str, max_body: usize, threads: usize) -> io::Result<Front> {
+    /// 127.0.0.1. `max_body` is the largest hot-path body.
+    pub fn start(listen: &str, backend_port: u16, max_body: usize, threads: usize) -> io::Result<Front> {
         let addrs: Vec<SocketAddr> = listen
             .to_socket_addrs()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve the API address {listen}: {e}")))?
@@ -192,7 +186,6 @@ impl Front {
             signalled: AtomicBool::new(false),
             notify,
             next_id: AtomicU64::new(1),
-            token_header: format!("Bearer {token}").into_bytes(),
             max_body,
             backend: format!("127.0.0.1:{backend_port}"),
             client,
@@ -299,15 +292,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut
 }
 
 async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let Route::Hot(put, key, consistency) =
-        classify(req.method(), req.uri(), req.headers(), &shared.token_header, shared.max_body)
-    else {
+    let Route::Hot(put, key, consistency) = classify(req.method(), req.uri(), req.headers(), shared.max_body) else {
         return Ok(proxy(&shared, req).await);
     };
-    let request_id = match req.headers().get("x-request-id").map(HeaderValue::to_str) {
-        None => None,
-        Some(Ok(v)) => Some(v.to_string()),
-        Some(Err(_)) => return Ok(proxy(&shared, req).await), // not text: let the app say so
+    // Headers that are not text: the app says what is wrong with them.
+    let (Ok(request_id), Ok(authorization)) = (text_header(req.headers(), "x-request-id"), text_header(req.headers(), AUTHORIZATION.as_str())) else {
+        return Ok(proxy(&shared, req).await);
     };
     let body = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -316,11 +306,20 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
     locked(&shared.waiting).insert(id, tx);
-    shared.push(HotRequest { id, put, key, consistency, request_id, body });
+    shared.push(HotRequest { id, put, key, consistency, request_id, authorization, body });
     Ok(match rx.await {
         Ok(reply) => json(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), reply.body),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is shutting down; retry on another node"),
     })
+}
+
+/// A header's value as text (None if absent); Err if it is not text.
+fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ()> {
+    match headers.get(name).map(HeaderValue::to_str) {
+        None => Ok(None),
+        Some(Ok(v)) => Ok(Some(v.to_string())),
+        Some(Err(_)) => Err(()),
+    }
 }
 
 async fn proxy(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
@@ -368,15 +367,13 @@ fn quote(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const TOKEN: &[u8] = b"Bearer t0k";
-
     fn route(method: Method, target: &str, headers: &[(&str, &str)]) -> Route {
         let uri: Uri = target.parse().unwrap();
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
-        classify(&method, &uri, &map, TOKEN, 100)
+        classify(&method, &uri, &map, 100)
     }
 
     const AUTH: (&str, &str) = ("authorization", "Bearer t0k");
@@ -401,7 +398,7 @@ mod tests {
             if let Ok(uri) = target.parse::<Uri>() {
                 let mut map = HeaderMap::new();
                 map.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t0k"));
-                assert_eq!(classify(&Method::GET, &uri, &map, TOKEN, 100), Route::Proxy, "{target}");
+                assert_eq!(classify(&Method::GET, &uri, &map, 100), Route::Proxy, "{target}");
             }
         }
         assert_eq!(route(Method::PUT, "/v1/kv/a?if_version=1", &[AUTH, ("content-length", "2")]), Route::Proxy);
@@ -410,10 +407,11 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_wrong_token_is_left_to_the_app() {
-        assert_eq!(route(Method::GET, "/v1/kv/a", &[]), Route::Proxy);
-        assert_eq!(route(Method::GET, "/v1/kv/a", &[("authorization", "Bearer t0K")]), Route::Proxy);
-        assert_eq!(route(Method::GET, "/v1/kv/a", &[("authorization", "Bearer t0k ")]), Route::Proxy);
+    fn the_token_is_not_judged_here() {
+        // Any credential, or none, takes the hot path: the Python pipeline answers 401.
+        assert_eq!(route(Method::GET, "/v1/kv/a", &[]), Route::Hot(false, "a".into(), None));
+        assert_eq!(route(Method::GET, "/v1/kv/a", &[("authorization", "Bearer t0K")]), Route::Hot(false, "a".into(), None));
+        assert_eq!(route(Method::GET, "/v1/kv/a", &[("authorization", "Basic x")]), Route::Hot(false, "a".into(), None));
     }
 
     #[test]

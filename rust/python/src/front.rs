@@ -8,8 +8,8 @@ use pyo3::types::PyBytes;
 
 use synapse_front::{locked, Front};
 
-/// (id, put?, key, consistency or None, X-Request-Id or None, body)
-type Taken<'py> = (u64, bool, String, Option<String>, Option<String>, Bound<'py, PyBytes>);
+/// (id, put?, key, consistency or None, X-Request-Id or None, Authorization or None, body)
+type Taken<'py> = (u64, bool, String, Option<String>, Option<String>, Option<String>, Bound<'py, PyBytes>);
 
 #[pyclass(module = "synapse._core")]
 pub struct HttpFront(Mutex<Option<Front>>);
@@ -27,10 +27,10 @@ impl HttpFront {
 impl HttpFront {
     /// Listens on `listen` ("host:port") now; raises OSError naming the address if it cannot.
     #[new]
-    #[pyo3(signature = (listen, backend_port, token, max_body, threads = 1))]
-    fn new(py: Python<'_>, listen: &str, backend_port: u16, token: &str, max_body: usize, threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (listen, backend_port, max_body, threads = 1))]
+    fn new(py: Python<'_>, listen: &str, backend_port: u16, max_body: usize, threads: usize) -> PyResult<Self> {
         let front = py
-            .allow_threads(|| Front::start(listen, backend_port, token, max_body, threads))
+            .allow_threads(|| Front::start(listen, backend_port, max_body, threads))
             .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
         Ok(HttpFront(Mutex::new(Some(front))))
     }
@@ -45,12 +45,12 @@ impl HttpFront {
         self.with(|f| f.notify_fd())
     }
 
-    /// Every waiting hot-path request: (id, put?, key, consistency, request id, body).
+    /// Every waiting hot-path request: (id, put?, key, consistency, request id, authorization, body).
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Vec<Taken<'py>>> {
         let taken = self.with(|f| f.take())?;
         Ok(taken
             .into_iter()
-            .map(|r| (r.id, r.put, r.key, r.consistency, r.request_id, PyBytes::new(py, &r.body)))
+            .map(|r| (r.id, r.put, r.key, r.consistency, r.request_id, r.authorization, PyBytes::new(py, &r.body)))
             .collect())
     }
 

@@ -1,0 +1,57 @@
+"""What the HTTP API serves from: the node's parts it may use, and nothing else of the node.
+
+``synapse/node.py`` builds one ``ApiContext`` when the node starts; every handler reaches it
+through ``context_of(request)``, the Rust front's hot path holds it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from aiohttp import web
+
+from synapse.cluster.service import Cluster
+from synapse.integrity.catchup import CatchUpStats
+from synapse.integrity.checkpoints import CheckpointTracker, Service
+from synapse.integrity.repair import Repairer, RepairSessions
+from synapse.integrity.snapshots import CheckpointSnapshots
+from synapse.orchestrator.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    node_id: str
+    request_timeout: float
+    debug_fault_injection: bool
+    cluster: Cluster
+    integrity: CheckpointTracker
+    repairer: Repairer
+    repair_sessions: RepairSessions
+    snapshots: CheckpointSnapshots
+    scheduler: Scheduler
+    catchup: CatchUpStats
+    check_token: Callable[[str], bool]
+
+    @property
+    def serving(self) -> bool:
+        """False while this node's state is known to differ from the agreed one."""
+        return self.integrity.service == Service.SERVING
+
+
+CONTEXT_KEY: web.AppKey[ApiContext] = web.AppKey("context")
+
+
+def context_of(request: web.Request) -> ApiContext:
+    return request.app[CONTEXT_KEY]
+
+
+def leader_of(ctx: ApiContext) -> tuple[str | None, str | None]:
+    """(node id, API address) of the leader as this node knows it; (None, None) if none."""
+    addr = ctx.cluster.leader_raft_addr()
+    if addr is None:
+        return None, None
+    for node_id, info in ctx.cluster.read(lambda p: p.nodes()).items():
+        if info["raft"] == addr:
+            return node_id, info["api"]
+    return None, None

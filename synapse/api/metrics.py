@@ -1,0 +1,75 @@
+"""The node's Prometheus metrics: request counts and latencies (observed by the request
+pipeline for both transports) and the node's state, read when ``/metrics`` is scraped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from synapse.api.context import context_of
+
+METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("synapse_http_requests", "HTTP requests", ["route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "synapse_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.applied_index = Gauge("synapse_applied_index", "Last applied log index", registry=self.registry)
+        self.commit_index = Gauge("synapse_commit_index", "Raft commit index", registry=self.registry)
+        self.term = Gauge("synapse_raft_term", "Raft term", registry=self.registry)
+        self.is_leader = Gauge("synapse_is_leader", "1 if this node is the Raft leader", registry=self.registry)
+        self.entries = Gauge("synapse_entries_proposed", "Log entries proposed by this node", registry=self.registry)
+        self.commands = Gauge("synapse_commands_proposed", "Commands proposed by this node", registry=self.registry)
+        self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
+        self.repairs = Gauge("synapse_repairs", "Repairs completed by this node since it started", registry=self.registry)
+        self.catchup_sent = Gauge("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers", registry=self.registry)
+        self.catchup_received = Gauge("synapse_catchup_bytes_received", "Bytes of catch-up containers received from the leader", registry=self.registry)
+        self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
+        self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
+        # The labelled children, looked up once: labels() takes a lock and builds a key per call.
+        self._counted: dict[tuple[str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        counter = self._counted.get((route, status))
+        if counter is None:
+            counter = self._counted[(route, status)] = self.requests.labels(route, str(status))
+        timer = self._timed.get(route)
+        if timer is None:
+            timer = self._timed[route] = self.latency.labels(route)
+        counter.inc()
+        timer.observe(seconds)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx, m = context_of(request), request.app[METRICS_KEY]
+    raft = ctx.cluster.status()
+    m.applied_index.set(ctx.cluster.applied()[0])
+    m.commit_index.set(raft["commit_index"])
+    m.term.set(raft["term"])
+    m.is_leader.set(1 if raft["is_leader"] else 0)
+    m.entries.set(ctx.cluster.entries_proposed)
+    m.commands.set(ctx.cluster.commands_proposed)
+    m.serving.set(1 if ctx.serving else 0)
+    st = ctx.catchup
+    m.catchup_sent.set(st.container_bytes_sent)
+    m.catchup_received.set(st.container_bytes_received)
+    m.catchup_probe.labels("sent").set(st.probe_bytes_sent)
+    m.catchup_probe.labels("received").set(st.probe_bytes_received)
+    m.repairs.set(ctx.repairer.repairs)
+    m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
+    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
