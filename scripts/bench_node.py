@@ -762,12 +762,16 @@ async def _loadgen(spec: dict) -> dict:
             m0 = start_at + spec["warmup"]
             m1 = m0 + spec["duration"]
 
+            # ``urls`` (spread): client c sends its k-th request to urls[(c + k) % len(urls)].
+            urls = spec.get("urls") or [url]
+
             async def worker(wid: int) -> None:
                 nonlocal ok
                 n = 0
                 keys = spec.get("read_keys_per_worker", 64)
-                base = f"{url}/v1/kv/{prefix}/w{wid}/"
+                bases = [f"{u}/v1/kv/{prefix}/w{wid}/" for u in urls]
                 while True:
+                    base = bases[(wid + n) % len(bases)]
                     t0 = now()
                     if t0 >= m1:
                         written[wid] = n
@@ -776,10 +780,10 @@ async def _loadgen(spec: dict) -> dict:
                         if etcd:
                             if mode == "put":
                                 body = etcd_put_body(f"{prefix}/w{wid}/{n}", etcd_value_for(n))
-                                target = url + "/v3/kv/put"
+                                target = base.split("/v1/kv/")[0] + "/v3/kv/put"
                             else:
                                 body = etcd_range_body(f"{prefix}/w{wid}/{n % keys}")
-                                target = url + "/v3/kv/range"
+                                target = base.split("/v1/kv/")[0] + "/v3/kv/range"
                             async with session.post(target, data=body) as r:
                                 payload = await r.read()
                                 status = r.status
