@@ -1472,7 +1472,9 @@ def run_catchup(cluster: SynapseCluster, loaded: int, fraction: float) -> dict:
     def delta(name: str) -> int:
         return sum(after[m].get(name, 0) - before[m].get(name, 0) for m in after)
 
-    container = got.get("container_bytes_received", 0)
+    # Every byte of every container transfer the leaders started (a cut-off transfer is sent
+    # again), or what the follower received if no leader reported one.
+    container = delta("container_bytes_sent") or got.get("container_bytes_received", 0)
     probe = delta("probe_bytes_sent") + delta("probe_bytes_received")
     full_sent = delta("full_dumps_sent")
     ratio = round((container + probe) / dump_bytes, 4) if got.get("containers_received") else None

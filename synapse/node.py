@@ -154,7 +154,7 @@ class Node:
             bind_address=cfg.raft,
             fsync=cfg.raft_fsync,
         )
-        self._catchup = CatchUpPlanner(replica.read, self.root_token)
+        self._catchup = CatchUpPlanner(cfg.node_id, replica.read, self.root_token)
         replica.set_catchup_planner(self._catchup.payload_for)
         replica.catchup_loader = ContainerLoader(self._catchup.stats)
         try:

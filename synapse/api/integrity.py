@@ -19,7 +19,7 @@ from synapse.api.common import (
     request_id,
 )
 from synapse.api.context import ApiContext, context_of
-from synapse.integrity.catchup import SHORT
+from synapse.integrity.catchup import SHORT, element_shorts
 from synapse.integrity.repair import RepairBusy, RepairError, b64
 from synapse.state import keys
 from synapse.state.commands import CommandError, check_key, check_label
@@ -240,20 +240,26 @@ def _busy(e: RepairBusy) -> ApiError:
     return ApiError(429, "busy", f"{e}; close finished sessions with DELETE, or retry in a second")
 
 
-async def catchup_buckets(request: web.Request) -> web.Response:
-    """All bucket digests of the frozen state, the first 8 bytes of each, concatenated."""
-    frozen = _session(request)
-    digests = frozen.node_digests(_core.TREE_DEPTH)
-    short = b"".join(digests[i : i + SHORT] for i in range(0, len(digests), 32))
-    return web.Response(body=short, content_type="application/octet-stream")
-
-
-async def catchup_keys(request: web.Request) -> web.Response:
-    """[key, first 8 bytes of its element hash] of every entry in the given buckets."""
+async def catchup_children(request: web.Request) -> web.Response:
+    """msgpack {level, parents} → the first bytes (catch-up's SHORT) of the digest of every
+    child of each parent (level 0: the root), in order, concatenated."""
     frozen = _session(request)
     body = await _msgpack_body(request)
-    buckets = _int_list(body, "buckets", MAX_BUCKETS_PER_REQUEST, _core.BUCKETS)
-    return _msgpack_response([[k, h[:SHORT]] for k, h in frozen.bucket_element_hashes(buckets)])
+    level = body.get("level")
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < _core.TREE_DEPTH:
+        raise ApiError(400, "bad_request", f"level: expected an integer from 0 to {_core.TREE_DEPTH - 1}")
+    parents = _int_list(body, "parents", _core.BUCKETS // _core.FANOUT, _core.FANOUT ** level)
+    digests = frozen.children_digests(level, parents)
+    return web.Response(body=b"".join(digests[i : i + SHORT] for i in range(0, len(digests), 32)),
+                        content_type="application/octet-stream")
+
+
+async def catchup_elements(request: web.Request) -> web.Response:
+    """msgpack {buckets} → one bytes per bucket, in order: the first bytes (catch-up's SHORT)
+    of the hash of each of its elements, concatenated (no keys)."""
+    frozen = _session(request)
+    body = await _msgpack_body(request)
+    return _msgpack_response(element_shorts(frozen, _int_list(body, "buckets", MAX_BUCKETS_PER_REQUEST, _core.BUCKETS)))
 
 
 # --- fault injection ---
@@ -300,8 +306,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/internal/repair/sessions/{session}/buckets", repair_buckets)
     app.router.add_delete("/v1/internal/repair/sessions/{session}", close_repair_session)
     app.router.add_get("/v1/internal/catchup/state", catchup_state)
-    app.router.add_get("/v1/internal/catchup/{session}/buckets", catchup_buckets)
-    app.router.add_post("/v1/internal/catchup/{session}/keys", catchup_keys)
+    app.router.add_post("/v1/internal/catchup/{session}/children", catchup_children)
+    app.router.add_post("/v1/internal/catchup/{session}/elements", catchup_elements)
     app.router.add_delete("/v1/internal/catchup/{session}", close_repair_session)
     app.router.add_post("/v1/debug/corrupt", corrupt)
     app.router.add_post("/v1/debug/compact", compact)

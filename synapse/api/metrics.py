@@ -38,6 +38,9 @@ class Metrics:
         self.repairs = Gauge("synapse_repairs", "Repairs completed by this node since it started", registry=self.registry)
         self.catchup_sent = Gauge("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers", registry=self.registry)
         self.catchup_received = Gauge("synapse_catchup_bytes_received", "Bytes of catch-up containers received from the leader", registry=self.registry)
+        self.catchup_full_dumps = Gauge(
+            "synapse_catchup_full_dumps", "Whole dumps sent to lagging followers instead of a catch-up container, "
+            "by reason", ["reason"], registry=self.registry)
         self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
         self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
         # The labelled children, looked up once: labels() takes a lock and builds a key per call.
@@ -70,6 +73,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.catchup_received.set(st.container_bytes_received)
     m.catchup_probe.labels("sent").set(st.probe_bytes_sent)
     m.catchup_probe.labels("received").set(st.probe_bytes_received)
+    for reason, count in list(st.full_dumps.items()):
+        m.catchup_full_dumps.labels(reason).set(count)
     m.repairs.set(ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

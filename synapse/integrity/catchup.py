@@ -4,12 +4,20 @@ changes between its own state and the leader's dump instead of the whole dump (D
 
 Leader side (``CatchUpPlanner``): when PySyncObj wants to send its dump to a follower, the
 serializer asks for a plan. The first time, the planner answers "wait" and, on the event
-loop, talks to the follower's API: it freezes the follower's state (a repair session), gets
-its 65,536 bucket digests (8 bytes each), compares them with the dump's, gets the keys and
-element hashes (8 bytes) of the differing buckets only, and builds a *catch-up container*:
-the dump's Raft tuple plus the puts and deletes that take the follower's state to the dump's.
-If that is not smaller than the dump file, or anything fails, the dump file is sent as
-before. A follower gets at most one container per dump: a second transfer is the full file.
+loop, talks to the follower's API: it freezes the follower's state (a repair session), walks
+the follower's bucket tree top-down where it differs from the dump's (the first 4 bytes of
+each digest, only below differing nodes), gets the element hashes of the differing buckets
+(the first 4 bytes of each, no keys), and builds a *catch-up container*: the dump's Raft tuple,
+the puts that take the follower's state to the dump's, and the deletes — named by bucket and
+element hash, which the follower turns into its own keys. If that is not smaller than the
+dump file, or planning fails, the dump file is sent instead: logged with its reason and
+counted (``CatchUpStats.full_dumps``, ``/metrics``).
+
+A transfer can be cut off (the follower stalls, the leader's connection times out, PySyncObj
+cancels the transmission) or its container refused: a new transmission to the same follower
+for the same dump sends the container again, up to ``MAX_TRANSFERS`` times, before giving up
+for the dump file. Measured cliff this removes: a stalled follower once made the leader send
+its whole 171 MB dump instead of a 1.0 MB container (scripts/bench-node on a busy machine).
 
 Follower side (``apply_container``): PySyncObj renames what it received over ``raft.dump``
 and asks our deserializer for it. A container is applied to the current state (it must
@@ -42,9 +50,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synapse.integrity")
 
-MAGIC = b"SYNCATCH"
+MAGIC = b"SYNCATC2"  # v2: deletes named by (bucket, element hash)
 _CHECK_TAG = b"SYNCATCM"
-SHORT = 8  # bytes of a bucket digest or element hash compared over the network
+# Bytes of a tree digest or an element hash compared over the network. Four: a false match
+# (a differing node or element taken for an equal one, about one chance in 2**32 each) makes
+# the container miss its target digest; the follower then refuses it and, after
+# MAX_TRANSFERS, gets the dump — rare, and never a wrong state. Eight cost twice the bytes:
+# 5.2 MB of planning for a 1.0 MB container at 1M keys, 1% changed (scripts/bench-node).
+SHORT = 4
+MAX_TRANSFERS = 3  # sends of one container to one follower before the dump file is sent
 _PLAN_TIMEOUT = 30.0
 _API_WAIT = 10.0
 
@@ -57,7 +71,8 @@ def _check(data: bytes) -> bytes:
     return blake3.blake3(_CHECK_TAG + data).digest()[:16]
 
 
-def encode_container(meta: dict, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> bytes:
+def encode_container(meta: dict, puts: list[tuple[bytes, bytes]], deletes: list[tuple[int, bytes]]) -> bytes:
+    """``deletes``: (bucket, short element hash) of each element the follower must drop."""
     body = msgpack.packb({"meta": meta, "puts": puts, "deletes": deletes}, use_bin_type=True)
     return MAGIC + struct.pack("<Q", len(body)) + body + _check(body)
 
@@ -84,13 +99,18 @@ def read_container(path: Path) -> dict:
 def apply_container(store: _core.StateStore, doc: dict) -> int:
     """Applies the container's changes to ``store`` atomically (the caller holds the state
     lock); returns the number of changes. CatchUpError, changing nothing, if the store is
-    not the state it was built against or the result is not the dump's state."""
+    not the state it was built against or the result is not the dump's state. A store that
+    is already at the dump's state (a container received twice) is left as it is."""
     meta = doc["meta"]
+    if store.digest() == meta["target"]:
+        return 0
     if store.digest() != meta["base"]:
         raise CatchUpError(
             f"this node's state is {store.hexdigest()[:16]}, not the {meta['base'].hex()[:16]} the catch-up was built against"
         )
-    ops = [(k, v) for k, v in doc["puts"]] + [(k, None) for k in doc["deletes"]]
+    # A changed key's old element is among the deletes too: its put replaces it instead.
+    puts = {k: v for k, v in doc["puts"]}
+    ops = [(k, None) for k in _keys_of(store, doc["deletes"]) if k not in puts] + list(puts.items())
     undo = [(k, store.get(k)) for k, _ in ops]
     store.apply(ops)
     if store.digest() != meta["target"]:
@@ -99,11 +119,47 @@ def apply_container(store: _core.StateStore, doc: dict) -> int:
     return len(ops)
 
 
+def element_shorts(state: _core.StateStore | _core.FrozenState, buckets: list[int]) -> list[bytes]:
+    """Follower side: for each bucket, in order, the short hashes of its elements, concatenated."""
+    per_bucket: dict[int, list[bytes]] = {b: [] for b in buckets}
+    for key, element in state.bucket_element_hashes(buckets):
+        per_bucket[_core.StateStore.bucket_of(key)].append(element[:SHORT])
+    return [b"".join(per_bucket[b]) for b in buckets]
+
+
+def changes_to(target: _core.StateStore, theirs: dict[int, bytes]) -> tuple[list[tuple[bytes, bytes]], list[tuple[int, bytes]]]:
+    """Leader side: the puts and the deletes (bucket, short element hash) that take a state
+    whose differing buckets hold the elements ``theirs`` (``element_shorts``) to ``target``."""
+    their = {b: {packed[i : i + SHORT] for i in range(0, len(packed), SHORT)} for b, packed in theirs.items()}
+    ours: dict[int, set[bytes]] = {}
+    keys = []
+    for key, element in target.bucket_element_hashes(list(their)):
+        bucket, short = _core.StateStore.bucket_of(key), element[:SHORT]
+        ours.setdefault(bucket, set()).add(short)
+        if short not in their[bucket]:
+            keys.append(key)
+    deletes = [(b, h) for b, hashes in their.items() for h in sorted(hashes - ours.get(b, set()))]
+    return list(zip(keys, target.get_many(keys))), deletes
+
+
+def _keys_of(store: _core.StateStore, deletes: list) -> list[bytes]:
+    """This store's keys of the elements named by (bucket, short element hash)."""
+    wanted: dict[int, set[bytes]] = {}
+    for bucket, short in deletes:
+        wanted.setdefault(bucket, set()).add(bytes(short))
+    keys = []
+    for key, element in store.bucket_element_hashes(sorted(wanted)):
+        if element[:SHORT] in wanted.get(_core.StateStore.bucket_of(key), ()):
+            keys.append(key)
+    return keys
+
+
 @dataclass
 class _Plan:
     dump_index: int
-    state: str = "preparing"  # preparing | ready | full (send the dump file) | served
+    state: str = "preparing"  # preparing | ready (send the container) | full (send the dump file)
     container: bytes | None = None
+    transfers: int = 0  # times the container was sent
     started: float = field(default_factory=time.monotonic)
     detail: dict = field(default_factory=dict)
 
@@ -117,6 +173,7 @@ class CatchUpStats:
     probe_bytes_sent: int = 0  # to the follower while planning (requests)
     probe_bytes_received: int = 0  # from the follower while planning (digests, hashes)
     full_dumps_sent: int = 0
+    full_dumps: dict = field(default_factory=dict)  # why the dump was sent instead: reason -> count
     containers_received: int = 0
     container_bytes_received: int = 0
     last: dict = field(default_factory=dict)
@@ -128,9 +185,10 @@ class CatchUpStats:
 class CatchUpPlanner:
     """Leader side; ``payload_for`` is called on the tick thread, planning runs on the loop."""
 
-    def __init__(self, read: Callable[[Callable[["CommandProcessor"], Any]], Any], token: str) -> None:
+    def __init__(self, node_id: str, read: Callable[[Callable[["CommandProcessor"], Any]], Any], token: str) -> None:
         """``read(fn)``: ``fn(processor)`` on the applied state (the registered nodes' API
         addresses); ``token`` authenticates this node to the follower."""
+        self._node_id = node_id
         self._read = read
         self._token = token
         self._loop = asyncio.get_running_loop()  # made by the node on its loop
@@ -140,7 +198,8 @@ class CatchUpPlanner:
         self.stats = CatchUpStats()
 
     def payload_for(self, raft_addr: str, dump_path: Path):
-        """PLAN_PENDING (send nothing yet), a container (bytes) to send, or None (the file)."""
+        """PLAN_PENDING (send nothing yet), a container (bytes) to send, or None (the file).
+        Called when PySyncObj starts a transmission to ``raft_addr`` (tick thread)."""
         try:
             at, dump_size = dump_index(dump_path), dump_path.stat().st_size
         except (OSError, ValueError):
@@ -153,7 +212,21 @@ class CatchUpPlanner:
             else:
                 start = False
             if plan.state == "preparing" and time.monotonic() - plan.started > _PLAN_TIMEOUT:
-                plan.state = "full"
+                self._give_up(plan, raft_addr, f"planning took over {_PLAN_TIMEOUT:g} s")
+            elif plan.state == "ready" and plan.transfers >= MAX_TRANSFERS:
+                self._give_up(plan, raft_addr, f"the container was not installed after {plan.transfers} transfers")
+            if plan.state == "ready":
+                # Sent before and asked for again: the transfer was cut off (the follower
+                # stalled, the connection timed out) or the follower refused the container.
+                if plan.transfers:
+                    log.warning("node %s: catch-up of %s at dump index %d: sending the container again "
+                                "(transfer %d of %d; the last one did not take)", self._node_id, raft_addr, at,
+                                plan.transfers + 1, MAX_TRANSFERS)
+                plan.transfers += 1
+                self.stats.containers_sent += 1
+                self.stats.container_bytes_sent += len(plan.container)
+                self.stats.last = dict(plan.detail, follower=raft_addr, dump_index=at, transfers=plan.transfers)
+                return plan.container
             state = plan.state
         if start:
             try:
@@ -161,18 +234,16 @@ class CatchUpPlanner:
             except RuntimeError:
                 return None
             return PLAN_PENDING
-        if state == "preparing":
-            return PLAN_PENDING
-        if state == "ready":
-            with self._lock:
-                plan.state = "served"  # at most one container per dump: a retry gets the file
-                self.stats.containers_sent += 1
-                self.stats.container_bytes_sent += len(plan.container)
-                self.stats.last = dict(plan.detail, follower=raft_addr, dump_index=at)
-            return plan.container
-        with self._lock:
-            self.stats.full_dumps_sent += 1
-        return None
+        return PLAN_PENDING if state == "preparing" else None
+
+    def _give_up(self, plan: _Plan, raft_addr: str, reason: str) -> None:
+        """The dump file goes to the follower instead of a container (under the lock)."""
+        plan.state = "full"
+        self.stats.full_dumps_sent += 1
+        key = reason.split(":")[0]
+        self.stats.full_dumps[key] = self.stats.full_dumps.get(key, 0) + 1
+        log.warning("node %s: catch-up of %s at dump index %d: sending the whole dump: %s",
+                    self._node_id, raft_addr, plan.dump_index, reason)
 
     def _start(self, raft_addr: str, dump_path: Path, dump_size: int, plan: _Plan) -> None:
         self._tasks.spawn(self._prepare(raft_addr, dump_path, dump_size, plan), name="catch-up plan")
@@ -190,12 +261,12 @@ class CatchUpPlanner:
                 if len(container) < dump_size:
                     plan.container, plan.state = container, "ready"
                 else:
-                    plan.state = "full"
-            log.info("catch-up of %s: %s", raft_addr, detail)
+                    self._give_up(plan, raft_addr, f"the diff is not smaller: {len(container)} bytes for a "
+                                  f"{dump_size}-byte dump")
+            log.info("node %s: catch-up of %s planned: %s", self._node_id, raft_addr, detail)
         except Exception as e:  # anything: the follower gets the dump file instead
-            log.warning("catch-up of %s by diff not possible (%s: %s); sending the dump", raft_addr, type(e).__name__, e)
             with self._lock:
-                plan.state = "full"
+                self._give_up(plan, raft_addr, f"planning failed: {type(e).__name__}: {e}")
 
     async def _build(self, raft_addr: str, dump_path: Path) -> tuple[bytes, dict]:
         members = self._read(lambda p: p.nodes())
@@ -232,25 +303,26 @@ class CatchUpPlanner:
                     await asyncio.sleep(0.2)
             sid = status["session"]
             try:
-                theirs = await call("GET", f"/v1/internal/catchup/{sid}/buckets")
-                mine = dump.store.node_digests(_core.TREE_DEPTH)
-                buckets = [
-                    b for b in range(_core.BUCKETS)
-                    if mine[b * 32 : b * 32 + SHORT] != theirs[b * SHORT : (b + 1) * SHORT]
-                ]
-                their_hashes: dict[bytes, bytes] = {}
+                # Down the tree where it differs (level 0 is the root): 4 rounds, each asking only
+                # for the children of the nodes that differed in the round before.
+                frontier = [] if status["digest"] == dump.store.digest() else [0]
+                for level in range(_core.TREE_DEPTH):
+                    if not frontier:
+                        break
+                    theirs = await call("POST", f"/v1/internal/catchup/{sid}/children", {"level": level, "parents": frontier})
+                    mine = dump.store.children_digests(level, frontier)
+                    children = [p * _core.FANOUT + c for p in frontier for c in range(_core.FANOUT)]
+                    frontier = [b for i, b in enumerate(children)
+                                if mine[i * 32 : i * 32 + SHORT] != theirs[i * SHORT : (i + 1) * SHORT]]
+                buckets = frontier
+                their_elements: dict[int, bytes] = {}
                 for start in range(0, len(buckets), 8192):
                     chunk = buckets[start : start + 8192]
-                    rows = msgpack.unpackb(await call("POST", f"/v1/internal/catchup/{sid}/keys", {"buckets": chunk}), raw=False)
-                    their_hashes.update((k, h) for k, h in rows)
+                    rows = msgpack.unpackb(await call("POST", f"/v1/internal/catchup/{sid}/elements", {"buckets": chunk}))
+                    their_elements.update(zip(chunk, rows))
             finally:
                 await call("DELETE", f"/v1/internal/catchup/{sid}")
-        my_rows = dump.store.bucket_element_hashes(buckets)
-        mine_keys = {k for k, _ in my_rows}
-        changed = [k for k, h in my_rows if their_hashes.get(k) != h[:SHORT]]
-        values = dump.store.get_many(changed)
-        puts = list(zip(changed, values))
-        deletes = [k for k in their_hashes if k not in mine_keys]
+        puts, deletes = changes_to(dump.store, their_elements)
         meta = {
             "base": status["digest"],
             "target": dump.store.digest(),
