@@ -43,7 +43,6 @@ wire.install()
 _CONSTRUCTION_HOOK = threading.Lock()
 
 
-
 def _cut_only_on_conflict(raft, node, message: dict) -> dict | None:
     """The fourth defect: on every checked AppendEntries, PySyncObj deletes the follower's
     log after ``prevLogIdx`` and appends the message's entries — also when those entries are
