@@ -15,7 +15,7 @@ rounds), and server CPU per acknowledged write (µs, the three nodes summed); th
 (B over A) with the spread of the per-round ratios. Shared, noisy machines swing ±10–15%
 between runs: that is why both versions run in one.
 
-Usage: ./scripts/bench-ab --a REF [--b REF] [--rounds 6] [--duration 5] [--clients 64]
+Usage: ./scripts/bench-ab --a REF [--b REF] [--rounds 6] [--duration 5] [--clients 64] [--scoped a,b]
        [--target leader|spread] [--json FILE] [--keep]
 REF: a commit (anything ``git rev-parse`` takes), or ``.`` for the working tree (default b).
 """
@@ -68,7 +68,7 @@ def checkout(ref: str, tmp: Path) -> tuple[Path, str]:
 
 
 class Version:
-    def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path) -> None:
+    def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path, scoped: bool = False) -> None:
         self.name, self.ref, self.tree, self.label = name, ref, tree, label
         # Its nodes import synapse from its own tree: PYTHONPATH comes before the venv's path file.
         previous = os.environ.get("PYTHONPATH")
@@ -81,6 +81,8 @@ class Version:
             else:
                 os.environ["PYTHONPATH"] = previous
         self.token = self.cluster._token()
+        if scoped:
+            self.token = scoped_token(self.cluster, self.token)
         self.rounds: list[dict] = []
 
     def urls(self, target: str) -> list[str]:
@@ -91,6 +93,18 @@ class Version:
     def close(self) -> None:
         for m in self.cluster.members:
             m.sigkill()
+
+
+def scoped_token(cluster: bn.SynapseCluster, root: str) -> str:
+    """A token of its own principal and role, limited to the keys the load uses: every write
+    and read is then checked against scopes, on the route and at apply time, like a real
+    agent's (the root token's ``*`` matches at once)."""
+    from synapse.client import Client
+
+    with Client(f"http://{cluster.leader().api}", root) as c:
+        c.put_role("bench", ["kv:read:ab/", "kv:write:ab/"], deny=["kv:write:ab/never/"])
+        c.put_principal("bench-agent", "agent", ["bench"])
+        return c.create_token(["kv:read:ab/", "kv:write:ab/"], principal="bench-agent")["token"]
 
 
 def window(version: Version, mode: str, args, prefix: str) -> dict:
@@ -132,6 +146,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--generators", type=int, default=1)
     p.add_argument("--target", choices=("leader", "spread"), default="leader")
+    p.add_argument("--scoped", default="", help="versions (a, b or a,b) driven with a scoped token instead of the root token")
     p.add_argument("--json", help="also write the JSON object to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, worktrees) after the run")
     args = p.parse_args()
@@ -143,7 +158,7 @@ def main() -> None:
         for name, ref in (("a", args.a), ("b", args.b)):
             tree, label = checkout(ref, tmp)
             log(f"starting version {name} ({label})")
-            versions.append(Version(name, ref, tree, label, tmp))
+            versions.append(Version(name, ref, tree, label, tmp, scoped=name in args.scoped))
         for n in range(args.rounds):
             order = versions if n % 2 == 0 else versions[::-1]
             rows = {v.name: {} for v in versions}

@@ -13,9 +13,11 @@ import asyncio
 import http.client
 import json
 import random
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -28,7 +30,7 @@ class SynapseError(Exception):
 
     def __init__(self, status: int, error: str, message: str, body: dict | None = None) -> None:
         super().__init__(f"{status} {error}: {message}")
-        self.status, self.error, self.body = status, error, body or {}
+        self.status, self.error, self.message, self.body = status, error, message, body or {}
 
 
 class ConflictError(SynapseError):
@@ -63,6 +65,11 @@ class _Endpoints:
     urls: list[str]
     refreshed: float = 0.0
 
+    @property
+    def scheme(self) -> str:
+        """The scheme the caller chose: nodes learned from the cluster are reached the same way."""
+        return urlsplit(self.urls[0]).scheme if self.urls else "http"
+
     def rotate(self) -> None:
         self.urls.append(self.urls.pop(0))
 
@@ -76,17 +83,17 @@ class _Endpoints:
             return False
         if not leader:
             return False
-        url = f"http://{leader}"
+        url = f"{self.scheme}://{leader}"
         self.urls = [url] + [u for u in self.urls if u != url]
         return True
 
     def learn(self, status: dict) -> None:
         seen = {m["api"] for m in status.get("members", []) if m.get("api")}
         known = [u for u in self.urls if urlsplit(u).netloc not in seen]
-        found = sorted(f"http://{a}" for a in seen)
+        found = sorted(f"{self.scheme}://{a}" for a in seen)
         leader = status.get("leader_api")
         if leader:
-            found.sort(key=lambda u: u != f"http://{leader}")
+            found.sort(key=lambda u: u != f"{self.scheme}://{leader}")
         self.urls = found + known
         self.refreshed = time.monotonic()
 
@@ -101,7 +108,23 @@ def _normalize(urls: str | list[str]) -> list[str]:
                 out.append(part if "://" in part else f"http://{part}")
     if not out:
         raise ValueError("give at least one node URL, e.g. http://127.0.0.1:7070")
+    schemes = {urlsplit(u).scheme for u in out}
+    if not schemes <= {"http", "https"} or len(schemes) > 1:
+        raise ValueError(f"node URLs must all be http:// or all https:// (got {', '.join(sorted(schemes))})")
     return out
+
+
+def _tls_context(urls: list[str], tls_ca, tls_cert, tls_key, ssl_context) -> ssl.SSLContext | None:
+    """The context https:// URLs are verified with (None for http://)."""
+    if ssl_context is None and (tls_ca or tls_cert or tls_key):
+        from synapse.security.tls import client_context
+
+        ssl_context = client_context(*(Path(p) if p else None for p in (tls_ca, tls_cert, tls_key)))
+    if ssl_context is not None and urlsplit(urls[0]).scheme != "https":
+        raise ValueError(f"TLS settings were given but {urls[0]} is not an https:// URL")
+    if ssl_context is None and urlsplit(urls[0]).scheme == "https":
+        ssl_context = ssl.create_default_context()  # the system's roots
+    return ssl_context
 
 
 def _kv_path(key: str) -> str:
@@ -115,7 +138,7 @@ def _backoff(attempt: int, remaining: float, last: SynapseError) -> float:
     UnavailableError when the pause would pass the deadline."""
     pause = min(0.5, 0.02 * 2**attempt) * (0.5 + random.random())
     if pause > remaining:
-        raise UnavailableError(last.status, last.error, str(last), last.body)
+        raise UnavailableError(last.status, last.error, last.message, last.body)
     return pause
 
 
@@ -192,13 +215,74 @@ class _Calls:
     def _task_logs(self, task_id: str) -> _Request:
         return _Request("GET", f"/v1/tasks/{quote(task_id, safe='')}/logs")
 
+    # Principals, roles, tokens: written once for both clients (``_done`` calls and returns,
+    # blocking or as a coroutine).
+
+    def principals(self) -> list[dict]:
+        """Every principal (needs cluster:admin)."""
+        return self._done(_Request("GET", "/v1/principals"), lambda r: r["principals"])
+
+    def put_principal(self, name: str, kind: str, roles: list[str] = (), owner: str | None = None) -> dict:
+        """Creates or changes a principal: kind person, agent, worker or node (needs cluster:admin)."""
+        body = {"kind": kind, "roles": list(roles), **({"owner": owner} if owner else {})}
+        return self._done(_write("PUT", f"/v1/principals/{quote(name, safe='')}", body))
+
+    def delete_principal(self, name: str) -> dict:
+        return self._done(_write("DELETE", f"/v1/principals/{quote(name, safe='')}"))
+
+    def roles(self) -> list[dict]:
+        return self._done(_Request("GET", "/v1/roles"), lambda r: r["roles"])
+
+    def put_role(self, name: str, allow: list[str], deny: list[str] = ()) -> dict:
+        return self._done(_write("PUT", f"/v1/roles/{quote(name, safe='')}", {"allow": list(allow), "deny": list(deny)}))
+
+    def delete_role(self, name: str) -> dict:
+        return self._done(_write("DELETE", f"/v1/roles/{quote(name, safe='')}"))
+
+    def create_token(self, scopes: list[str], principal: str | None = None, ttl_s: float | None = None,
+                     deny: list[str] = (), label: str | None = None) -> dict:
+        """Mints a token: ``{"token": the secret (shown once), "accessor", ...}``."""
+        body: dict[str, Any] = {"scopes": list(scopes), "deny": list(deny)}
+        for name, value in (("principal", principal), ("ttl_s", ttl_s), ("label", label)):
+            if value is not None:
+                body[name] = value
+        return self._done(_write("POST", "/v1/tokens", body))
+
+    def tokens(self) -> list[dict]:
+        """Tokens by accessor (never secrets): yours and your agents', or all with cluster:admin."""
+        return self._done(_Request("GET", "/v1/tokens"), lambda r: r["tokens"])
+
+    def revoke_token(self, accessor: str) -> dict:
+        """Revokes the token and every token minted under it; answers once every reachable
+        node refuses it."""
+        return self._done(_write("DELETE", f"/v1/tokens/{quote(accessor, safe='')}"))
+
+    def whoami(self) -> dict:
+        return self._done(_Request("GET", "/v1/whoami"))
+
+
+def _write(method: str, path: str, body: dict | None = None) -> _Request:
+    return _Request(method, path, json.dumps(body).encode() if body is not None else None,
+                    {REQUEST_ID_HEADER: uuid.uuid4().hex})
+
+
+def _same(result: Any) -> Any:
+    return result
+
 
 class Client(_Calls):
     """Blocking client. ``Client("http://127.0.0.1:7070", token=...)``; several URLs may be
-    given (a list or comma-separated); the rest are learned from the cluster."""
+    given (a list or comma-separated); the rest are learned from the cluster.
 
-    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0) -> None:
+    HTTPS: ``https://`` URLs, verified against ``tls_ca`` (the cluster's CA certificate; the
+    system's roots when None); ``tls_cert``/``tls_key`` for nodes that require a client
+    certificate; or a ready ``ssl_context``."""
+
+    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0, *, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._endpoints = _Endpoints(_normalize(urls))
+        self.ssl_context = _tls_context(self._endpoints.urls, tls_ca, tls_cert, tls_key, ssl_context)
         self._token = token
         self._timeout = timeout
         self._conns: dict[str, http.client.HTTPConnection] = {}
@@ -272,6 +356,9 @@ class Client(_Calls):
     def task_logs(self, task_id: str) -> dict:
         return self._call(self._task_logs(task_id))
 
+    def _done(self, req: _Request, then=_same) -> Any:
+        return then(self._call(req))
+
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
         """Any other API call (e.g. membership), with the same retry policy."""
         headers = {REQUEST_ID_HEADER: uuid.uuid4().hex} if method != "GET" else {}
@@ -290,6 +377,9 @@ class Client(_Calls):
                 if follows < 3 and self._endpoints.follow(status, payload):
                     follows += 1  # bounded: two nodes that name each other must not spin
                     continue
+            except ssl.SSLError as e:
+                self._conns.pop(url, None)
+                raise _tls_failure(url, e) from None
             except (OSError, http.client.HTTPException) as e:
                 self._conns.pop(url, None)
                 last = SynapseError(503, "unreachable", f"{url}: {e}", {"outcome_unknown": True})
@@ -313,7 +403,11 @@ class Client(_Calls):
         conn = self._conns.get(url)
         if conn is None:
             parts = urlsplit(url)
-            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+            if self.ssl_context is not None:
+                conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+                                                   context=self.ssl_context)
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
             self._conns[url] = conn
         conn.timeout = timeout
         if conn.sock is not None:
@@ -325,10 +419,13 @@ class Client(_Calls):
 
 
 class AsyncClient(_Calls):
-    """asyncio client with the same calls and retry policy as ``Client``."""
+    """asyncio client with the same calls, retry policy and TLS settings as ``Client``."""
 
-    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0) -> None:
+    def __init__(self, urls: str | list[str], token: str, timeout: float = 10.0, *, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._endpoints = _Endpoints(_normalize(urls))
+        self.ssl_context = _tls_context(self._endpoints.urls, tls_ca, tls_cert, tls_key, ssl_context)
         self._token = token
         self._timeout = timeout
         self._session = None
@@ -389,11 +486,15 @@ class AsyncClient(_Calls):
     async def cancel_task(self, task_id: str) -> dict:
         return await self._call(self._cancel_task(task_id))
 
+    async def _done(self, req: _Request, then=_same) -> Any:
+        return then(await self._call(req))
+
     async def _call(self, req: _Request) -> Any:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._token}"})
+            self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._token}"},
+                                                  connector=aiohttp.TCPConnector(ssl=self.ssl_context or True))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         attempt, last, follows = 0, None, 0
@@ -412,7 +513,11 @@ class AsyncClient(_Calls):
                     if follows < 3 and self._endpoints.follow(resp.status, payload):
                         follows += 1  # bounded: two nodes that name each other must not spin
                         continue
+            except (aiohttp.ClientSSLError, ssl.SSLError) as e:
+                raise _tls_failure(url, e) from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                if isinstance(e.__cause__, ssl.SSLError):  # an alert after the handshake (no client certificate)
+                    raise _tls_failure(url, e.__cause__) from None
                 last = SynapseError(503, "unreachable", f"{url}: {e!r}", {"outcome_unknown": True})
             self._endpoints.rotate()
             attempt += 1
@@ -433,6 +538,13 @@ class AsyncClient(_Calls):
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
                 continue
+
+
+def _tls_failure(url: str, e: Exception) -> SynapseError:
+    """A certificate that does not verify, or one the node asked for and did not get: retrying
+    cannot help, so the caller hears it at once (495: nginx's "SSL Certificate Error")."""
+    return SynapseError(495, "tls_error", f"{url}: {e} — check --tls-ca (the cluster's CA certificate) and, "
+                        "where nodes require client certificates, --tls-cert and --tls-key")
 
 
 def _interpret_quiet(status: int, payload: bytes) -> SynapseError:

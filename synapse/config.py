@@ -65,7 +65,23 @@ class NodeConfig:
     # else bubblewrap when usable, else a plain process),
     # bwrap, process or container (synapse/execution/DESIGN.md).
     worker_driver: str = "auto"
+    # HTTPS on the API (synapse/security/DESIGN.md, TLS): this node's certificate and key (PEM;
+    # `synapse tls init` makes them); with tls_client_ca every client must present a
+    # certificate that CA signed (mutual TLS). tls_ca is what this node verifies other nodes
+    # against when it calls them (default: tls_client_ca).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_ca: Path | None = None
     tuning: RaftTuning = field(default_factory=RaftTuning)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def peer_ca(self) -> Path | None:
+        return self.tls_ca or self.tls_client_ca
 
     @property
     def multi_node(self) -> bool:
@@ -161,10 +177,13 @@ _RANGES: dict[str, tuple[type, float, float, str]] = {
 }
 
 
+_PATHS = ("data_dir", "secret_file", "root_token_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca")
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """Turns a flag/env/TOML value into the field's type, or raises ConfigError naming it."""
     try:
-        if name in ("data_dir", "secret_file", "root_token_file"):
+        if name in _PATHS:
             return None if raw in (None, "") else Path(raw)
         if name == "peers":
             return parse_peers(raw)
@@ -254,3 +273,21 @@ def validate(config: NodeConfig) -> None:
             "node), or --insecure-no-cluster-secret for a throwaway test cluster",
         )
     config.read_secret()
+    _validate_tls(config)
+
+
+def _validate_tls(config: NodeConfig) -> None:
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert", "HTTPS needs both --tls-cert and --tls-key (`synapse tls init` makes them)")
+    if not config.tls and (config.tls_client_ca or config.tls_ca):
+        raise ConfigError("tls_cert", "--tls-client-ca and --tls-ca need --tls-cert and --tls-key: a node "
+                          "that serves plain HTTP cannot require or verify certificates")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
+        path = getattr(config, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(name, f"{path} does not exist or is not a file (`synapse tls init` makes them)")
+    if config.tls and config.peer_ca is None and (config.multi_node or config.embedded_worker_slots > 0):
+        raise ConfigError("tls_ca", "this node calls HTTPS APIs (the other nodes', or its own from its "
+                          "embedded worker): give --tls-ca, the CA that signed the nodes' certificates "
+                          "(`synapse tls init` writes it as ca.crt; for a public CA, "
+                          "/etc/ssl/certs/ca-certificates.crt)")

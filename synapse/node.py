@@ -12,11 +12,8 @@ that want it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 from pathlib import Path
@@ -35,6 +32,7 @@ from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, S
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots, NotRetained
 from synapse.orchestrator.scheduler import Scheduler
+from synapse.security import credentials, tls, tokens
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
 from synapse.storage import open_storage
@@ -43,7 +41,6 @@ from synapse.storage.materializer import Materializer
 log = logging.getLogger("synapse.node")
 
 _IDENTITY = "node.json"
-_TOKEN_FILE = "root.token"
 
 
 class NodeError(RuntimeError):
@@ -84,6 +81,8 @@ class Node:
         self._register_task: asyncio.Task | None = None
         self._checkpoint_task: asyncio.Task | None = None
         self._worker = None  # the embedded execution node (local mode)
+        self._worker_token: tokens.TokenString | None = None
+        self._peers: tls.PeerAccess | None = None
         # A divergence found while the log replayed at start, before the repairer existed.
         self._unrepaired: int | None = None
 
@@ -103,7 +102,7 @@ class Node:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.config.api}"
+        return f"{'https' if self.config.tls else 'http'}://{self.config.api}"
 
     # --- lifecycle (asyncio) ---
 
@@ -116,7 +115,7 @@ class Node:
             await self.stop()
             raise
         self.started = True
-        log.info("node %s: API on http://%s, Raft on %s, data in %s", self.config.node_id, self.config.api,
+        log.info("node %s: API on %s, Raft on %s, data in %s", self.config.node_id, self.api_url,
                  self.config.raft, self.config.data_dir)
 
     async def _build(self) -> None:
@@ -126,7 +125,23 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._check_identity(data_dir)
         secret = cfg.read_secret()
-        self.root_token, self.token_was_created = self._root_token(data_dir, secret)
+        try:
+            root, self.token_was_created = credentials.root_token(data_dir, secret, cfg.root_token_file, cfg.multi_node)
+        except credentials.CredentialError as e:
+            raise ConfigError("root_token_file", str(e)) from None
+        self.root_token = str(root)
+        node_token = credentials.own_token(data_dir, credentials.NODE_TOKEN_FILE, credentials.node_accessor(cfg.node_id))
+        own = [("node", node_token)]
+        try:
+            # The node's certificate is also its client certificate towards the other nodes.
+            peer_tls = tls.client_context(cfg.peer_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None
+        except tls.TlsError as e:
+            raise ConfigError("tls_cert", str(e)) from None
+        self._peers = peers = tls.PeerAccess(str(node_token), peer_tls)
+        if cfg.embedded_worker_slots > 0:
+            self._worker_token = credentials.own_token(data_dir, credentials.WORKER_TOKEN_FILE,
+                                                       credentials.worker_accessor(cfg.node_id))
+            own.append(("worker", self._worker_token))
         self._storage = open_storage(cfg.storage, data_dir, cfg.node_id)
         await self._storage.open()
         # A node's view may lag by ~0.2 s more (storage/DESIGN.md, "Lag"): with 20 ms between
@@ -154,7 +169,7 @@ class Node:
             bind_address=cfg.raft,
             fsync=cfg.raft_fsync,
         )
-        self._catchup = CatchUpPlanner(cfg.node_id, replica.read, self.root_token)
+        self._catchup = CatchUpPlanner(cfg.node_id, replica.read, peers)
         replica.set_catchup_planner(self._catchup.payload_for)
         replica.catchup_loader = ContainerLoader(self._catchup.stats)
         try:
@@ -164,23 +179,23 @@ class Node:
         serving = lambda: integrity.service == Service.SERVING  # noqa: E731
         self._scheduler = Scheduler(cfg.node_id, cluster, serving, cfg.heartbeat_timeout)
         self._scheduler.start()
-        self._repairer = Repairer(cfg.node_id, cluster, integrity, self._materializer.submit, self.root_token)
+        self._repairer = Repairer(cfg.node_id, cluster, integrity, self._materializer.submit, peers)
         if self._unrepaired is not None:
             self._repairer.start(self._unrepaired)
         context = ApiContext(
             node_id=cfg.node_id, request_timeout=cfg.request_timeout, debug_fault_injection=cfg.debug_fault_injection,
             cluster=cluster, integrity=integrity, repairer=self._repairer, repair_sessions=RepairSessions(replica),
             snapshots=self._snapshots, scheduler=self._scheduler, catchup=self._catchup.stats,
-            check_token=self._check_token,
+            peers=peers,
         )
         try:
-            self._api = await start_api(context, *cfg.api_host_port())
+            self._api = await start_api(context, *cfg.api_host_port(), tls=cfg)
         except OSError as e:
             raise NodeError(f"cannot listen on the API address {cfg.api}: {e.strerror}") from e
-        self._register_task = loop.create_task(self._register_self(), name="register")
+        self._register_task = loop.create_task(self._register_self(root, own), name="register")
         self._checkpoint_task = loop.create_task(self._periodic_checkpoints(), name="checkpoints")
         if cfg.embedded_worker_slots > 0:
-            await self._start_worker(cfg.embedded_worker_slots)
+            self._worker = self._new_worker(cfg.embedded_worker_slots)  # started once its token is in the state
 
     async def stop(self) -> None:
         """Stops serving, then Raft, then writes out what the materializer still holds."""
@@ -318,9 +333,6 @@ class Node:
 
     # --- wiring ---
 
-    def _check_token(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.root_token.encode())
-
     def _diverged(self, checkpoint: int) -> None:
         if self._repairer is not None:
             self._repairer.start(checkpoint)
@@ -343,16 +355,24 @@ class Node:
         if self._register_task is None or self._register_task.done():
             self._register_task = self._loop.create_task(self._register_self(), name="register")
 
-    async def _register_self(self) -> None:
+    async def _register_self(self, root: tokens.TokenString | None = None,
+                             own: list[tuple[str, tokens.TokenString]] = ()) -> None:
         """Publishes this node's API address in the replicated state, so any node can tell
-        clients where the others (and the leader) are. Checks a linearizable view first, so a
-        restarted node that is already registered writes nothing (its state hash must come
-        back unchanged). Retries until it lands."""
+        clients where the others (and the leader) are; at start, first bootstraps the root
+        principal and this node's own tokens (synapse/security/credentials.py), then starts
+        the embedded worker. Checks a linearizable view first, so a restarted node that is
+        already registered writes nothing (its state hash must come back unchanged). Retries
+        until it lands."""
         cfg, cluster = self.config, self._cluster
         command = {"op": "register_node", "node_id": cfg.node_id, "api": cfg.api, "raft": cfg.raft}
         while True:
             try:
                 await cluster.barrier()
+                if root is not None:
+                    await credentials.ensure(cluster.propose, cluster.read, root, cfg.node_id, list(own))
+                    root = None
+                    if self._worker is not None:
+                        self._worker.start()
                 known = cluster.read(lambda p: p.nodes().get(cfg.node_id))
                 if known and known.get("api") == cfg.api and known.get("raft") == cfg.raft:
                     return
@@ -361,16 +381,15 @@ class Node:
             except ProposalError:
                 await asyncio.sleep(0.5)
 
-    async def _start_worker(self, slots: int) -> None:
+    def _new_worker(self, slots: int):
         from synapse.execution.worker import Worker  # the sandbox is only needed with a worker
 
         cfg = self.config
         try:
-            self._worker = Worker(self.api_url, self.root_token, worker_id=cfg.node_id, slots=slots,
-                                  driver=cfg.worker_driver, request_timeout=cfg.request_timeout)
+            return Worker(self.api_url, str(self._worker_token), worker_id=cfg.node_id, slots=slots,
+                          driver=cfg.worker_driver, request_timeout=cfg.request_timeout, ssl_context=self._peers.ssl if self._peers else None)
         except Exception as e:  # SandboxUnavailable: the driver asked for cannot run here
             raise NodeError(f"the embedded worker cannot start: {e}") from e
-        self._worker.start()
 
     def _check_identity(self, data_dir: Path) -> None:
         path = data_dir / _IDENTITY
@@ -387,51 +406,12 @@ class Node:
                     "give each node its own data directory",
                 )
         else:
-            _write_private(path, json.dumps(me) + "\n")
-
-    def _root_token(self, data_dir: Path, secret: str | None) -> tuple[str, bool]:
-        """The root token: from --root-token-file; else, in a cluster, derived from the cluster
-        secret (so every node accepts the same token); else generated once and kept in the
-        data dir. Returns (token, whether it was just created and should be shown)."""
-        cfg = self.config
-        if cfg.root_token_file is not None:
-            try:
-                token = cfg.root_token_file.read_text().strip()
-            except OSError as e:
-                raise ConfigError("root_token_file", f"cannot read {cfg.root_token_file}: {e.strerror}") from e
-            if len(token) < 16:
-                raise ConfigError("root_token_file", "the token must be at least 16 characters")
-            return token, False
-        path = data_dir / _TOKEN_FILE
-        if secret is not None:
-            token = hmac.new(secret.encode(), b"synapse root token v1", hashlib.sha256).hexdigest()
-            created = not path.exists()
-            if created:
-                _write_private(path, token + "\n")
-            return token, created
-        if cfg.multi_node:
-            raise ConfigError(
-                "root_token_file",
-                "a cluster without a secret needs --root-token-file (the same file on every node)",
-            )
-        if path.exists():
-            return path.read_text().strip(), False
-        token = secrets.token_urlsafe(32)
-        _write_private(path, token + "\n")
-        return token, True
+            credentials.write_private(path, json.dumps(me) + "\n")
 
 
 def _kv_records(store: _core.StateStore):
     for key, value in store.scan_prefix(keys.KV):
         yield keys.decode_kv(keys.kv_name(key), value)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

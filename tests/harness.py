@@ -76,10 +76,11 @@ class NodeProc(_Process):
     args: list[str]
     log_path: Path
     proc: subprocess.Popen | None = None
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://{self.api}"
+        return f"{'https' if self.tls else 'http'}://{self.api}"
 
 
 @dataclass
@@ -99,14 +100,23 @@ class Cluster:
     nodes: list[NodeProc] = field(default_factory=list)
     workers: list[WorkerProc] = field(default_factory=list)
     token: str = ""
+    # With TLS: every node serves HTTPS and requires client certificates (`synapse tls init`
+    # made the CA, a certificate per node and one for the tests' clients, in root/tls).
+    tls_dir: Path | None = None
 
     @classmethod
-    def create(cls, root: Path, size: int, storage: str = "sqlite", extra: list[str] | None = None) -> "Cluster":
+    def create(cls, root: Path, size: int, storage: str = "sqlite", extra: list[str] | None = None,
+               tls: bool = False) -> "Cluster":
         root.mkdir(parents=True, exist_ok=True)
         secret = root / "secret"
         secret.write_text(SECRET)
         ports = free_ports(2 * size)
         cluster = cls(root)
+        if tls:
+            from synapse.security.tls import init_certificates
+
+            cluster.tls_dir = root / "tls"
+            init_certificates(cluster.tls_dir, [f"n{i + 1}" for i in range(size)] + ["client"], [])
         raft = {f"n{i + 1}": f"127.0.0.1:{ports[2 * i + 1]}" for i in range(size)}
         for i in range(size):
             node_id = f"n{i + 1}"
@@ -116,9 +126,24 @@ class Cluster:
                               "--api", api, "--raft", raft[node_id], "--storage", storage]
             if size > 1:
                 args += ["--peers", peers, "--secret-file", str(secret)]
-            args += extra or []
-            cluster.nodes.append(NodeProc(node_id, api, raft[node_id], root / node_id, args, root / f"{node_id}.log"))
+            args += cluster.tls_args(node_id) + (extra or [])
+            cluster.nodes.append(NodeProc(node_id, api, raft[node_id], root / node_id, args, root / f"{node_id}.log",
+                                          tls=tls))
         return cluster
+
+    def tls_args(self, node_id: str) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        return ["--tls-cert", str(d / f"{node_id}.crt"), "--tls-key", str(d / f"{node_id}.key"),
+                "--tls-client-ca", str(d / "ca.crt"), "--tls-ca", str(d / "ca.crt")]
+
+    def client_tls(self) -> dict:
+        """The TLS settings of a client of this cluster (empty without TLS)."""
+        if self.tls_dir is None:
+            return {}
+        d = self.tls_dir
+        return {"tls_ca": d / "ca.crt", "tls_cert": d / "client.crt", "tls_key": d / "client.key"}
 
     def new_node(self, node_id: str) -> NodeProc:
         """A node that is not a voter yet: its peers are the current voters. Start it, then
@@ -127,7 +152,13 @@ class Cluster:
         peers = ",".join(f"{n.node_id}={n.raft}" for n in self.nodes)
         args = SYNAPSE + ["node", "start", "--id", node_id, "--data-dir", str(self.root / node_id),
                           "--api", api, "--raft", raft, "--peers", peers, "--secret-file", str(self.root / "secret")]
-        node = NodeProc(node_id, api, raft, self.root / node_id, args, self.root / f"{node_id}.log")
+        if self.tls_dir is not None and not (self.tls_dir / f"{node_id}.crt").exists():
+            from synapse.security.tls import init_certificates
+
+            init_certificates(self.tls_dir, [node_id], [])  # signed by the cluster's CA, kept
+        args += self.tls_args(node_id)
+        node = NodeProc(node_id, api, raft, self.root / node_id, args, self.root / f"{node_id}.log",
+                        tls=self.tls_dir is not None)
         self.nodes.append(node)
         return node
 
@@ -166,7 +197,7 @@ class Cluster:
 
     def client(self, *nodes: NodeProc, timeout: float = 10.0) -> Client:
         targets = nodes or tuple(n for n in self.nodes if n.alive())
-        return Client([n.url for n in targets], self.token, timeout=timeout)
+        return Client([n.url for n in targets], self.token, timeout=timeout, **self.client_tls())
 
     def wait_ready(self, timeout: float = 30.0, nodes: list[NodeProc] | None = None) -> None:
         """Until every given live node has a leader and has applied what it knows is committed."""
@@ -184,7 +215,13 @@ class Cluster:
                     raise AssertionError(f"node {n.node_id} exited:\n{n.log()[-3000:]}")
                 host, port = n.api.split(":")
                 try:
-                    conn = http.client.HTTPConnection(host, int(port), timeout=1)
+                    if self.tls_dir is not None:
+                        from synapse.security.tls import client_context
+
+                        conn = http.client.HTTPSConnection(host, int(port), timeout=1,
+                                                           context=client_context(**{k.removeprefix("tls_"): v for k, v in self.client_tls().items()}))
+                    else:
+                        conn = http.client.HTTPConnection(host, int(port), timeout=1)
                     conn.request("GET", "/ready", headers={"Authorization": f"Bearer {token}"})
                     resp = conn.getresponse()
                     last[n.node_id] = f"{resp.status} {resp.read()[:300]!r}"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from typing import Any
 
 import msgpack
 from aiohttp import web
 
-from synapse.api.context import context_of
+from synapse.api.context import IDENTITY_KEY, context_of
 from synapse.state.commands import (
     MAX_RID_CHARS,
     MAX_VALUE_BYTES,
@@ -203,15 +204,26 @@ def identified(identity: dict, rid: str, **volatile: Any) -> dict:
 
 # Results that refuse a command for the state it met (HTTP 409), as opposed to a bug (500).
 _REFUSED = {"unknown_checkpoint", "not_agreed", "unknown_node", "already_finished", "lease_revoked", "not_pending",
-            "not_due", "worker_not_up", "stale_epoch", "task_exists"}
-_NOT_FOUND = {"unknown_task", "unknown_worker"}
+            "not_due", "worker_not_up", "stale_epoch", "task_exists", "refused"}
+_NOT_FOUND = {"unknown_task", "unknown_worker", "unknown_principal", "unknown_role", "unknown_token"}
 
 
 async def propose(request: web.Request, command: dict, size_hint: int, alone: bool = False,
                   fields: tuple[str, ...] = ()) -> dict:
-    """Proposes ``command`` and returns its result, which has ``fields`` (see checked_result)."""
+    """Proposes ``command`` with the request's token and returns its result, which has
+    ``fields`` (see checked_result)."""
+    command = signed(command, request.get(IDENTITY_KEY))
     check_command(command)
     return checked_result(await context_of(request).cluster.propose(command, size_hint, alone), fields)
+
+
+def signed(command: dict, identity) -> dict:
+    """The command as proposed: with the token that sent it (``identity``, the pipeline's
+    Identity; None on the nodes' own commands) and the proposer's clock, for the command
+    processor to check again when it applies it (synapse/state/security.py)."""
+    if identity is None:
+        return command
+    return {**command, "auth": identity.accessor, "auth_ms": int(time.time() * 1000)}
 
 
 def check_command(command: dict) -> None:
@@ -274,6 +286,10 @@ def checked_result(result: dict, fields: tuple[str, ...] = ()) -> dict:
                            key=result.get("key"), current_version=result.get("current_version", 0))
         error = result.get("error", "internal")
         message = result.get("message", "the command failed")
+        if error == "forbidden":  # a scope the token lacks, found at apply time
+            raise ApiError(403, error, message, scope=result.get("scope"))
+        if error == "unauthorized":  # revoked or expired before the command's entry applied
+            raise ApiError(401, error, message)
         if error == "request_id_reused":  # the state machine's "rid" is this header
             raise ApiError(422, error, f"{REQUEST_ID_HEADER}: {message.removeprefix('rid: ')}")
         status = 400 if error == "bad_command" else 404 if error in _NOT_FOUND else 409 if error in _REFUSED else 500

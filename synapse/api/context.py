@@ -7,8 +7,6 @@ through ``context_of(request)``, the Rust front's hot path holds it directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from aiohttp import web
 
 from synapse.cluster.service import Cluster
@@ -17,6 +15,7 @@ from synapse.integrity.checkpoints import CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots
 from synapse.orchestrator.scheduler import Scheduler
+from synapse.security.tls import PeerAccess
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class ApiContext:
     snapshots: CheckpointSnapshots
     scheduler: Scheduler
     catchup: CatchUpStats
-    check_token: Callable[[str], bool]
+    peers: PeerAccess  # how this node calls the others: its own token, and TLS when served
 
     @property
     def serving(self) -> bool:
@@ -40,6 +39,8 @@ class ApiContext:
 
 
 CONTEXT_KEY: web.AppKey[ApiContext] = web.AppKey("context")
+# Who sent the request (api/pipeline.py's Identity; None on public routes), set by the pipeline.
+IDENTITY_KEY: web.RequestKey = web.RequestKey("identity", object)
 
 
 def context_of(request: web.Request) -> ApiContext:

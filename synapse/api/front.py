@@ -17,6 +17,8 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -39,10 +41,18 @@ from synapse.api.kv import (
     wait_consistent,
 )
 from synapse.api.metrics import Metrics
-from synapse.api.pipeline import RequestPipeline
+from synapse.api.pipeline import Bootstrapping, RequestPipeline
 from synapse.cluster.committer import ProposalError
 
 log = logging.getLogger("synapse.api")
+
+
+class TlsFiles(Protocol):
+    """The TLS settings the front reads (NodeConfig has them)."""
+
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
 
 _KV_ROUTE = "/v1/kv/{key}"  # the app's route, as its metrics name it
 _KV_PATH = "/v1/kv/"  # what the pipeline's checks look at of a hot request's path
@@ -60,8 +70,9 @@ class ApiServer:
         await self.runner.cleanup()
 
 
-async def start_api(ctx: ApiContext, host: str, port: int) -> ApiServer:
-    """Serves the API on ``host:port`` (every address it resolves to; port 0: one free port)."""
+async def start_api(ctx: ApiContext, host: str, port: int, tls: TlsFiles | None = None) -> ApiServer:
+    """Serves the API on ``host:port`` (every address it resolves to; port 0: one free port),
+    over HTTPS only when ``tls`` names a certificate."""
     pipeline = RequestPipeline(ctx, Metrics())
     app = make_app(pipeline)
     runner = web.AppRunner(app, access_log=None)
@@ -71,7 +82,11 @@ async def start_api(ctx: ApiContext, host: str, port: int) -> ApiServer:
     await site.start()
     backend_port = runner.addresses[0][1]
     try:
-        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend_port, MAX_BODY)
+        files = {} if tls is None or tls.tls_cert is None else {
+            "tls_cert": str(tls.tls_cert), "tls_key": str(tls.tls_key),
+            "tls_client_ca": str(tls.tls_client_ca) if tls.tls_client_ca else None}
+        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend_port, MAX_BODY,
+                                **files)
     except BaseException:
         await runner.cleanup()
         raise
@@ -108,20 +123,21 @@ class HotPath:
             if put:
                 self._put(rid, key, request_id, authorization, raw, started)
             else:
-                task = self._loop.create_task(self._get(rid, key, consistency, authorization, started))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._get(rid, key, consistency, authorization, started))
 
     def _put(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
              started: float) -> None:
         # Callbacks, not a task per request: a task and its two steps were a measurable share
         # of the leader's event loop per write.
         try:
-            self._pipeline.admit(_KV_PATH, authorization)
+            identity = self._pipeline.admit("PUT", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
             check_key_size(key)
             body = parse_json_object(raw, PUT_FIELDS, {"value"})
-            command, size_hint = put_command(key, body, check_request_id(request_id))
+            command, size_hint = put_command(key, body, check_request_id(request_id), identity)
             proposal = self._ctx.cluster.proposal(command, size_hint)
+        except Bootstrapping:  # a new cluster: wait for its root principal, off this fast path
+            self._spawn(self._put_later(rid, key, request_id, authorization, raw, started))
+            return
         except ApiError as e:
             self._answer(rid, *self._pipeline.failure(e), started)
             return
@@ -129,6 +145,20 @@ class HotPath:
             self._crashed(rid, "PUT", key, started)
             return
         proposal.add_done_callback(lambda fut: self._put_done(rid, key, started, fut))
+
+    async def _put_later(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
+                         started: float) -> None:
+        try:
+            await self._pipeline.admit_waiting("PUT", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+        except ApiError as e:
+            self._answer(rid, *self._pipeline.failure(e), started)
+            return
+        self._put(rid, key, request_id, authorization, raw, started)
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _put_done(self, rid: int, key: str, started: float, fut: asyncio.Future) -> None:
         if fut.cancelled():
@@ -145,9 +175,9 @@ class HotPath:
     async def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None,
                    started: float) -> None:
         try:
-            self._pipeline.admit(_KV_PATH, authorization)
+            identity = await self._pipeline.admit_waiting("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
             check_key_size(key)
-            await wait_consistent(self._ctx, consistency)
+            await wait_consistent(self._ctx, consistency, identity)
             status, answer = 200, read_value(self._ctx, key)
         except (ApiError, ProposalError) as e:
             status, answer = self._pipeline.failure(e)

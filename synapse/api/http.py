@@ -9,9 +9,9 @@ import time
 
 from aiohttp import web
 
-from synapse.api import cluster, integrity, kv, tasks
+from synapse.api import cluster, integrity, kv, security, tasks
 from synapse.api.common import MAX_BODY, ApiError, error_response
-from synapse.api.context import CONTEXT_KEY
+from synapse.api.context import CONTEXT_KEY, IDENTITY_KEY
 from synapse.api.metrics import METRICS_KEY, metrics
 from synapse.api.pipeline import RequestPipeline
 from synapse.cluster.committer import ProposalError
@@ -22,17 +22,19 @@ PIPELINE_KEY: web.AppKey[RequestPipeline] = web.AppKey("pipeline")
 @web.middleware
 async def through_the_pipeline(request: web.Request, handler):
     pipeline = request.app[PIPELINE_KEY]
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    resource = request.match_info.route.resource
+    route = resource.canonical.replace("{key:.+}", "{key}") if resource is not None else None
     started = time.perf_counter()
     try:
-        pipeline.admit(request.path, request.headers.get("Authorization"))
+        request[IDENTITY_KEY] = await pipeline.admit_waiting(request.method, request.path, route, request.match_info,
+                                               request.query, request.headers.get("Authorization"))
         response = await handler(request)
     except (ApiError, ProposalError) as e:
         status, body = pipeline.failure(e)
         response = web.json_response(body, status=status)
     except web.HTTPException as e:  # aiohttp's own (404 route, 405, 413 body too large)
         response = error_response(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
-    pipeline.observe(route, response.status, time.perf_counter() - started)
+    pipeline.observe(route or "unmatched", response.status, time.perf_counter() - started)
     return response
 
 
@@ -52,3 +54,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     integrity.add_routes(app)
     tasks.add_routes(app)
+    security.add_routes(app)

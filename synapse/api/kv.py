@@ -23,8 +23,10 @@ from synapse.api.common import (
     json_body,
     propose,
     request_id,
+    signed,
 )
-from synapse.api.context import ApiContext, context_of
+from synapse.api.context import IDENTITY_KEY, ApiContext, context_of
+from synapse.api.pipeline import confirm
 from synapse.state.commands import MAX_KEY_BYTES, CommandError
 from synapse.state.keys import decode_kv_rows
 
@@ -32,12 +34,15 @@ MAX_SCAN_LIMIT = 10_000
 
 
 async def _consistent(request: web.Request) -> None:
-    await wait_consistent(context_of(request), request.query.get("consistency"))
+    await wait_consistent(context_of(request), request.query.get("consistency"), request.get(IDENTITY_KEY))
 
 
-async def wait_consistent(ctx: ApiContext, consistency: str | None) -> None:
+async def wait_consistent(ctx: ApiContext, consistency: str | None, identity) -> None:
+    """Waits for a linearizable read (a committed barrier), then checks the token again:
+    revoked before the read began, it is refused here as on every node."""
     if consistency is None or consistency == "linearizable":
         await ctx.cluster.barrier()
+        confirm(ctx, identity)
     elif consistency != "stale":
         raise ApiError(400, "bad_request", f"consistency must be 'linearizable' (default) or 'stale', got {consistency!r}")
 
@@ -72,24 +77,20 @@ PUT_FIELDS = {"value", "if_version"}
 async def put_kv(request: web.Request) -> web.Response:
     key = _key(request)
     body = await json_body(request, PUT_FIELDS, {"value"})
-    return web.json_response(await put_value(context_of(request), key, body, request_id(request)))
-
-
-async def put_value(ctx: ApiContext, key: str, body: dict, rid: str) -> dict:
-    """PUT /v1/kv/{key} once the request is read."""
-    command, size_hint = put_command(key, body, rid)
-    return put_answer(key, await ctx.cluster.propose(command, size_hint))
+    command, size_hint = put_command(key, body, request_id(request), request.get(IDENTITY_KEY))
+    return web.json_response(put_answer(key, await context_of(request).cluster.propose(command, size_hint)))
 
 
 # PUT in two halves, for the HTTP front (synapse/api/front.py), which answers without a task.
-def put_command(key: str, body: dict, rid: str) -> tuple[dict, int]:
-    """The put command of a PUT body (checked: ApiError if bad), and its size hint."""
+def put_command(key: str, body: dict, rid: str, identity) -> tuple[dict, int]:
+    """The put command of a PUT body, with the sender's token (checked: ApiError if bad),
+    and its size hint."""
     value = encode_value("value", body["value"])
     command = {"op": "put", "key": key, "value": value}
     if_version = int_field(body, "if_version")
     if if_version is not None:
         command["if_version"] = if_version
-    command = identified(command, rid)
+    command = signed(identified(command, rid), identity)
     check_command(command)
     return command, len(value) + len(key) + 64
 

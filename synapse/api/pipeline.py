@@ -1,14 +1,24 @@
 """The request policy, written once for both transports (the aiohttp app's middleware and the
-Rust front's hot path, ``front.py``): authentication, the serving check, how a failure is
-answered, and the metrics. The Rust front only decides which path a request takes.
+Rust front's hot path, ``front.py``): authentication against the replicated token records,
+authorization by the route's scopes, the serving check, the token attached to every command
+proposed (the command processor checks it again at apply time), how a failure is answered,
+and the metrics. The Rust front only decides which path a request takes.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 from synapse.api.common import ApiError, error_body
 from synapse.api.context import ApiContext
 from synapse.api.metrics import Metrics
 from synapse.cluster.committer import ProposalError
+from synapse.security import tokens
+from synapse.state import security
+from synapse.state.security import Grant, Scope
 
 # Answered without a token.
 PUBLIC_PATHS = frozenset({"/health"})
@@ -16,23 +26,142 @@ PUBLIC_PATHS = frozenset({"/health"})
 STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers")
 
 
+class Bootstrapping(ApiError):
+    def __init__(self) -> None:
+        super().__init__(503, "bootstrapping", "the cluster has no principals yet (it is starting): retry in a moment",
+                         retry=True)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request: its token and what the token may do."""
+
+    token: tokens.TokenString
+    grant: Grant
+
+    @property
+    def principal(self) -> str:
+        return self.grant.principal
+
+    @property
+    def accessor(self) -> str:
+        return self.token.accessor
+
+
+def _none(match: dict, query: dict) -> list[Scope]:
+    return []
+
+
+def _need(*scopes: Scope) -> Callable[[dict, dict], list[Scope]]:
+    return lambda match, query: list(scopes)
+
+
+def _kv(kind: str) -> Callable[[dict, dict], list[Scope]]:
+    return lambda match, query: [Scope(kind, match.get("key", ""))]
+
+
+# (method, route) -> the scopes the request needs, from its path parameters and query. What a
+# command does beyond the route (a transaction's keys, a task's capabilities, whose token is
+# minted or revoked) is checked by the command processor at apply time (state/security.py).
+# A route missing here needs cluster:admin: default deny.
+ROUTE_SCOPES: dict[tuple[str, str], Callable[[dict, dict], list[Scope]]] = {
+    ("PUT", "/v1/kv/{key}"): _kv("kv:write"),
+    ("DELETE", "/v1/kv/{key}"): _kv("kv:write"),
+    ("GET", "/v1/kv/{key}"): _kv("kv:read"),
+    ("GET", "/v1/kv"): lambda match, query: [Scope("kv:read", query.get("prefix", ""), range=True)],
+    ("POST", "/v1/txn"): _none,
+    ("GET", "/v1/cluster/status"): _none,
+    ("GET", "/ready"): _none,
+    ("GET", "/metrics"): _none,
+    ("POST", "/v1/cluster/members"): _need(Scope("cluster:admin")),
+    ("DELETE", "/v1/cluster/members/{node_id}"): _need(Scope("cluster:admin")),
+    ("POST", "/v1/cluster/transfer-leader"): _need(Scope("cluster:admin")),
+    ("GET", "/v1/checkpoints"): _none,
+    ("POST", "/v1/checkpoints"): _need(Scope("checkpoint")),
+    ("POST", "/v1/rollback"): _need(Scope("rollback")),
+    ("POST", "/v1/debug/corrupt"): _need(Scope("debug")),
+    ("POST", "/v1/debug/compact"): _need(Scope("debug")),
+    ("POST", "/v1/tasks"): _need(Scope("task:submit")),
+    ("GET", "/v1/tasks"): _need(Scope("task:submit")),
+    ("GET", "/v1/tasks/{task_id}"): _need(Scope("task:submit")),
+    ("POST", "/v1/tasks/{task_id}/cancel"): _need(Scope("task:submit")),
+    ("GET", "/v1/tasks/{task_id}/logs"): _need(Scope("task:submit")),
+    ("GET", "/v1/workers"): _none,
+    ("POST", "/v1/workers"): _need(Scope("worker")),
+    ("POST", "/v1/workers/{worker_id}/heartbeat"): _need(Scope("worker")),
+    ("POST", "/v1/workers/{worker_id}/reports"): _need(Scope("worker")),
+    ("POST", "/v1/workers/{worker_id}/leave"): _need(Scope("worker")),
+    ("GET", "/v1/principals"): _need(Scope("cluster:admin")),
+    ("PUT", "/v1/principals/{name}"): _need(Scope("cluster:admin")),
+    ("DELETE", "/v1/principals/{name}"): _need(Scope("cluster:admin")),
+    ("GET", "/v1/roles"): _need(Scope("cluster:admin")),
+    ("PUT", "/v1/roles/{name}"): _need(Scope("cluster:admin")),
+    ("DELETE", "/v1/roles/{name}"): _need(Scope("cluster:admin")),
+    ("GET", "/v1/tokens"): _none,  # the handler lists the caller's own, or all for cluster:admin
+    ("POST", "/v1/tokens"): _none,
+    ("DELETE", "/v1/tokens/{accessor}"): _none,
+    ("GET", "/v1/whoami"): _none,
+}
+for _route in ("/v1/internal/repair/sessions", "/v1/internal/repair/sessions/{session}/children",
+               "/v1/internal/repair/sessions/{session}/buckets", "/v1/internal/catchup/{session}/children",
+               "/v1/internal/catchup/{session}/elements"):
+    ROUTE_SCOPES[("POST", _route)] = _need(Scope("node"))
+ROUTE_SCOPES[("GET", "/v1/internal/catchup/state")] = _need(Scope("node"))
+for _route in ("/v1/internal/repair/sessions/{session}", "/v1/internal/catchup/{session}"):
+    ROUTE_SCOPES[("DELETE", _route)] = _need(Scope("node"))
+_ADMIN = _need(Scope("cluster:admin"))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class RequestPipeline:
     def __init__(self, ctx: ApiContext, metrics: Metrics) -> None:
         self.ctx = ctx
         self.metrics = metrics
 
-    def admit(self, path: str, authorization: str | None) -> None:
-        """Raises the ApiError that refuses the request (401, or 503 on a diverged node)
-        before anything of it is read or done."""
+    def admit(self, method: str, path: str, route: str | None, match: dict, query: dict,
+              authorization: str | None) -> Identity | None:
+        """Who sent the request, once it may be answered: raises the ApiError that refuses it
+        (401 no or a bad token, 403 a scope it lacks, 503 on a node still bootstrapping or
+        known to differ from the agreed state) before anything of it is read or done.
+        ``route``: the matched route (None: no route matched — any valid token may hear so)."""
+        identity = None
         if path not in PUBLIC_PATHS:
-            scheme, _, token = (authorization or "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip() or not self.ctx.check_token(token.strip()):
-                raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (the root token printed at first start)")
+            identity = self.authenticate(authorization)
+            scopes = ROUTE_SCOPES.get((method, route), _ADMIN) if route is not None else _none
+            self.authorize(identity, scopes(match, query))
         if path.startswith(STATE_PATHS) and not self.ctx.serving:
             status = self.ctx.integrity.status()
             raise ApiError(503, "diverged", f"this node's state differs from the one agreed at checkpoint "
                            f"{status['diverged_at']}; it is repairing itself ({status['service']}) — send the "
                            "request to another node", retry=True)
+        return identity
+
+    async def admit_waiting(self, method: str, path: str, route: str | None, match: dict, query: dict,
+                            authorization: str | None) -> Identity | None:
+        """``admit``, but on a cluster still bootstrapping (a new one, before its first election
+        and the root principal's entry) the request waits for it, as a write waits for an
+        election, up to the request timeout."""
+        deadline = time.monotonic() + self.ctx.request_timeout
+        while True:
+            try:
+                return self.admit(method, path, route, match, query, authorization)
+            except Bootstrapping:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+    def authenticate(self, authorization: str | None) -> Identity:
+        return authenticate(self.ctx, authorization)
+
+    @staticmethod
+    def authorize(identity: Identity, scopes: list[Scope]) -> None:
+        missing = identity.grant.missing(scopes)
+        if missing is not None:
+            raise ApiError(403, "forbidden", f"token {identity.accessor} (principal {identity.principal}) lacks the "
+                           f"scope {str(missing)!r}; ask an administrator for a token with it", scope=str(missing))
 
     @staticmethod
     def failure(e: ApiError | ProposalError) -> tuple[int, dict]:
@@ -45,3 +174,28 @@ class RequestPipeline:
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.metrics.observe(route, status, seconds)
+
+
+def authenticate(ctx: ApiContext, authorization: str | None) -> Identity:
+    """The request's token, checked against this node's applied token records."""
+    scheme, _, value = (authorization or "").partition(" ")
+    token = tokens.parse(value) if scheme.lower() == "bearer" else None
+    if token is None:
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (the root token printed at "
+                       "first start, or one made with `synapse token create`)")
+    now = now_ms()
+    ready, grant = ctx.cluster.read(lambda p: (
+        security.bootstrapped(p.store.get),
+        security.authenticate(p.store.get, token.accessor, token.secret_hash, now)))
+    if not ready:
+        raise Bootstrapping()
+    if isinstance(grant, str):
+        raise ApiError(401, "unauthorized", f"token {token.accessor}: {grant}; send a live token")
+    return Identity(token, grant)
+
+
+def confirm(ctx: ApiContext, identity: Identity | None) -> None:
+    """Checks the request's token again — after a read barrier, so that a token revoked before
+    a linearizable read began is refused by every node, as it is at apply time."""
+    if identity is not None:
+        authenticate(ctx, f"Bearer {identity.token}")

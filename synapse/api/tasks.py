@@ -24,8 +24,9 @@ from synapse.api.common import (
     propose,
     request_hash,
     request_id,
+    signed,
 )
-from synapse.api.context import ApiContext, context_of, leader_of
+from synapse.api.context import IDENTITY_KEY, ApiContext, context_of, leader_of
 from synapse.orchestrator.scheduler import now_ms
 from synapse.state.commands import CommandError, LimitError, validate_command
 from synapse.state.tasks import TASK_STATES, TERMINAL, check_id
@@ -196,7 +197,8 @@ async def reports(request: web.Request) -> web.Response:
     items = body["reports"]
     if not isinstance(items, list) or not 1 <= len(items) <= 1024:
         raise ApiError(400, "bad_request", "reports must be a list of 1 to 1024 reports")
-    commands = [_report_command(worker_id, i, r) for i, r in enumerate(items)]
+    identity = request.get(IDENTITY_KEY)
+    commands = [signed(_report_command(worker_id, i, r), identity) for i, r in enumerate(items)]
     size = sum(len(json.dumps(r)) for r in items)
     results = await asyncio.gather(*(ctx.cluster.propose(c, 256 + size // len(items)) for c in commands))
     return web.json_response({"results": [

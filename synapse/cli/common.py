@@ -32,10 +32,18 @@ def client_from(ctx: click.Context) -> Client:
             raise click.UsageError(
                 f"no token: pass --token, set SYNAPSE_TOKEN, or --token-file (tried {token_file})"
             ) from None
-    return Client(url, token)
+    tls = {name: option_value(ctx, name) or os.environ.get("SYNAPSE_" + name.upper())
+           for name in ("tls_ca", "tls_cert", "tls_key")}
+    try:
+        return Client(url, token, **tls)
+    except ValueError as e:  # TlsError: a missing or unusable TLS file, named
+        raise click.UsageError(str(e)) from None
 
 
 def client_options(f):
+    f = click.option("--tls-key", help="The key of --tls-cert (default $SYNAPSE_TLS_KEY).")(f)
+    f = click.option("--tls-cert", help="Client certificate for nodes that require one (default $SYNAPSE_TLS_CERT).")(f)
+    f = click.option("--tls-ca", help="Verify https:// nodes against this CA certificate (default $SYNAPSE_TLS_CA).")(f)
     f = click.option("--url", help="A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070).")(f)
     f = click.option("--token", help="API token (default $SYNAPSE_TOKEN).")(f)
     f = click.option("--token-file", help="File holding the API token (default ./synapse-data/root.token).")(f)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
 from synapse.client import Client
 from synapse.config import ConfigError, load_config
@@ -52,6 +53,10 @@ def node() -> None:
 @click.option("--heartbeat-timeout", type=float, help="Seconds of silence before an execution node is marked down and its tasks rescheduled (default 5).")
 @click.option("--worker-slots", type=int, help="Slots of the embedded execution node (-1 auto: the CPU count in local mode, none in a cluster; 0: none).")
 @click.option("--worker-driver", type=click.Choice(["auto", "bwrap", "process", "container"]), help="The embedded execution node's sandbox (default auto).")
+@click.option("--tls-cert", help="Serve HTTPS with this certificate (PEM; `synapse tls init` makes one per node).")
+@click.option("--tls-key", help="The private key of --tls-cert (PEM).")
+@click.option("--tls-client-ca", help="Require every client to present a certificate this CA signed (mutual TLS).")
+@click.option("--tls-ca", help="Verify the other nodes' certificates against this CA when calling them (default --tls-client-ca).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def node_start(config_file, log_level, **flags) -> None:
     """Start a node in the foreground; Ctrl-C stops it cleanly."""
@@ -101,7 +106,7 @@ def _say(text: str) -> None:
 
 def _announce(node) -> None:
     cfg = node.config
-    click.echo(f"synapse: node {cfg.node_id} serving http://{cfg.api} (Raft {cfg.raft}, data {cfg.data_dir})")
+    click.echo(f"synapse: node {cfg.node_id} serving {node.api_url} (Raft {cfg.raft}, data {cfg.data_dir})")
     token_file = cfg.root_token_file or cfg.data_dir / "root.token"
     if node.token_was_created:
         click.echo(f"synapse: root token (shown once; also in {token_file}): {node.root_token}")
@@ -114,7 +119,7 @@ def _announce(node) -> None:
 
 @main.group()
 @client_options
-def kv(url, token, token_file) -> None:
+def kv(**_connection) -> None:
     """Read and write keys."""
 
 
@@ -169,7 +174,7 @@ def kv_scan(ctx, prefix, limit) -> None:
 
 @main.group()
 @client_options
-def cluster(url, token, token_file) -> None:
+def cluster(**_connection) -> None:
     """Inspect and change the cluster."""
 
 
@@ -241,7 +246,7 @@ def cluster_transfer(ctx, node_id) -> None:
 
 @main.group()
 @client_options
-def checkpoint(url, token, token_file) -> None:
+def checkpoint(**_connection) -> None:
     """Make and list checkpoints (state digests agreed by a majority)."""
 
 
@@ -277,7 +282,7 @@ def checkpoint_list(ctx, limit, as_json) -> None:
 
 @main.group()
 @client_options
-def debug(url, token, token_file) -> None:
+def debug(**_connection) -> None:
     """Fault injection for tests and chaos runs (the node must allow it)."""
 
 
@@ -304,7 +309,7 @@ def debug_corrupt(ctx, key, value, delete) -> None:
 @client_options
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
-def rollback_cmd(ctx, checkpoint, url, token, token_file, yes) -> None:
+def rollback_cmd(ctx, checkpoint, yes, **_connection) -> None:
     """Roll the whole cluster back to CHECKPOINT (a log index from `synapse checkpoint list`):
     every write after it is undone, on every node."""
     if not yes:
@@ -425,11 +430,16 @@ def _leader_client(c: Client) -> Client:
     s = run_call(c.status)
     if not s.get("leader_api"):
         raise click.ClickException("the cluster has no leader right now; try again in a moment")
-    return Client(f"http://{s['leader_api']}", c.token)
+    scheme = "https" if c.ssl_context is not None else "http"
+    return Client(f"{scheme}://{s['leader_api']}", c.token, ssl_context=c.ssl_context)
 
 
 main.add_command(task)
 main.add_command(worker)
+main.add_command(principal)
+main.add_command(role)
+main.add_command(token)
 
 if __name__ == "__main__":
     main()
+main.add_command(tls)

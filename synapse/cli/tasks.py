@@ -21,7 +21,7 @@ _ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
 
 @click.group()
 @client_options
-def task(url, token, token_file) -> None:
+def task(**_connection) -> None:
     """Submit tasks to the cluster's execution nodes and follow them."""
 
 
@@ -237,8 +237,12 @@ def worker() -> None:
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory offered to tasks (tasks' memory limits count against it).")
 @click.option("--driver", type=click.Choice(["auto", "bwrap", "process", "container"]), default="auto",
               help="Sandbox (auto: a container when a Docker engine is reachable, else bubblewrap when usable, else a plain process).")
+@click.option("--tls-ca", help="Verify https:// nodes against this CA certificate.")
+@click.option("--tls-cert", help="Client certificate for nodes that require one (mutual TLS).")
+@click.option("--tls-key", help="The key of --tls-cert.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def worker_start(join, token, token_file, worker_id, slots, label, memory_mb, driver, log_level) -> None:
+def worker_start(join, token, token_file, worker_id, slots, label, memory_mb, driver, tls_ca, tls_cert, tls_key,
+                 log_level) -> None:
     """Start an execution node in the foreground; Ctrl-C stops it (its running tasks are
     killed and rescheduled by the cluster within their retry budget)."""
     from synapse.execution import SandboxUnavailable
@@ -254,8 +258,13 @@ def worker_start(join, token, token_file, worker_id, slots, label, memory_mb, dr
     if not token:
         raise click.UsageError("no token: pass --token, --token-file or set SYNAPSE_TOKEN")
     try:
+        tls = None
+        if tls_ca or tls_cert or tls_key:
+            from synapse.security.tls import client_context
+
+            tls = client_context(*(Path(p) if p else None for p in (tls_ca, tls_cert, tls_key)))
         w = Worker(join, token, worker_id=worker_id, slots=slots, labels=_pairs(label, "--label"),
-                   memory_mb=memory_mb, driver=driver)
+                   memory_mb=memory_mb, driver=driver, ssl_context=tls)
     except SandboxUnavailable as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

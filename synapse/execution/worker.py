@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -84,13 +85,14 @@ class Worker:
 
     def __init__(self, urls: str | list[str], token: str, worker_id: str | None = None, slots: int | None = None,
                  labels: dict[str, str] | None = None, memory_mb: int | None = None, driver: str | Driver = "auto",
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.worker_id = worker_id or default_worker_id()
         self.slots = slots or os.cpu_count() or 1
         self.labels = labels or {}
         self.memory_mb = memory_mb
         self.driver = choose_driver(driver) if isinstance(driver, str) else driver
         self._urls, self._token, self._timeout = urls, token, request_timeout
+        self._ssl = ssl_context  # for https:// URLs: the cluster's CA (and a client certificate)
         self.epoch: int | None = None
         self.heartbeat_timeout = 5.0
         # Tasks this worker holds a lease on, from assignment until the cluster answered its
@@ -120,7 +122,7 @@ class Worker:
         self._stop = stop
         reporter = threading.Thread(target=self._report_loop, name=f"worker-{self.worker_id}-reports", daemon=True)
         reporter.start()
-        client = Client(self._urls, self._token, timeout=self._timeout)
+        client = Client(self._urls, self._token, timeout=self._timeout, ssl_context=self._ssl)
         try:
             while not stop.is_set():
                 try:
@@ -212,7 +214,7 @@ class Worker:
     def _report_loop(self) -> None:
         """Sends reports in batches until each has an answer (ok, or refused for its lease);
         a batch that got no answer is sent again — its request ids make that safe."""
-        client = Client(self._urls, self._token, timeout=self._timeout)
+        client = Client(self._urls, self._token, timeout=self._timeout, ssl_context=self._ssl)
         pending: list[dict] = []
         try:
             while not (self._stop.is_set() and not pending and self._reports.empty()):

@@ -44,6 +44,7 @@ import msgpack
 from synapse import _core
 from synapse.background import TaskGroup
 from synapse.cluster.dump import PLAN_PENDING, dump_index, read_dump, write_dump
+from synapse.security.tls import PeerAccess
 
 if TYPE_CHECKING:
     from synapse.state.processor import CommandProcessor
@@ -185,12 +186,12 @@ class CatchUpStats:
 class CatchUpPlanner:
     """Leader side; ``payload_for`` is called on the tick thread, planning runs on the loop."""
 
-    def __init__(self, node_id: str, read: Callable[[Callable[["CommandProcessor"], Any]], Any], token: str) -> None:
+    def __init__(self, node_id: str, read: Callable[[Callable[["CommandProcessor"], Any]], Any], peers: PeerAccess) -> None:
         """``read(fn)``: ``fn(processor)`` on the applied state (the registered nodes' API
         addresses); ``token`` authenticates this node to the follower."""
         self._node_id = node_id
         self._read = read
-        self._token = token
+        self._peers = peers  # this node's own token (never the root token), TLS when served
         self._loop = asyncio.get_running_loop()  # made by the node on its loop
         self._lock = threading.Lock()
         self._plans: dict[str, _Plan] = {}
@@ -275,10 +276,9 @@ class CatchUpPlanner:
             raise CatchUpError(f"no registered node has Raft address {raft_addr}")
         loop = asyncio.get_running_loop()
         dump = await loop.run_in_executor(None, read_dump, dump_path)
-        base = f"http://{api}"
-        headers = {"Authorization": f"Bearer {self._token}"}
+        base = self._peers.url(api)
         stats = self.stats
-        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=_PLAN_TIMEOUT)) as http:
+        async with self._peers.session(timeout=_PLAN_TIMEOUT) as http:
 
             async def call(method: str, path: str, body: dict | None = None) -> bytes:
                 data = msgpack.packb(body) if body is not None else b""

@@ -29,6 +29,7 @@ from synapse import _core
 from synapse.integrity.checkpoints import CheckpointTracker, Service
 from synapse.state import keys
 from synapse.state.processor import CommandProcessor
+from synapse.security.tls import PeerAccess
 from synapse.state.records import KvChange
 
 log = logging.getLogger("synapse.integrity")
@@ -155,12 +156,12 @@ class Repairer:
     ``token`` authenticates this node to its peers."""
 
     def __init__(self, node_id: str, cluster: RepairingCluster, tracker: CheckpointTracker,
-                 send_to_view: Callable[[int, list[KvChange]], None], token: str) -> None:
+                 send_to_view: Callable[[int, list[KvChange]], None], peers: PeerAccess) -> None:
         self._node_id = node_id
         self._cluster = cluster
         self._tracker = tracker
         self._send_to_view = send_to_view
-        self._token = token
+        self._peers = peers  # this node's own token (never the root token), TLS when served
         self._task: asyncio.Task | None = None
         self.last: RepairReport | None = None
         self.repairs = 0
@@ -237,13 +238,11 @@ class Repairer:
         peers = self._healthy_peers(report.checkpoint)
         if not peers:
             raise RepairError(f"no healthy peer is known for checkpoint {report.checkpoint}")
-        headers = {"Authorization": f"Bearer {self._token}"}
-        timeout = aiohttp.ClientTimeout(total=30)
         last_error: Exception | None = None
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        async with self._peers.session(timeout=30) as http:
             for peer_id, api in peers:
                 try:
-                    await self._repair_from(http, f"http://{api}", peer_id, report)
+                    await self._repair_from(http, self._peers.url(api), peer_id, report)
                     return
                 except (aiohttp.ClientError, asyncio.TimeoutError, RepairError) as e:
                     last_error = e

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from synapse.state import tasks
+from synapse.state import security, tasks
 from synapse.state.validation import (
     CommandError,
     LimitError,
@@ -40,7 +40,8 @@ MAX_LABEL_CHARS = 128
 DIGEST_BYTES = 32
 
 OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report", "rollback",
-       "task_submit", "task_cancel", "task_assign", "task_start", "task_finish", "worker_register", "worker_down")
+       "task_submit", "task_cancel", "task_assign", "task_start", "task_finish", "worker_register", "worker_down",
+       *security.SECURITY_OPS)
 TXN_OPS = ("put", "delete", "get")
 
 # op -> (required fields, optional fields); "op" itself is implied.
@@ -55,12 +56,18 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "checkpoint_report": (("checkpoint", "node_id", "digest", "chain"), ("rid",)),
     "rollback": (("checkpoint",), ("rid",)),
     **tasks.FIELDS,  # the task and worker ops: synapse/state/tasks.py
+    **security.FIELDS,  # principals, roles, tokens: synapse/state/security.py
 }
+# Every op a client can send may carry the token that sent it (its accessor) and the
+# proposer's clock: the processor checks the token's scopes at apply time (security.py).
+_FIELDS = {op: (req, opt if "auth" in opt or op == "security_bootstrap" else (*opt, "auth", "auth_ms"))
+           for op, (req, opt) in _FIELDS.items()}
 # Every op that takes a request id also takes the hash of the request it was sent with, so
 # that a rid used again by a *different* request is refused instead of answered with the first
 # request's result (processor.py, _EntryRun.apply).
 _FIELDS = {op: (req, (*opt, "request_hash") if "rid" in opt else opt) for op, (req, opt) in _FIELDS.items()}
 _TASK_OPS = frozenset(tasks.FIELDS)
+_SECURITY_OPS = frozenset(security.FIELDS)
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
     "delete": ("key",),
@@ -130,6 +137,7 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
         check_rid(command["rid"])
     if "request_hash" in command:
         check_request_hash(command)
+    security.check_auth(command)
     if op in ("put", "delete"):
         check_key(command["key"])
         if "if_version" in command:
@@ -157,6 +165,8 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
         check_uint(command["checkpoint"], "checkpoint", "send the log index of an agreed checkpoint")
     elif op in _TASK_OPS:
         tasks.check_command(op, command, check_uint)
+    elif op in _SECURITY_OPS:
+        security.check_command(op, command)
     elif op == "checkpoint_report":
         check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
         check_node_id(command["node_id"])

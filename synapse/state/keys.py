@@ -30,9 +30,16 @@ TASK_IDEM = b"tidem/"  # idempotency key -> task id
 TASK_DONE_COUNT = b"meta/task_done_count"
 LEASE_SEQ = b"meta/lease_seq"  # the last lease (fencing token) handed out
 WORKER = b"worker/"
-# Execution history (tasks, their queue and leases, workers): kept across a rollback.
-EXECUTION_PREFIXES = (TASK, TASK_QUEUE, TASK_LEASE, TASK_DONE, TASK_IDEM, WORKER)
-EXECUTION_META = (TASK_DONE_COUNT, LEASE_SEQ)
+SEC_PRINCIPAL = b"sec/p/"  # principal name -> {kind, roles, owner, created_ms, by}
+SEC_ROLE = b"sec/r/"  # role name -> {allow, deny}
+SEC_TOKEN = b"sec/t/"  # token accessor -> {hash, principal, allow, deny, expires_ms, parent, created_ms, label}
+SEC_CHILD = b"sec/c/"  # parent accessor, NUL, child accessor -> b"" (revoking a parent revokes its children)
+# Kept across a rollback: the execution history (tasks, their queue and leases, workers) — a
+# rollback undoes writes, not executions — and the principals, roles and tokens — a rollback
+# must never bring a revoked token back.
+ROLLBACK_KEEPS = (TASK, TASK_QUEUE, TASK_LEASE, TASK_DONE, TASK_IDEM, WORKER,
+                      SEC_PRINCIPAL, SEC_ROLE, SEC_TOKEN, SEC_CHILD)
+ROLLBACK_KEEPS_META = (TASK_DONE_COUNT, LEASE_SEQ)
 GENESIS_CHAIN = bytes(32)
 
 _INDEX_BYTES = 8  # ridx/ keys sort by big-endian log index, so key order is eviction order

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synapse import _core
-from synapse.state import keys
+from synapse.state import keys, security
 from synapse.state.tasks import TaskOps
 from synapse.state.commands import (
     CommandError,
@@ -39,6 +39,7 @@ _TASK_OPS = {
     "task_start": TaskOps.start, "task_finish": TaskOps.finish,
     "worker_register": TaskOps.register_worker, "worker_down": TaskOps.worker_down,
 }
+_SECURITY_OPS = security.OPS
 DEDUP_CAPACITY = 100_000
 TASK_RETENTION = 100_000  # ended tasks kept in the state, newest; older ones are evicted
 CHECKPOINT_RECORDS = 256  # ckpt/ records kept in the state, newest first
@@ -144,13 +145,15 @@ class CommandProcessor:
 
         Tasks and workers are *not* rolled back: they are carried over from ``before`` (the
         state the rollback entry met). A rollback undoes writes; it cannot undo a task that
-        ran, and restoring the queue would run tasks pending at the checkpoint a second time."""
+        ran, and restoring the queue would run tasks pending at the checkpoint a second time.
+        Principals, roles and tokens are carried over too: a rollback must never bring back a
+        token revoked after the checkpoint."""
         record = self.checkpoint(target)
         ops = [(keys.CHAIN, keys.encode_chain(index, chain)), (keys.ROLLBACK, keys.encode_rollback(index, target))]
-        for prefix in keys.EXECUTION_PREFIXES:
+        for prefix in keys.ROLLBACK_KEEPS:
             ops += [(k, None) for k, _ in self.store.scan_prefix(prefix)]
             ops += before.scan_prefix(prefix)
-        for key in keys.EXECUTION_META:
+        for key in keys.ROLLBACK_KEEPS_META:
             ops.append((key, before.get(key)))
         if record is not None:
             record["agreed"], record["agreed_index"] = agreed, record["agreed_index"] or index
@@ -359,9 +362,16 @@ class _EntryRun:
                 # A malformed command changes nothing, not even the dedup table: validation is
                 # a pure function of the command, so a retry gets the same answer anyway.
                 return _error("bad_command", exc.message)
+            refusal = security.authorize(self.writes.get, command)
+            if refusal is not None:
+                # Refused for its token, identically on every node (a token revoked or expired
+                # before this entry, a missing scope): nothing changes, not even the dedup table.
+                return refusal
             op = command["op"]
             if op in _TASK_OPS:  # tasks and workers: synapse/state/tasks.py
                 result = _TASK_OPS[op](TaskOps(self.writes, self.index, self.events, keys), command)
+            elif op in _SECURITY_OPS:  # principals, roles, tokens: synapse/state/security.py
+                result = _SECURITY_OPS[op](security.SecurityOps(self.writes, self.index), command)
             else:
                 result = getattr(self, "_op_" + op)(command)
             if rid is not None:

@@ -32,8 +32,13 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpSocket;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+
+mod tls;
+pub use tls::TlsFiles;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
@@ -158,8 +163,10 @@ pub struct Front {
 
 impl Front {
     /// Listens on `listen` (host:port; port 0 picks one) and proxies to `backend_port` on
-    /// 127.0.0.1. `max_body` is the largest hot-path body.
-    pub fn start(listen: &str, backend_port: u16, max_body: usize, threads: usize) -> io::Result<Front> {
+    /// 127.0.0.1. `max_body` is the largest hot-path body. With `tls`, serves HTTPS only.
+    pub fn start(listen: &str, backend_port: u16, max_body: usize, threads: usize, tls: Option<&TlsFiles>) -> io::Result<Front> {
+        // Bad TLS files fail the start before anything listens.
+        let acceptor = tls.map(tls::server_config).transpose()?.map(TlsAcceptor::from);
         let addrs: Vec<SocketAddr> = listen
             .to_socket_addrs()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve the API address {listen}: {e}")))?
@@ -192,7 +199,7 @@ impl Front {
         });
         let (stop, stopped) = watch::channel(false);
         for listener in listeners {
-            runtime.spawn(accept_loop(listener, shared.clone(), stopped.clone()));
+            runtime.spawn(accept_loop(listener, shared.clone(), acceptor.clone(), stopped.clone()));
         }
         Ok(Front { shared, wake, local_addr, stop, runtime: Some(runtime) })
     }
@@ -271,7 +278,12 @@ fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<tokio::net::TcpListener>> {
     Ok(listeners)
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    acceptor: Option<TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -284,10 +296,45 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| serve(shared.clone(), req));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
+        match acceptor.clone() {
+            None => {
+                tokio::spawn(serve_connection(stream, shared));
+            }
+            Some(acceptor) => {
+                tokio::spawn(serve_tls(stream, acceptor, shared));
+            }
+        }
+    }
+}
+
+async fn serve_connection<S>(stream: S, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| serve(shared.clone(), req));
+    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+}
+
+/// How long a connection may take to finish its TLS handshake: a client that connects and
+/// sends nothing must not hold a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_tls(mut stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != tls::HANDSHAKE_RECORD => {
+            // Plain HTTP (or anything else) on the TLS port: say so, then close.
+            let _ = stream.write_all(&tls::plain_http_refusal()).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    // A failed handshake (unknown CA, no client certificate) ends the connection: rustls has
+    // already sent the client its alert.
+    if let Ok(Ok(tls_stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        serve_connection(tls_stream, shared).await;
     }
 }
 

@@ -2,11 +2,11 @@
 
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use synapse_front::{locked, Front};
+use synapse_front::{locked, Front, TlsFiles};
 
 /// (id, put?, key, consistency or None, X-Request-Id or None, Authorization or None, body)
 type Taken<'py> = (u64, bool, String, Option<String>, Option<String>, Option<String>, Bound<'py, PyBytes>);
@@ -25,12 +25,29 @@ impl HttpFront {
 
 #[pymethods]
 impl HttpFront {
-    /// Listens on `listen` ("host:port") now; raises OSError naming the address if it cannot.
+    /// Listens on `listen` ("host:port") now; raises OSError naming the address (or the TLS
+    /// file) if it cannot. With `tls_cert` and `tls_key` it serves HTTPS only; with
+    /// `tls_client_ca` too, every client must present a certificate that CA signed.
     #[new]
-    #[pyo3(signature = (listen, backend_port, max_body, threads = 1))]
-    fn new(py: Python<'_>, listen: &str, backend_port: u16, max_body: usize, threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (listen, backend_port, max_body, threads = 1, tls_cert = None, tls_key = None, tls_client_ca = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        listen: &str,
+        backend_port: u16,
+        max_body: usize,
+        threads: usize,
+        tls_cert: Option<String>,
+        tls_key: Option<String>,
+        tls_client_ca: Option<String>,
+    ) -> PyResult<Self> {
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: tls_client_ca }),
+            (None, None) if tls_client_ca.is_none() => None,
+            _ => return Err(PyValueError::new_err("HTTPS needs both tls_cert and tls_key (and tls_client_ca only with them)")),
+        };
         let front = py
-            .allow_threads(|| Front::start(listen, backend_port, max_body, threads))
+            .allow_threads(|| Front::start(listen, backend_port, max_body, threads, tls.as_ref()))
             .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
         Ok(HttpFront(Mutex::new(Some(front))))
     }
