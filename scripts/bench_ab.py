@@ -15,7 +15,7 @@ rounds), and server CPU per acknowledged write (µs, the three nodes summed); th
 (B over A) with the spread of the per-round ratios. Shared, noisy machines swing ±10–15%
 between runs: that is why both versions run in one.
 
-Usage: ./scripts/bench-ab --a REF [--b REF] [--rounds 6] [--duration 5] [--clients 64] [--scoped a,b]
+Usage: ./scripts/bench-ab --a REF [--b REF] [--rounds 6] [--duration 5] [--clients 64] [--scoped a,b] [--tls a,b]
        [--target leader|spread] [--json FILE] [--keep]
 REF: a commit (anything ``git rev-parse`` takes), or ``.`` for the working tree (default b).
 """
@@ -68,40 +68,45 @@ def checkout(ref: str, tmp: Path) -> tuple[Path, str]:
 
 
 class Version:
-    def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path, scoped: bool = False) -> None:
+    def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path, scoped: bool = False,
+                 tls: bool = False) -> None:
         self.name, self.ref, self.tree, self.label = name, ref, tree, label
         # Its nodes import synapse from its own tree: PYTHONPATH comes before the venv's path file.
         previous = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = str(tree) + (os.pathsep + previous if previous else "")
         try:
-            self.cluster = bn.SynapseCluster(root / name, extra=["--worker-slots", "0"]).start()
+            self.cluster = bn.SynapseCluster(root / name, extra=["--worker-slots", "0"], tls=tls).start()
         finally:
             if previous is None:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = previous
         self.token = self.cluster._token()
+        self.tls, self.scoped = tls, scoped
         if scoped:
-            self.token = scoped_token(self.cluster, self.token)
+            self.token = scoped_token(self.cluster, self.token, self.url(self.cluster.leader()))
         self.rounds: list[dict] = []
+
+    def url(self, member) -> str:
+        return f"{'https' if self.tls else 'http'}://{member.api}"
 
     def urls(self, target: str) -> list[str]:
         if target == "leader":
-            return [f"http://{self.cluster.leader().api}"]
-        return [f"http://{m.api}" for m in self.cluster.members]
+            return [self.url(self.cluster.leader())]
+        return [self.url(m) for m in self.cluster.members]
 
     def close(self) -> None:
         for m in self.cluster.members:
             m.sigkill()
 
 
-def scoped_token(cluster: bn.SynapseCluster, root: str) -> str:
+def scoped_token(cluster: bn.SynapseCluster, root: str, url: str) -> str:
     """A token of its own principal and role, limited to the keys the load uses: every write
     and read is then checked against scopes, on the route and at apply time, like a real
     agent's (the root token's ``*`` matches at once)."""
     from synapse.client import Client
 
-    with Client(f"http://{cluster.leader().api}", root) as c:
+    with Client(url, root, ssl_context=cluster.ssl_context) as c:
         c.put_role("bench", ["kv:read:ab/", "kv:write:ab/"], deny=["kv:write:ab/never/"])
         c.put_principal("bench-agent", "agent", ["bench"])
         return c.create_token(["kv:read:ab/", "kv:write:ab/"], principal="bench-agent")["token"]
@@ -110,7 +115,7 @@ def scoped_token(cluster: bn.SynapseCluster, root: str) -> str:
 def window(version: Version, mode: str, args, prefix: str) -> dict:
     pids = {m.name: m.pid for m in version.cluster.members}
     urls = version.urls(args.target)
-    extra = {"prefix": prefix, "urls": urls}
+    extra = {"prefix": prefix, "urls": urls, "tls": version.cluster.tls_files}
     r = bn.run_load(mode, urls[0], version.token, args.clients, args.generators, pids, args.warmup, args.duration,
                     extra=extra)
     cpu_pct = sum(r.get("node_cpu_pct", {}).values())
@@ -125,7 +130,7 @@ def median(values: list[float]) -> float | None:
 
 
 def summary(version: Version) -> dict:
-    out = {"ref": version.ref, "source": version.label}
+    out = {"ref": version.ref, "source": version.label, "tls": version.tls, "scoped_token": version.scoped}
     for mode, name in (("put", "writes"), ("get", "lin_reads")):
         rows = [r[mode] for r in version.rounds]
         out[f"{name}_per_s"] = median([r["per_s"] for r in rows])
@@ -146,6 +151,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--generators", type=int, default=1)
     p.add_argument("--target", choices=("leader", "spread"), default="leader")
+    p.add_argument("--tls", default="", help="versions (a, b or a,b) served over HTTPS with mutual TLS "
+                   "(certificates from `synapse tls init`); their clients verify and present certificates")
     p.add_argument("--scoped", default="", help="versions (a, b or a,b) driven with a scoped token instead of the root token")
     p.add_argument("--json", help="also write the JSON object to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, worktrees) after the run")
@@ -158,7 +165,7 @@ def main() -> None:
         for name, ref in (("a", args.a), ("b", args.b)):
             tree, label = checkout(ref, tmp)
             log(f"starting version {name} ({label})")
-            versions.append(Version(name, ref, tree, label, tmp, scoped=name in args.scoped))
+            versions.append(Version(name, ref, tree, label, tmp, scoped=name in args.scoped, tls=name in args.tls))
         for n in range(args.rounds):
             order = versions if n % 2 == 0 else versions[::-1]
             rows = {v.name: {} for v in versions}

@@ -229,10 +229,13 @@ def proc_mem_mb(pid: int) -> dict:
 
 
 def http_json(hostport: str, method: str, path: str, token: str = "", body: dict | None = None,
-              timeout: float = 2.0) -> tuple[int, dict]:
+              timeout: float = 2.0, ssl_context=None) -> tuple[int, dict]:
     host, port = hostport.split(":")
     assert host == HOST, hostport
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    if ssl_context is not None:
+        conn = http.client.HTTPSConnection(host, int(port), timeout=timeout, context=ssl_context)
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"}
         if token:
@@ -354,9 +357,20 @@ def synapse_command() -> list[str]:
 class SynapseCluster:
     """3 (or n) ``synapse node start`` processes on loopback, the cluster secret on."""
 
-    def __init__(self, root: Path, size: int = 3, extra: list[str] | None = None) -> None:
+    def __init__(self, root: Path, size: int = 3, extra: list[str] | None = None, tls: bool = False) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        # With ``tls``: HTTPS with mutual TLS, certificates from `synapse tls init` in root/tls;
+        # ``tls_files`` are a client's (the load generators').
+        self.tls_files: dict[str, str] | None = None
+        self.ssl_context = None
+        if tls:
+            from synapse.security.tls import client_context, init_certificates
+
+            init_certificates(root / "tls", [f"n{i + 1}" for i in range(size)] + ["client"], [])
+            self.tls_files = {"ca": str(root / "tls" / "ca.crt"), "cert": str(root / "tls" / "client.crt"),
+                              "key": str(root / "tls" / "client.key")}
+            self.ssl_context = client_context(*(Path(self.tls_files[k]) for k in ("ca", "cert", "key")))
         secret = root / "secret"
         secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         os.chmod(secret, 0o600)
@@ -371,6 +385,10 @@ class SynapseCluster:
                 "node", "start", "--id", name, "--data-dir", str(root / name), "--api", api,
                 "--raft", raft[name], "--peers", peers, "--secret-file", str(secret), *(extra or []),
             ]
+            if tls:
+                d = root / "tls"
+                args += ["--tls-cert", str(d / f"{name}.crt"), "--tls-key", str(d / f"{name}.key"),
+                         "--tls-client-ca", str(d / "ca.crt"), "--tls-ca", str(d / "ca.crt")]
             self.members.append(Member(name, api, args, root / name, root / f"{name}.log"))
         self.token = ""
 
@@ -399,7 +417,8 @@ class SynapseCluster:
                 if not m.alive():
                     raise RuntimeError(f"node {m.name} exited (code {m.proc.returncode}):\n{m.log_tail()}")
                 try:
-                    status, body = http_json(m.api, "GET", "/ready", self._token(), timeout=1.0)
+                    status, body = http_json(m.api, "GET", "/ready", self._token(), timeout=1.0,
+                                             ssl_context=self.ssl_context)
                     last[m.name] = f"{status} {body}"
                     if status != 200:
                         still.append(m)
@@ -415,7 +434,8 @@ class SynapseCluster:
 
     def status(self, m: Member, timeout: float = 2.0) -> dict | None:
         try:
-            code, body = http_json(m.api, "GET", "/v1/cluster/status", self._token(), timeout=timeout)
+            code, body = http_json(m.api, "GET", "/v1/cluster/status", self._token(), timeout=timeout,
+                                   ssl_context=self.ssl_context)
         except OSError:
             return None
         return body if code == 200 else None
@@ -741,7 +761,12 @@ async def _loadgen(spec: dict) -> dict:
     prefix = spec.get("prefix", "bench")
     run_id = spec.get("run_id", uuid.uuid4().hex[:8])
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    tls = None
+    if spec.get("tls"):  # {"ca", "cert", "key"}: HTTPS with a client certificate
+        from synapse.security.tls import client_context
+
+        tls = client_context(*(Path(spec["tls"][k]) for k in ("ca", "cert", "key")))
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, ssl=tls if tls else True)
     timeout = aiohttp.ClientTimeout(total=spec.get("request_timeout", 10.0))
     ok = 0
     errors: dict[str, int] = {}

@@ -32,23 +32,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from tests.conformance import SCHEMATHESIS_VERSION, SPEC, failures, run_schemathesis
 from tests.harness import Cluster, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT / "synapse" / "api" / "openapi.yaml"
-SCHEMATHESIS_VERSION = "4.32.5"  # as pinned in scripts/lib/setup.sh
-SEED = 20261203
-CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance"
 # Destructive to the run itself with a valid token (see the module docstring).
 EXCLUDED_WITH_TOKEN = ["POST /v1/cluster/members"]
 
@@ -79,48 +69,6 @@ def operations() -> set[str]:
     return {f"{m.upper()} {p}" for p, ops in spec["paths"].items() for m in ops if m != "parameters"}
 
 
-def schemathesis(node, tmp: Path, name: str, headers: list[str], max_examples: int, phases: str,
-                 exclude: list[str] = ()) -> dict:
-    """One schemathesis run against the node: its exit code, its output, and from its NDJSON
-    report the statuses each operation answered with."""
-    report = tmp / name
-    args = [sys.executable, "-m", "schemathesis.cli", "run", str(SPEC), "--url", node.nodes[0].url,
-            "--checks", CHECKS, "--seed", str(SEED), "--generation-database", "none", "--workers", "1",
-            "--max-examples", str(max_examples), "--phases", phases, "--request-timeout", "30",
-            "--report", "ndjson", "--report-dir", str(report), "--no-color"]
-    for header in headers:
-        args += ["-H", header]
-    for label in exclude:
-        args += ["--exclude-name", label]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    started = time.monotonic()
-    proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    statuses: dict[str, set[int]] = {}  # operation -> the statuses it answered with
-    for path in report.glob("*.ndjson"):
-        for line in path.read_text().splitlines():
-            finished = json.loads(line).get("ScenarioFinished")
-            if not finished or not finished.get("recorder"):
-                continue
-            recorder = finished["recorder"]
-            for case_id, interaction in recorder.get("interactions", {}).items():
-                if interaction.get("response"):
-                    case = recorder["cases"][case_id]["value"]  # its path is the spec's template
-                    label = f"{case['method'].upper()} {case['path']}"
-                    statuses.setdefault(label, set()).add(interaction["response"]["status_code"])
-    seconds = time.monotonic() - started
-    cases = re.search(r"(\d+) generated", proc.stdout)
-    print(f"schemathesis {name}: {cases.group(1) if cases else '?'} cases in {seconds:.0f} s, exit {proc.returncode}")
-    return {"rc": proc.returncode, "output": proc.stdout + proc.stderr, "statuses": statuses}
-
-
-def failures(output: str) -> str:
-    """The failures and errors sections of schemathesis' output, for the assertion message."""
-    start = min((i for i in (output.find("=== ERRORS ==="), output.find("=== FAILURES ===")) if i >= 0),
-                default=0)
-    return re.sub(r"\n{3,}", "\n\n", output[max(0, output.rfind("\n", 0, start)):])[:20000]
-
-
 def check_run(run: dict, name: str, expected: set[str]) -> None:
     assert run["rc"] == 0, f"schemathesis {name}: failures (exit {run['rc']}):\n{failures(run['output'])}"
     # A run that reached nothing would also exit 0: every operation must have been answered.
@@ -135,12 +83,12 @@ def test_schemathesis_finds_nothing(node, tmp_path):
         f"schemathesis {st.__version__} is installed; this test pins {SCHEMATHESIS_VERSION} (scripts/lib/setup.sh "
         "installs it) so that a seed means the same cases")
     every = operations()
-    with_token = schemathesis(node, tmp_path, "root-token", [f"Authorization: Bearer {node.token}"],
+    with_token = run_schemathesis(node.nodes[0].url, tmp_path, "root-token", [f"Authorization: Bearer {node.token}"],
                               max_examples=25, phases="coverage,fuzzing,stateful", exclude=EXCLUDED_WITH_TOKEN)
     check_run(with_token, "with the root token", every - set(EXCLUDED_WITH_TOKEN))
     # Without a token or with a wrong one, every operation but /health is a documented 401.
     for name, headers in (("no-token", []), ("wrong-token", ["Authorization: Bearer not-the-token"])):
-        run = schemathesis(node, tmp_path, name, headers, max_examples=5, phases="coverage,fuzzing")
+        run = run_schemathesis(node.nodes[0].url, tmp_path, name, headers, max_examples=5, phases="coverage,fuzzing")
         check_run(run, name, every)
         let_in = {op: sorted(s - {401}) for op, s in run["statuses"].items() if not op.endswith(" /health") and s - {401}}
         assert not let_in, f"schemathesis {name}: answered other than 401 without the token: {let_in}"

@@ -805,3 +805,17 @@ def test_the_store_lock_is_held_only_around_the_entrys_one_batch():
     store.fail_next_apply = True  # the batch fails: the entry still extends the chain, under the lock
     proc.apply_entry(2, encode_entry([put("x")]))
     assert Probe.entered == 3
+
+
+def test_a_transaction_that_only_reads_leaves_no_dedup_record(log, proc):
+    """A token that may only read must not be able to fill the bounded dedup table (and so
+    evict the records that make the writers' retries safe): a read-only or empty transaction
+    changes nothing at all, its request id included."""
+    log.one(put("a"))
+    before = state_items(proc)
+    assert log.one({"op": "txn", "if": [], "then": [], "else": [], "rid": "empty"})["succeeded"] is True
+    assert log.one({"op": "txn", "then": [{"op": "get", "key": "a"}], "rid": "reader"})["results"][0]["version"] == 1
+    assert state_items(proc) == before
+    # A transaction that may write is remembered, whichever branch ran.
+    log.one({"op": "txn", "if": [{"key": "a", "version": 7}], "then": [{"op": "delete", "key": "a"}], "rid": "w"})
+    assert state_items(proc) != before

@@ -111,7 +111,9 @@ class Model:
                 results.append({"ok": False, "error": "bad_command"})
                 continue
             result = self.apply(index, command, changes)
-            if rid is not None:
+            reads_only = command["op"] == "txn" and all(
+                t["op"] == "get" for branch in ("then", "else") for t in command.get(branch, []))
+            if rid is not None and not reads_only:  # a transaction that only reads is not remembered
                 self.rids[rid] = (index, result)
             results.append(result)
         # Eviction: oldest by (log index, rid bytes) until the table fits.

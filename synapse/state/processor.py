@@ -374,7 +374,11 @@ class _EntryRun:
                 result = _SECURITY_OPS[op](security.SecurityOps(self.writes, self.index), command)
             else:
                 result = getattr(self, "_op_" + op)(command)
-            if rid is not None:
+            if rid is not None and not _reads_only(command):
+                # A transaction that only reads is not remembered: a retry has nothing to
+                # repeat, and a token that may only read must not be able to fill the bounded
+                # dedup table and evict the writers' records (found by scripts/hostile-input:
+                # empty transactions sent with a read-only token changed the state hash).
                 # request_hash is validated above: bytes, or absent.
                 self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result, command.get("request_hash")))
                 self.writes.set(keys.ridx_key(self.index, rid), b"")
@@ -536,6 +540,12 @@ class _EntryRun:
         self.writes.set(keys.kv_key(key), None)
         self.changes.append(KvChange(key, None, 0, 0, 0, self.index))
         return True
+
+
+def _reads_only(command: dict[str, Any]) -> bool:
+    """A transaction none of whose operations (either branch) writes."""
+    return command["op"] == "txn" and all(
+        txop["op"] == "get" for branch in ("then", "else") for txop in command.get(branch, []))
 
 
 def _rid_of(command: Any) -> str | None:
