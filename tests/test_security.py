@@ -154,3 +154,32 @@ def test_lists_show_accessors_never_secrets(cluster):
     assert row["label"] == "listed" and row["principal"] == "alice"
     assert made["token"].split(".")[-1] not in json.dumps(admin.tokens())
     assert {"node-n1", "node-n2", "node-n3", "root"} <= set(listed)  # the nodes' own tokens
+
+
+def test_the_cli_manages_principals_roles_and_tokens(cluster):
+    import subprocess
+
+    from tests.harness import SYNAPSE
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        group, *rest = args
+        out = subprocess.run(SYNAPSE + [group, "--url", cluster.nodes[1].url, "--token", cluster.token, *rest],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    cli("role", "create", "cli-reader", "--allow", "kv:read:cli/", "--deny", "kv:read:cli/secret/")
+    cli("principal", "create", "carol", "--kind", "agent", "--role", "cli-reader")
+    secret = cli("token", "create", "--principal", "carol", "--scope", "kv:read:cli/", "--ttl", "1h",
+                 "--label", "from the cli").stdout.strip()
+    accessor = secret.split(".")[0]
+    listed = json.loads(cli("token", "list", "--json").stdout)
+    mine = next(t for t in listed if t["accessor"] == accessor)
+    assert mine["principal"] == "carol" and mine["label"] == "from the cli" and mine["expires_ms"]
+    assert secret.split(".")[1] not in cli("token", "list").stdout  # accessors, never secrets
+    assert "carol" in cli("principal", "list").stdout and "cli-reader" in cli("role", "list").stdout
+    assert raw(cluster.nodes[2], "GET", "/v1/kv/a/x", secret)[0] == 403  # its scope is cli/ only
+    assert "revoked 1 token(s)" in cli("token", "revoke", accessor).stdout
+    assert raw(cluster.nodes[0], "GET", "/v1/kv/cli/x", secret)[0] == 401
+    cli("principal", "delete", "carol")
+    assert "carol" not in {p["name"] for p in json.loads(cli("principal", "list", "--json").stdout)}

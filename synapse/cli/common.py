@@ -67,3 +67,11 @@ def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def listing(rows: list[dict], as_json: bool, header: tuple[str, ...], row) -> None:
+    """A list command's output: the rows as JSON, or a table of ``row(item)`` under ``header``."""
+    if as_json:
+        print_json(rows)
+    else:
+        table([header] + [row(item) for item in rows])

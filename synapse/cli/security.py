@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.common import client_from, client_options, listing, print_json, run_call
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -55,11 +55,8 @@ def principal_list(ctx, as_json) -> None:
     """Every principal with its kind, roles and owner."""
     with client_from(ctx) as c:
         rows = run_call(c.principals)
-    if as_json:
-        print_json(rows)
-        return
-    table([("NAME", "KIND", "ROLES", "OWNER", "CREATED")] + [
-        (p["name"], p["kind"], ",".join(p["roles"]) or "-", p["owner"] or "-", _when(p["created_ms"])) for p in rows])
+    listing(rows, as_json, ("NAME", "KIND", "ROLES", "OWNER", "CREATED"), lambda p: (
+        p["name"], p["kind"], ",".join(p["roles"]) or "-", p["owner"] or "-", _when(p["created_ms"])))
 
 
 @principal.command("delete")
@@ -97,10 +94,7 @@ def role_list(ctx, as_json) -> None:
     """Every role with the scopes it allows and denies."""
     with client_from(ctx) as c:
         rows = run_call(c.roles)
-    if as_json:
-        print_json(rows)
-        return
-    table([("NAME", "ALLOW", "DENY")] + [(r["name"], " ".join(r["allow"]), " ".join(r["deny"]) or "-") for r in rows])
+    listing(rows, as_json, ("NAME", "ALLOW", "DENY"), lambda r: (r["name"], " ".join(r["allow"]), " ".join(r["deny"]) or "-"))
 
 
 @role.command("delete")
@@ -147,12 +141,9 @@ def token_list(ctx, as_json) -> None:
     """Tokens by accessor, never secrets: yours and your agents' (all with cluster:admin)."""
     with client_from(ctx) as c:
         rows = run_call(c.tokens)
-    if as_json:
-        print_json(rows)
-        return
-    table([("ACCESSOR", "PRINCIPAL", "SCOPES", "EXPIRES", "PARENT", "LABEL")] + [
-        (t["accessor"], t["principal"], " ".join(t["scopes"]), _when(t["expires_ms"]), t["parent"] or "-",
-         t["label"] or "-") for t in rows])
+    listing(rows, as_json, ("ACCESSOR", "PRINCIPAL", "SCOPES", "EXPIRES", "PARENT", "LABEL"), lambda t: (
+        t["accessor"], t["principal"], " ".join(t["scopes"]), _when(t["expires_ms"]), t["parent"] or "-",
+        t["label"] or "-"))
 
 
 @token.command("revoke")
