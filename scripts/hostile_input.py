@@ -5,8 +5,10 @@ node's Raft port (synapse/chaos/hostile.py). Prints one JSON object:
 
 - per schemathesis run: the node, the cases, the 5xx answers, whether every check held (no
   server error, every status documented, every body matching its schema), and for the runs
-  whose every change must be refused, whether the state hash was the same on every node
-  before and after;
+  whose every change must be refused, whether nothing changed: the state hash on every node
+  (no token, a wrong one: nothing reaches the log) or every key's version and every
+  principal, role and token (a read-only token: its linearizable reads are log entries, and
+  every entry moves the hash);
 - for the Raft attack: the connections made, whether every node stayed up and the state
   (applied index, hash, term) did not move.
 
@@ -60,23 +62,39 @@ def main() -> int:
         def hashes() -> dict[str, str]:
             return {k: v["state_hash"] for k, v in cluster.wait_converged(30).items()}
 
+        def records() -> tuple:
+            """What a token could change: every key with its version, the principals, roles and
+            tokens. (The state hash moves with every log entry, and a linearizable read is one.)"""
+            cluster.wait_converged(30)
+            kv, after = [], None
+            while True:
+                page = admin.scan("", limit=1000, start_after=after)
+                kv += [(i["key"], i["version"]) for i in page["items"]]
+                after = page["next_start_after"]
+                if after is None:
+                    break
+            return kv, admin.principals(), admin.roles(), admin.tokens()
+
         for i, node in enumerate(cluster.nodes):
+            # The last field: what must not move — None, the records a token could change
+            # (reads still append log entries), or the whole state hash (nothing reaches the log).
             runs = [("root-token", [f"Authorization: Bearer {cluster.token}"], args.examples,
-                     "coverage,fuzzing,stateful", NEVER_WITH_A_VALID_TOKEN, False),
+                     "coverage,fuzzing,stateful", NEVER_WITH_A_VALID_TOKEN, None),
                     ("read-only-token", [f"Authorization: Bearer {reader}"], max(5, args.examples // 2),
-                     "coverage,fuzzing", MINTS, True),
-                    ("no-token", [], 5, "coverage,fuzzing", [], True),
-                    ("wrong-token", ["Authorization: Bearer root.not-the-secret"], 5, "coverage,fuzzing", [], True)]
-            for name, headers, examples, phases, exclude, refused_only in runs:
-                before = hashes() if refused_only else None
+                     "coverage,fuzzing", MINTS, records),
+                    ("no-token", [], 5, "coverage,fuzzing", [], hashes),
+                    ("wrong-token", ["Authorization: Bearer root.not-the-secret"], 5, "coverage,fuzzing", [], hashes)]
+            for name, headers, examples, phases, exclude, unchanged in runs:
+                before = unchanged() if unchanged else None
                 run = run_schemathesis(node.url, work, f"{node.node_id}-{name}", headers, examples, phases, exclude)
                 entry = {"node": node.node_id, "token": name, "cases": run["cases"], "seconds": run["seconds"],
                          "checks_held": run["rc"] == 0, "server_errors": five_hundreds(run["statuses"]),
                          "operations_answered": len(run["statuses"])}
                 if run["rc"] != 0:
                     entry["failures"] = run["output"][-4000:]
-                if refused_only:
-                    entry["state_unchanged"] = hashes() == before
+                if unchanged:
+                    entry["state_unchanged"] = unchanged() == before
+                    entry["unchanged_means"] = "records" if unchanged is records else "state hash"
                 result["schemathesis"].append(entry)
             print(f"hostile-input: node {i + 1} of 3 done", file=sys.stderr)
         before = cluster.wait_converged(30)

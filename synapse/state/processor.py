@@ -377,8 +377,8 @@ class _EntryRun:
             if rid is not None and not _reads_only(command):
                 # A transaction that only reads is not remembered: a retry has nothing to
                 # repeat, and a token that may only read must not be able to fill the bounded
-                # dedup table and evict the writers' records (found by scripts/hostile-input:
-                # empty transactions sent with a read-only token changed the state hash).
+                # dedup table and evict the writers' records (seen while checking what a
+                # read-only token can change, scripts/hostile-input).
                 # request_hash is validated above: bytes, or absent.
                 self.writes.set(keys.rid_key(rid), keys.encode_rid(self.index, result, command.get("request_hash")))
                 self.writes.set(keys.ridx_key(self.index, rid), b"")
