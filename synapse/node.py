@@ -168,6 +168,8 @@ class Node:
             tuning=cfg.tuning,
             bind_address=cfg.raft,
             fsync=cfg.raft_fsync,
+            # A TLS node's Raft port speaks mutual TLS too, with the same certificate and CA.
+            tls=(cfg.tls_cert, cfg.tls_key, cfg.peer_ca) if cfg.tls and cfg.peer_ca is not None else None,
         )
         self._catchup = CatchUpPlanner(cfg.node_id, replica.read, peers)
         replica.set_catchup_planner(self._catchup.payload_for)

@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -114,3 +115,56 @@ def test_a_node_refuses_to_start_with_a_key_that_does_not_fit_its_certificate(cl
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "does not fit the certificate" in out.stderr, out.stderr
+
+
+def _raft_handshake(node, ca, cert=None, key=None) -> bool:
+    """Whether a TLS client can talk to the node's Raft port (the handshake and one read)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    host, port = node.raft.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s, \
+                ctx.wrap_socket(s, server_hostname=host) as t:
+            t.settimeout(1.0)
+            try:
+                t.recv(1)  # TLS 1.3: a refused client certificate arrives as an alert here
+            except socket.timeout:
+                pass  # nothing to read: the node waits for our first Raft frame
+            return True
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return False
+
+
+def test_the_raft_port_speaks_mutual_tls(cluster, tmp_path):
+    d = cluster.tls_dir
+    node = cluster.nodes[0]
+    assert _raft_handshake(node, d / "ca.crt", d / "client.crt", d / "client.key")
+    assert not _raft_handshake(node, d / "ca.crt")  # no client certificate
+    init_certificates(tmp_path / "other", ["intruder"], [])
+    assert not _raft_handshake(node, d / "ca.crt", tmp_path / "other" / "intruder.crt", tmp_path / "other" / "intruder.key")
+
+
+def test_a_node_with_a_certificate_from_another_ca_cannot_join(cluster, tmp_path):
+    """It has the cluster secret and is added as a member, but its Raft connections fail the
+    TLS handshake both ways: it never connects, never applies, and the cluster goes on."""
+    other = tmp_path / "other"
+    init_certificates(other, ["n9"], [])
+    n9 = cluster.new_node("n9")
+    swap = {str(cluster.tls_dir / "n9.crt"): str(other / "n9.crt"), str(cluster.tls_dir / "n9.key"): str(other / "n9.key"),
+            str(cluster.tls_dir / "ca.crt"): str(other / "ca.crt")}
+    n9.args = [swap.get(a, a) for a in n9.args]
+    n9.start()
+    admin = cluster.client()
+    try:
+        admin.request("POST", "/v1/cluster/members", {"node_id": "n9", "raft": n9.raft, "api": n9.api})
+        time.sleep(3)  # several reconnect attempts both ways
+        members = {m["node_id"]: m for m in admin.status()["members"]}
+        assert members["n9"]["connected"] is False, members
+        assert all(members[n.node_id]["connected"] for n in cluster.nodes[:3])
+        admin.put("tls/without-n9", 1)  # 3 of 4 voters: still a majority
+    finally:
+        cluster.client(cluster.leader()).request("DELETE", "/v1/cluster/members/n9")
+        n9.stop()
+        cluster.nodes.remove(n9)

@@ -190,7 +190,7 @@ class Voter(SyncObj):
     calls PySyncObj, sees its method names or its error codes."""
 
     def __init__(self, owner: "ReplicatedLog", raft_addr: str, peers: list[str], conf: SyncObjConf,
-                 tuning: RaftTuning) -> None:
+                 tuning: RaftTuning, transport_class: type | None = None) -> None:
         # PySyncObj's tick thread starts inside SyncObj.__init__ and may load a dump, apply
         # entries and report its role before it returns: the owner must know its voter first.
         owner._raft = self
@@ -206,7 +206,10 @@ class Voter(SyncObj):
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
             pysyncobj.syncobj.Serializer = BackgroundSerializer
             try:
-                super().__init__(raft_addr, peers, conf)
+                if transport_class is None:
+                    super().__init__(raft_addr, peers, conf)
+                else:
+                    super().__init__(raft_addr, peers, conf, transportClass=transport_class)
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
@@ -335,7 +338,10 @@ class ReplicatedLog:
         tuning: RaftTuning = RaftTuning(),
         bind_address: str | None = None,
         fsync: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA) — the Raft port speaks mutual TLS (raft_tls.py)
+        besides the Fernet sealing with ``secret``."""
         # Two locks. Readers on the event loop and the applier on the tick thread share the
         # Rust store, whose mutable borrow is held (GIL released) for a whole batch: the read
         # lock orders them, held by readers for a lookup and by writers only around a change
@@ -388,7 +394,12 @@ class ReplicatedLog:
             commandsWaitLeader=False,
             onStateChanged=lambda old, new: self._raft.on_state_changed(old, new),
         )
-        Voter(self, raft_addr, peers, conf, tuning)
+        transport = None
+        if tls is not None:
+            from synapse.cluster.raft_tls import contexts, transport_class
+
+            transport = transport_class(*contexts(*tls))
+        Voter(self, raft_addr, peers, conf, tuning, transport)
 
     def _apply(self, index: int, payload: bytes) -> list[dict]:
         """The replicated method's work (tick thread): never raises."""
