@@ -7,7 +7,8 @@ Prints one JSON object (and writes it to --json FILE):
   against the leader, over ``--duration`` seconds after a ``--warmup``.
 - ``lin_reads_per_s`` (+ p50/p99): the same clients doing ``GET`` with the default
   (linearizable) consistency, against the leader.
-- ``failover_median_s``, ``failover_p90_s``, ``failover_max_s`` and the per-trial list: SIGKILL
+- ``failover_median_s``, ``failover_p90_s``, ``failover_max_s`` and the per-trial list (``failover_tls_*``: the
+  same on a cluster with mutual TLS on the API and the Raft port, phase ``failover-tls``): SIGKILL
   of the leader (``--failover-trials``, default 10) → first acknowledged PUT on a survivor;
   the killed node is restarted (same data dir, same flags) and before the next kill the
   cluster must be in steady state: all nodes ready and converged (same applied index and state
@@ -85,7 +86,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 VALUE_CHARS = 98  # JSON text of the value: 100 bytes
-PHASES = ("baseline", "writes", "reads", "failover", "checkpoint", "rss", "repair", "catchup")
+PHASES = ("baseline", "writes", "reads", "failover", "failover-tls", "checkpoint", "rss", "repair", "catchup")
 TXN_BATCH = 128  # synapse.state.commands.MAX_TXN_OPS
 
 TARGETS = {
@@ -391,6 +392,10 @@ class SynapseCluster:
                          "--tls-client-ca", str(d / "ca.crt"), "--tls-ca", str(d / "ca.crt")]
             self.members.append(Member(name, api, args, root / name, root / f"{name}.log"))
         self.token = ""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
 
     def start(self, timeout: float = 60.0) -> "SynapseCluster":
         for m in self.members:
@@ -1003,6 +1008,7 @@ class SynapseTarget:
     def __init__(self, cluster: SynapseCluster) -> None:
         self.cluster = cluster
         self.members = cluster.members
+        self.ssl_context = cluster.ssl_context
 
     @property
     def headers(self) -> dict[str, str]:
@@ -1020,7 +1026,7 @@ class SynapseTarget:
 
         body = json.dumps({"value": value_for(n)}).encode()
         hdrs = {"X-Request-Id": f"{key}-{uuid.uuid4().hex[:6]}", "Content-Type": "application/json"}
-        async with session.put(f"http://{m.api}/v1/kv/{key}", data=body, headers=hdrs,
+        async with session.put(f"{self.cluster.scheme}://{m.api}/v1/kv/{key}", data=body, headers=hdrs,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             payload = await r.read()
             if r.status == 200:
@@ -1034,7 +1040,8 @@ class SynapseTarget:
     async def view(self, session, m: Member) -> tuple[bool, int | None]:
         import aiohttp
 
-        async with session.get(f"http://{m.api}/v1/cluster/status", timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+        async with session.get(f"{self.cluster.scheme}://{m.api}/v1/cluster/status",
+                               timeout=aiohttp.ClientTimeout(total=0.5)) as r:
             s = await r.json()
             return bool(s.get("is_leader")), s.get("term")
 
@@ -1053,7 +1060,9 @@ async def failover_trial(target, victim: Member, trial: int, max_wait: float = 3
     done = asyncio.Event()
     res: dict = {}
     loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=target.headers) as session:
+    tls = getattr(target, "ssl_context", None)  # a Synapse cluster served over HTTPS
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=tls or True),
+                                     headers=target.headers) as session:
         for m in survivors:  # warm the connections
             try:
                 await target.view(session, m)
@@ -1401,6 +1410,16 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
             result.update(run_failover(cluster, args.failover_trials, args.failover_pause))
             log(f"failover: median {result['failover_median_s']} s, p90 {result['failover_p90_s']} s, "
                 f"max {result['failover_max_s']} s")
+        stop_cluster(cluster)
+
+    if "failover-tls" not in skip and args.failover_trials > 0:
+        # The same trials on a cluster with mutual TLS on the API and the Raft port.
+        log("failover-tls: starting a 3-node cluster with TLS (API and Raft port)")
+        cluster = SynapseCluster(tmp / "synapse-tls", tls=True).start()
+        cluster.wait_converged(30)
+        tls = run_failover(cluster, args.failover_trials, args.failover_pause)
+        result.update({k.replace("failover", "failover_tls", 1): v for k, v in tls.items()})
+        log(f"failover-tls: median {result['failover_tls_median_s']} s, max {result['failover_tls_max_s']} s")
         stop_cluster(cluster)
 
     if "checkpoint" not in skip:
