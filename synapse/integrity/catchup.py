@@ -91,10 +91,40 @@ def read_container(path: Path) -> dict:
     body = data[len(MAGIC) + 8 : len(MAGIC) + 8 + size]
     if len(body) != size or _check(body) != data[len(MAGIC) + 8 + size :]:
         raise CatchUpError(f"{path}: the catch-up container is damaged (length or checksum)")
-    doc = msgpack.unpackb(body, raw=False)
-    if not isinstance(doc, dict) or {"meta", "puts", "deletes"} - set(doc):
-        raise CatchUpError(f"{path}: the catch-up container is malformed")
+    try:
+        doc = msgpack.unpackb(body, raw=False)
+    except Exception as e:  # msgpack raises several types for bad input
+        raise CatchUpError(f"{path}: the catch-up container is not msgpack ({type(e).__name__})") from None
+    problem = _malformed(doc)
+    if problem:
+        raise CatchUpError(f"{path}: the catch-up container is malformed: {problem}")
     return doc
+
+
+def _malformed(doc: Any) -> str | None:
+    """What is wrong with a container's structure (None: nothing). The checksum only proves
+    the bytes arrived as sent, not that the sender built them right."""
+    if not isinstance(doc, dict) or {"meta", "puts", "deletes"} - set(doc):
+        return "expected a map with meta, puts and deletes"
+    meta = doc["meta"]
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), bytes) for k in ("base", "target")):
+        return "meta needs the base and target digests"
+    if not isinstance(meta.get("index"), int) or not isinstance(meta.get("cluster"), list) \
+            or not all(isinstance(a, str) for a in meta["cluster"]):
+        return "meta needs the log index and the cluster's addresses"
+    for name in ("last", "prev"):
+        entry = meta.get(name)
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], bytes)
+                and all(isinstance(x, int) for x in entry[1:])):
+            return f"meta.{name} is not a Raft entry"
+    if not isinstance(doc["puts"], list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, bytes) for x in p) for p in doc["puts"]):
+        return "puts must be [key, value] byte pairs"
+    if not isinstance(doc["deletes"], list) or not all(
+            isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and not isinstance(d[0], bool)
+            and 0 <= d[0] < _core.BUCKETS and isinstance(d[1], bytes) for d in doc["deletes"]):
+        return f"deletes must be [bucket (0 to {_core.BUCKETS - 1}), element hash] pairs"
+    return None
 
 
 def apply_container(store: _core.StateStore, doc: dict) -> int:
