@@ -98,7 +98,7 @@ def test_a_host_name_is_served_on_every_address_it_resolves_to():
     from synapse._core import HttpFront
 
     addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
-    front = HttpFront("localhost:0", 1, 1024)  # backend port 1: nothing answers there
+    front = HttpFront("localhost:0", "/nonexistent/app.sock", 1024)  # nothing answers there
     try:
         for address in addresses:
             with socket.create_connection((address, front.port()), timeout=5) as conn:
@@ -119,4 +119,4 @@ def test_an_address_already_taken_is_an_error_naming_it():
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
-            HttpFront(f"127.0.0.1:{port}", 1, 1024)
+            HttpFront(f"127.0.0.1:{port}", "/nonexistent/app.sock", 1024)

@@ -5,8 +5,8 @@ The front owns the API address. ``PUT`` and ``GET /v1/kv/{key}`` in their plain 
 (rust/front/src/lib.rs, ``classify``) are parsed there, off the GIL, and handed over here in
 batches: one wake-up of the event loop per batch instead of aiohttp's parsing, routing and
 socket calls per request — on the leader that was ~80 µs of a write's ~140 µs of CPU at 64
-clients (scripts/bench-cluster). Everything else goes to the aiohttp app on a loopback port,
-unchanged. Both paths go through the same request pipeline (``pipeline.py``: the token, the
+clients (scripts/bench-cluster). Everything else goes to the aiohttp app on a Unix socket in a
+private directory, unchanged. Both paths go through the same request pipeline (``pipeline.py``: the token, the
 serving check, failures, metrics) and the same kv functions (``kv.py``), so a request means
 the same on either path; the front decides only which path a request takes.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -59,15 +61,16 @@ _KV_PATH = "/v1/kv/"  # what the pipeline's checks look at of a hot request's pa
 
 
 class ApiServer:
-    """The running API: the front on the node's address, the app behind it on 127.0.0.1."""
+    """The running API: the front on the node's address, the app behind it on a Unix socket."""
 
-    def __init__(self, runner: web.AppRunner, front: _core.HttpFront, hot: "HotPath") -> None:
-        self.runner, self.front, self.hot = runner, front, hot
+    def __init__(self, runner: web.AppRunner, front: _core.HttpFront, hot: "HotPath", socket_dir: Path) -> None:
+        self.runner, self.front, self.hot, self._socket_dir = runner, front, hot, socket_dir
 
     async def cleanup(self) -> None:
         self.hot.close()
         self.front.close()  # no new requests; open connections closed
         await self.runner.cleanup()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 async def start_api(ctx: ApiContext, host: str, port: int, tls: TlsFiles | None = None) -> ApiServer:
@@ -77,22 +80,26 @@ async def start_api(ctx: ApiContext, host: str, port: int, tls: TlsFiles | None 
     app = make_app(pipeline)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    # Port 0: the kernel picks a free one; only the front connects to it.
-    site = web.TCPSite(runner, "127.0.0.1", 0, reuse_address=True)
+    # The app listens on a Unix socket in a directory only this user can enter, and only the
+    # front connects to it: no second network listener that would skip the front's TLS (and
+    # its client certificates). A fresh short path: sun_path holds 107 bytes.
+    socket_dir = Path(tempfile.mkdtemp(prefix="synapse-api-"))
+    backend = str(socket_dir / "app.sock")
+    site = web.UnixSite(runner, backend)
     await site.start()
-    backend_port = runner.addresses[0][1]
     try:
         files = {} if tls is None or tls.tls_cert is None else {
             "tls_cert": str(tls.tls_cert), "tls_key": str(tls.tls_key),
             "tls_client_ca": str(tls.tls_client_ca) if tls.tls_client_ca else None}
-        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend_port, MAX_BODY,
+        front = _core.HttpFront(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", backend, MAX_BODY,
                                 **files)
     except BaseException:
         await runner.cleanup()
+        shutil.rmtree(socket_dir, ignore_errors=True)
         raise
     hot = HotPath(pipeline, front)
     hot.start()
-    return ApiServer(runner, front, hot)
+    return ApiServer(runner, front, hot, socket_dir)
 
 
 class HotPath:

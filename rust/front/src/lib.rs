@@ -9,7 +9,8 @@
 //! other request, and any hot-path request in a form this module does not recognise
 //! (percent-escapes, dot segments, query parameters other than `consistency`, headers that
 //! are not text, chunked bodies, `Expect`), is proxied unchanged to the node's aiohttp app on
-//! a loopback port. Classification only ever decides *which path* a request takes, never
+//! a Unix socket in a directory only the node's user can enter (no second network listener:
+//! with TLS, nothing reaches the app without passing the front's handshake). Classification only ever decides *which path* a request takes, never
 //! policy: the credential is handed over as it came, and the Python side judges it and builds
 //! the answer through the same request pipeline as the app.
 
@@ -30,13 +31,14 @@ use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTE
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
+mod backend;
 mod tls;
 pub use tls::TlsFiles;
 
@@ -136,8 +138,7 @@ struct Shared {
     notify: UnixStream,
     next_id: AtomicU64,
     max_body: usize,
-    backend: String,
-    client: Client<HttpConnector, Body>,
+    client: Client<backend::UnixConnector, Body>,
 }
 
 impl Shared {
@@ -162,9 +163,10 @@ pub struct Front {
 }
 
 impl Front {
-    /// Listens on `listen` (host:port; port 0 picks one) and proxies to `backend_port` on
-    /// 127.0.0.1. `max_body` is the largest hot-path body. With `tls`, serves HTTPS only.
-    pub fn start(listen: &str, backend_port: u16, max_body: usize, threads: usize, tls: Option<&TlsFiles>) -> io::Result<Front> {
+    /// Listens on `listen` (host:port; port 0 picks one) and proxies to the app listening on
+    /// the Unix socket `backend`. `max_body` is the largest hot-path body. With `tls`, serves
+    /// HTTPS only.
+    pub fn start(listen: &str, backend: &str, max_body: usize, threads: usize, tls: Option<&TlsFiles>) -> io::Result<Front> {
         // Bad TLS files fail the start before anything listens.
         let acceptor = tls.map(tls::server_config).transpose()?.map(TlsAcceptor::from);
         let addrs: Vec<SocketAddr> = listen
@@ -184,9 +186,7 @@ impl Front {
         let (notify, wake) = UnixStream::pair()?;
         notify.set_nonblocking(true)?;
         wake.set_nonblocking(true)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Client::builder(TokioExecutor::new()).build(backend::UnixConnector::new(backend));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Vec::new()),
             waiting: Mutex::new(HashMap::new()),
@@ -194,7 +194,6 @@ impl Front {
             notify,
             next_id: AtomicU64::new(1),
             max_body,
-            backend: format!("127.0.0.1:{backend_port}"),
             client,
         });
         let (stop, stopped) = watch::channel(false);
@@ -371,7 +370,8 @@ fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ()> {
 
 async fn proxy(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
     let target = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    match format!("http://{}{}", shared.backend, target).parse::<Uri>() {
+    // The host is not used (the connector dials the app's socket); the path and query are.
+    match format!("http://synapse-app{target}").parse::<Uri>() {
         Ok(uri) => *req.uri_mut() = uri,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("the request target is not valid: {e}")),
     }

@@ -25,16 +25,17 @@ impl HttpFront {
 
 #[pymethods]
 impl HttpFront {
-    /// Listens on `listen` ("host:port") now; raises OSError naming the address (or the TLS
-    /// file) if it cannot. With `tls_cert` and `tls_key` it serves HTTPS only; with
+    /// Listens on `listen` ("host:port") now and proxies what it does not answer itself to the
+    /// app on the Unix socket `backend`; raises OSError naming the address (or the TLS file)
+    /// if it cannot. With `tls_cert` and `tls_key` it serves HTTPS only; with
     /// `tls_client_ca` too, every client must present a certificate that CA signed.
     #[new]
-    #[pyo3(signature = (listen, backend_port, max_body, threads = 1, tls_cert = None, tls_key = None, tls_client_ca = None))]
+    #[pyo3(signature = (listen, backend, max_body, threads = 1, tls_cert = None, tls_key = None, tls_client_ca = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         listen: &str,
-        backend_port: u16,
+        backend: &str,
         max_body: usize,
         threads: usize,
         tls_cert: Option<String>,
@@ -47,7 +48,7 @@ impl HttpFront {
             _ => return Err(PyValueError::new_err("HTTPS needs both tls_cert and tls_key (and tls_client_ca only with them)")),
         };
         let front = py
-            .allow_threads(|| Front::start(listen, backend_port, max_body, threads, tls.as_ref()))
+            .allow_threads(|| Front::start(listen, backend, max_body, threads, tls.as_ref()))
             .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
         Ok(HttpFront(Mutex::new(Some(front))))
     }
