@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
 from pysyncobj.serializer import Serializer
+from pysyncobj.transport import TCPTransport
 
 from synapse import _core
 from synapse.cluster import wire
@@ -206,10 +207,7 @@ class Voter(SyncObj):
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
             pysyncobj.syncobj.Serializer = BackgroundSerializer
             try:
-                if transport_class is None:
-                    super().__init__(raft_addr, peers, conf)
-                else:
-                    super().__init__(raft_addr, peers, conf, transportClass=transport_class)
+                super().__init__(raft_addr, peers, conf, transportClass=transport_class or TCPTransport)
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
