@@ -205,6 +205,12 @@ class Cluster:
 
         deadline = time.monotonic() + timeout
         pending = [n for n in (nodes or self.nodes) if n.alive()]
+        tls = None
+        if self.tls_dir is not None:
+            from synapse.security.tls import client_context
+
+            files = self.client_tls()
+            tls = client_context(files["tls_ca"], files["tls_cert"], files["tls_key"])
         last: dict[str, str] = {}
         while pending:
             token_file = self.nodes[0].data_dir / "root.token"
@@ -215,11 +221,8 @@ class Cluster:
                     raise AssertionError(f"node {n.node_id} exited:\n{n.log()[-3000:]}")
                 host, port = n.api.split(":")
                 try:
-                    if self.tls_dir is not None:
-                        from synapse.security.tls import client_context
-
-                        conn = http.client.HTTPSConnection(host, int(port), timeout=1,
-                                                           context=client_context(**{k.removeprefix("tls_"): v for k, v in self.client_tls().items()}))
+                    if tls is not None:
+                        conn = http.client.HTTPSConnection(host, int(port), timeout=1, context=tls)
                     else:
                         conn = http.client.HTTPConnection(host, int(port), timeout=1)
                     conn.request("GET", "/ready", headers={"Authorization": f"Bearer {token}"})

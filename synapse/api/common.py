@@ -217,13 +217,18 @@ async def propose(request: web.Request, command: dict, size_hint: int, alone: bo
     return checked_result(await context_of(request).cluster.propose(command, size_hint, alone), fields)
 
 
+def now_ms() -> int:
+    """The proposer's clock, carried in commands (expiry and times are judged by it at apply)."""
+    return int(time.time() * 1000)
+
+
 def signed(command: dict, identity) -> dict:
     """The command as proposed: with the token that sent it (``identity``, the pipeline's
     Identity; None on the nodes' own commands) and the proposer's clock, for the command
     processor to check again when it applies it (synapse/state/security.py)."""
     if identity is None:
         return command
-    return {**command, "auth": identity.accessor, "auth_ms": int(time.time() * 1000)}
+    return {**command, "auth": identity.accessor, "auth_ms": now_ms()}
 
 
 def check_command(command: dict) -> None:

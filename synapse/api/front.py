@@ -6,9 +6,10 @@ The front owns the API address. ``PUT`` and ``GET /v1/kv/{key}`` in their plain 
 batches: one wake-up of the event loop per batch instead of aiohttp's parsing, routing and
 socket calls per request — on the leader that was ~80 µs of a write's ~140 µs of CPU at 64
 clients (scripts/bench-cluster). Everything else goes to the aiohttp app on a Unix socket in a
-private directory, unchanged. Both paths go through the same request pipeline (``pipeline.py``: the token, the
-serving check, failures, metrics) and the same kv functions (``kv.py``), so a request means
-the same on either path; the front decides only which path a request takes.
+private directory, unchanged. Both paths go through the same request pipeline
+(``pipeline.py``: the token, the serving check, failures, metrics) and the same kv functions
+(``kv.py``), so a request means the same on either path; the front decides only which path a
+request takes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from synapse.cluster.committer import ProposalError
 
 log = logging.getLogger("synapse.api")
 
+_KV_ROUTE = "/v1/kv/{key}"  # the app's route, as its metrics name it
+_KV_PATH = "/v1/kv/"  # what the pipeline's checks look at of a hot request's path
+
 
 class TlsFiles(Protocol):
     """The TLS settings the front reads (NodeConfig has them)."""
@@ -55,9 +59,6 @@ class TlsFiles(Protocol):
     tls_cert: Path | None
     tls_key: Path | None
     tls_client_ca: Path | None
-
-_KV_ROUTE = "/v1/kv/{key}"  # the app's route, as its metrics name it
-_KV_PATH = "/v1/kv/"  # what the pipeline's checks look at of a hot request's path
 
 
 class ApiServer:

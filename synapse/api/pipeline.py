@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from synapse.api.common import ApiError, error_body
+from synapse.api.common import ApiError, error_body, now_ms
 from synapse.api.context import ApiContext
 from synapse.api.metrics import Metrics
 from synapse.cluster.committer import ProposalError
@@ -112,10 +112,6 @@ for _route in ("/v1/internal/repair/sessions/{session}", "/v1/internal/catchup/{
 _ADMIN = _need(Scope("cluster:admin"))
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class RequestPipeline:
     def __init__(self, ctx: ApiContext, metrics: Metrics) -> None:
         self.ctx = ctx
@@ -183,13 +179,16 @@ def authenticate(ctx: ApiContext, authorization: str | None) -> Identity:
     if token is None:
         raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (the root token printed at "
                        "first start, or one made with `synapse token create`)")
-    now = now_ms()
-    ready, grant = ctx.cluster.read(lambda p: (
-        security.bootstrapped(p.store.get),
-        security.authenticate(p.store.get, token.accessor, token.secret_hash, now)))
-    if not ready:
-        raise Bootstrapping()
+    return _identity(ctx, token)
+
+
+def _identity(ctx: ApiContext, token: tokens.TokenString) -> Identity:
+    secret_hash, now = token.secret_hash, now_ms()
+    grant = ctx.cluster.read(lambda p: security.authenticate(p.store.get, token.accessor, secret_hash, now))
     if isinstance(grant, str):
+        # Only a refused token needs to know why: a new cluster has no principals yet.
+        if not ctx.cluster.read(lambda p: security.bootstrapped(p.store.get)):
+            raise Bootstrapping()
         raise ApiError(401, "unauthorized", f"token {token.accessor}: {grant}; send a live token")
     return Identity(token, grant)
 
@@ -198,4 +197,4 @@ def confirm(ctx: ApiContext, identity: Identity | None) -> None:
     """Checks the request's token again — after a read barrier, so that a token revoked before
     a linearizable read began is refused by every node, as it is at apply time."""
     if identity is not None:
-        authenticate(ctx, f"Bearer {identity.token}")
+        _identity(ctx, identity.token)

@@ -10,17 +10,13 @@ import time
 import aiohttp
 from aiohttp import web
 
-from synapse.api.common import ApiError, identified, json_body, propose, request_id
+from synapse.api.common import ApiError, identified, json_body, now_ms, propose, request_id
 from synapse.api.context import IDENTITY_KEY, ApiContext, context_of
 from synapse.security import tokens
 from synapse.state import keys
 from synapse.state.security import PRINCIPAL_KINDS, ROOT, Scope, principal_key, token_key
 
 MAX_TTL_S = 10 * 365 * 86_400
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _listed(ctx: ApiContext, prefix: bytes) -> list[tuple[str, dict]]:
@@ -47,10 +43,9 @@ async def put_principal(request: web.Request) -> web.Response:
     identity = {"op": "principal_put", "name": name, "kind": body["kind"], "roles": body.get("roles") or []}
     if body.get("owner") is not None:
         identity["owner"] = body["owner"]
-    result = await propose(request, identified(identity, request_id(request), now_ms=_now_ms()), 512,
+    result = await propose(request, identified(identity, request_id(request), now_ms=now_ms()), 512,
                            fields=("name", "created"))
-    return web.json_response({"name": name, "created": result["created"], **await _everywhere(request, result)},
-                             status=201 if result["created"] else 200)
+    return await _put_answer(request, name, result)
 
 
 async def delete_principal(request: web.Request) -> web.Response:
@@ -75,8 +70,7 @@ async def put_role(request: web.Request) -> web.Response:
     body = await json_body(request, {"allow", "deny"}, {"allow"})
     identity = {"op": "role_put", "name": name, "allow": body["allow"], "deny": body.get("deny") or []}
     result = await propose(request, identified(identity, request_id(request)), 1024, fields=("name", "created"))
-    return web.json_response({"name": name, "created": result["created"], **await _everywhere(request, result)},
-                             status=201 if result["created"] else 200)
+    return await _put_answer(request, name, result)
 
 
 async def delete_role(request: web.Request) -> web.Response:
@@ -102,7 +96,7 @@ async def create_token(request: web.Request) -> web.Response:
                 "deny": body.get("deny") or []}
     if body.get("label") is not None:
         identity["label"] = body["label"]
-    now = _now_ms()
+    now = now_ms()
     volatile = {"accessor": token.accessor, "secret_hash": token.secret_hash, "now_ms": now}
     if ttl is not None:
         volatile["expires_ms"] = now + int(ttl * 1000)
@@ -141,6 +135,12 @@ async def revoke_token(request: web.Request) -> web.Response:
     result = await propose(request, identified({"op": "token_revoke", "accessor": accessor}, request_id(request)),
                            256, fields=("revoked",))
     return web.json_response({"accessor": accessor, "revoked": result["revoked"], **await _everywhere(request, result)})
+
+
+async def _put_answer(request: web.Request, name: str, result: dict) -> web.Response:
+    """A principal or role created (201) or changed (200), once every node has applied it."""
+    return web.json_response({"name": name, "created": result["created"], **await _everywhere(request, result)},
+                             status=201 if result["created"] else 200)
 
 
 async def _everywhere(request: web.Request, result: dict) -> dict:

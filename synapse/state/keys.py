@@ -38,7 +38,7 @@ SEC_CHILD = b"sec/c/"  # parent accessor, NUL, child accessor -> b"" (revoking a
 # rollback undoes writes, not executions — and the principals, roles and tokens — a rollback
 # must never bring a revoked token back.
 ROLLBACK_KEEPS = (TASK, TASK_QUEUE, TASK_LEASE, TASK_DONE, TASK_IDEM, WORKER,
-                      SEC_PRINCIPAL, SEC_ROLE, SEC_TOKEN, SEC_CHILD)
+                  SEC_PRINCIPAL, SEC_ROLE, SEC_TOKEN, SEC_CHILD)
 ROLLBACK_KEEPS_META = (TASK_DONE_COUNT, LEASE_SEQ)
 GENESIS_CHAIN = bytes(32)
 

@@ -328,7 +328,7 @@ def _check_scope_list(value: Any, field: str) -> None:
 
 
 def check_command(op: str, c: dict[str, Any]) -> None:
-    """Field checks of the security ops (and of ``auth`` on any op)."""
+    """Field checks of the security ops (``auth`` on any op: ``check_auth``)."""
     if "now_ms" in c:
         check_uint(c["now_ms"], "now_ms", "send milliseconds since the Unix epoch")
     for name in ("name", "principal", "accessor", "owner"):
