@@ -260,6 +260,54 @@ class _Calls:
     def whoami(self) -> dict:
         return self._done(_Request("GET", "/v1/whoami"))
 
+    # Agent memory (synapse/memory/DESIGN.md): written once for both clients too.
+
+    def remember(self, namespace: str, text: str, *, id: str | None = None, metadata: dict | None = None,
+                 ttl_s: float | None = None, vector: list[float] | None = None, dedup: bool = True) -> dict:
+        """Stores one memory (the node embeds the text unless ``vector`` is given):
+        ``{"id", "duplicate", "created", "index"}`` — with ``duplicate``, ``id`` is the memory
+        that already holds this text."""
+        record = {"text": text, **{name: value for name, value in (("metadata", metadata), ("ttl_s", ttl_s),
+                                                                    ("vector", vector)) if value is not None}}
+        if id is None:  # the node names it
+            return self._done(_write("POST", _memory_path(namespace), {"records": [record], "dedup": dedup}),
+                              lambda r: {**r["records"][0], "index": r["index"]})
+        return self._done(_write("PUT", _memory_path(namespace, id), {**record, "dedup": dedup}))
+
+    def remember_many(self, namespace: str, records: list[dict], dedup: bool = True) -> dict:
+        """Stores a batch (``{"text", "id"?, "metadata"?, "ttl_s"?, "vector"?}`` each) in one
+        log entry: ``{"records": [...], "index"}``."""
+        return self._done(_write("POST", _memory_path(namespace), {"records": list(records), "dedup": dedup}))
+
+    def recall(self, namespace: str, query: str | None = None, *, vector: list[float] | None = None, k: int = 10,
+               where: dict | None = None, min_score: float | None = None,
+               consistency: str = "linearizable") -> list[dict]:
+        """The ``k`` memories nearest ``query`` (or ``vector``), best first, each with ``score``."""
+        body: dict[str, Any] = {"k": k, "consistency": consistency}
+        for name, value in (("query", query), ("vector", vector), ("where", where), ("min_score", min_score)):
+            if value is not None:
+                body[name] = value
+        return self._done(_Request("POST", _memory_path(namespace, "recall"), json.dumps(body).encode()),
+                          lambda r: r["results"])
+
+    def memory(self, namespace: str, id: str, consistency: str = "linearizable") -> dict:
+        return self._done(_Request("GET", _memory_path(namespace, id) + "?" + urlencode({"consistency": consistency})))
+
+    def forget(self, namespace: str, id: str) -> dict:
+        return self._done(_write("DELETE", _memory_path(namespace, id)))
+
+    def memories(self, namespace: str, prefix: str = "", limit: int = 100, start_after: str | None = None,
+                 consistency: str = "linearizable") -> dict:
+        """A page of a namespace's memories in id order: ``{"items", "next_start_after"}``."""
+        query = {"prefix": prefix, "limit": limit, "consistency": consistency,
+                 **({"start_after": start_after} if start_after else {})}
+        return self._done(_Request("GET", _memory_path(namespace) + "?" + urlencode(query)))
+
+
+def _memory_path(namespace: str, *rest: str) -> str:
+    # The namespace is one path segment: its '/' travel as %2F.
+    return "/".join(["/v1/memory", quote(namespace, safe=""), *(quote(r, safe="") for r in rest)])
+
 
 def _write(method: str, path: str, body: dict | None = None) -> _Request:
     return _Request(method, path, json.dumps(body).encode() if body is not None else None,

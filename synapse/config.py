@@ -36,6 +36,10 @@ class NodeConfig:
     # by this deliberately alarming name.
     insecure_no_cluster_secret: bool = False
     storage: str = "sqlite"
+    # Agent memory's vector index (synapse/memory/DESIGN.md): 'chroma' (embedded, in
+    # data_dir/memory-index), 'chroma+http://HOST:PORT' (a Chroma server; one database per
+    # node) or 'off' (this node serves no memory routes).
+    memory_index: str = "chroma"
     root_token_file: Path | None = None
     request_timeout: float = 5.0
     # fdatasync every Raft log append before acknowledging it: survives power loss of a
@@ -206,6 +210,11 @@ def _coerce(name: str, raw: Any) -> Any:
             if str(raw) not in ("auto", "bwrap", "process", "container"):
                 raise ConfigError(name, f"{raw!r} is not auto, bwrap, process or container")
             return str(raw)
+        if name == "memory_index":
+            s = str(raw)
+            if s not in ("chroma", "off") and not re.match(r"^chroma\+http://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$", s):
+                raise ConfigError(name, f"{s!r} is not 'chroma' (embedded), 'chroma+http://HOST:PORT' or 'off'")
+            return s
         if name == "storage":
             s = str(raw)
             if s != "sqlite" and not s.startswith(("postgresql://", "postgres://")):

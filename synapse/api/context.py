@@ -14,6 +14,7 @@ from synapse.integrity.catchup import CatchUpStats
 from synapse.integrity.checkpoints import CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots
+from synapse.memory.service import MemoryService
 from synapse.orchestrator.scheduler import Scheduler
 from synapse.security.tls import PeerAccess
 
@@ -31,6 +32,7 @@ class ApiContext:
     scheduler: Scheduler
     catchup: CatchUpStats
     peers: PeerAccess  # how this node calls the others: its own token, and TLS when served
+    memory: MemoryService | None = None  # None: turned off (--memory-index off)
 
     @property
     def serving(self) -> bool:

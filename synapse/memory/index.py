@@ -1,0 +1,366 @@
+"""The memory index: ChromaDB as a derived view of the replicated memory records.
+
+The records in the state are the truth; Chroma only answers "which ids are nearest this
+vector". The index follows the applied changes (handed over from PySyncObj's tick thread, like
+the storage view's materializer), and is *reconciled* against the state — every record's
+``mod_index`` compared with what Chroma holds, differences written, strays deleted — at start,
+after a rollback, a dump or catch-up install, a repair, and whenever the backlog grows past
+``MAX_BACKLOG`` changes. Writes are upserts keyed by record id carrying the record's log
+index, so applying a change twice, or a change the reconcile already covered, is harmless.
+
+All Chroma calls run on one writer thread (writes stay in log order) and a small query pool;
+Chroma is opened only once there is something to index or to query, so a node that holds no
+memories never pays its import (~0.8 s, ~80 MB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from synapse.state import keys, memory
+from synapse.state.memory import MemoryChange, MemoryRecord
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 20_000  # queued changes beyond this are dropped for a reconcile (bounded memory)
+WRITE_BATCH = 1_000  # records per Chroma upsert
+RECONCILE_PAGE = 2_000  # state records read per page while reconciling
+INDEX_KEY = "_i"  # Chroma metadata: the log index of the record version indexed
+
+
+class IndexUnavailable(RuntimeError):
+    """The memory index cannot be opened or used (Chroma missing, server unreachable...)."""
+
+
+def collection_name(ns: str) -> str:
+    # Chroma names allow 3-512 characters of [a-zA-Z0-9._-]; namespaces have '/'.
+    return "m" + hashlib.blake2b(ns.encode(), digest_size=16).hexdigest()
+
+
+def _metadata(record: MemoryRecord) -> dict[str, Any]:
+    meta = json.loads(record.meta) if record.meta else {}
+    meta[INDEX_KEY] = record.mod_index
+    return meta
+
+
+def _vector(record: MemoryRecord):
+    import numpy as np
+
+    return np.frombuffer(record.vec, dtype="<f4")
+
+
+class ChromaBackend:
+    """One Chroma database for this node: embedded (``PersistentClient`` on a directory only
+    this process opens — two processes on one path corrupted it) or a Chroma server
+    (``HttpClient``; one database per node, so the nodes' views stay apart)."""
+
+    def __init__(self, spec: str, data_dir: Path, node_id: str) -> None:
+        self.spec, self._data_dir, self._node_id = spec, data_dir, node_id
+        self._client = None
+        self._collections: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def may_hold_data(self) -> bool:
+        """False only when nothing was ever indexed here (no embedded index directory)."""
+        return self.spec != "chroma" or (self._data_dir / "memory-index").exists()
+
+    def describe(self) -> str:
+        return f"chroma ({self.spec})"
+
+    @property
+    def opened(self) -> bool:
+        return self._client is not None
+
+    def client(self):
+        # Under self._lock (collection, drop, drop_others).
+        if self._client is None:
+            self._client = self._open()
+        return self._client
+
+    def _open(self):
+        try:
+            import chromadb
+            from chromadb.config import Settings
+        except ImportError as e:
+            raise IndexUnavailable(f"chromadb is not installed ({e.name}); pip install chromadb==1.5.9") from None
+        settings = Settings(anonymized_telemetry=False, allow_reset=False)
+        try:
+            if self.spec == "chroma":
+                path = self._data_dir / "memory-index"
+                path.mkdir(parents=True, exist_ok=True)
+                return chromadb.PersistentClient(path=str(path), settings=settings)
+            host, _, port = self.spec.removeprefix("chroma+http://").rstrip("/").rpartition(":")
+            database = "synapse-" + self._node_id
+            admin = chromadb.AdminClient(Settings(anonymized_telemetry=False, chroma_server_host=host,
+                                                  chroma_server_http_port=int(port)))
+            try:
+                admin.get_database(database)
+            except Exception:
+                admin.create_database(database)
+            return chromadb.HttpClient(host=host, port=int(port), database=database, settings=settings)
+        except IndexUnavailable:
+            raise
+        except Exception as e:
+            raise IndexUnavailable(f"the memory index {self.spec} cannot be opened: {type(e).__name__}: {e}") from None
+
+    def collection(self, ns: str, model: str, dim: int, create: bool):
+        """The namespace's collection for vectors of ``model``; one holding another model's
+        vectors (left by a namespace emptied and refilled) is dropped first. None if absent
+        and not ``create``."""
+        with self._lock:
+            return self._collection(ns, model, dim, create)
+
+    def _collection(self, ns: str, model: str, dim: int, create: bool):
+        name = collection_name(ns)
+        col = self._collections.get(name)
+        if col is not None and col.metadata.get("model") == model and col.metadata.get("dim") == dim:
+            return col
+        client = self.client()
+        try:
+            col = client.get_collection(name)
+        except Exception:  # NotFoundError (its class moved between Chroma versions)
+            col = None
+        if col is not None and (col.metadata.get("model") != model or col.metadata.get("dim") != dim):
+            client.delete_collection(name)
+            col = None
+        if col is None:
+            if not create:
+                return None
+            col = client.create_collection(name, embedding_function=None,
+                                           configuration={"hnsw": {"space": "cosine"}},
+                                           metadata={"namespace": ns, "model": model, "dim": dim})
+        self._collections[name] = col
+        return col
+
+    def drop_others(self, keep: set[str]) -> None:
+        """Deletes the collections of namespaces that no longer hold records."""
+        with self._lock:
+            client = self.client()
+            for col in client.list_collections():
+                name = col if isinstance(col, str) else col.name
+                if name.startswith("m") and name not in keep:
+                    client.delete_collection(name)
+                    self._collections.pop(name, None)
+
+    def drop(self, ns: str) -> None:
+        name = collection_name(ns)
+        with self._lock:
+            self._collections.pop(name, None)
+            try:
+                self.client().delete_collection(name)
+            except Exception:  # NotFoundError: nothing to drop
+                pass
+
+
+class MemoryIndex:
+    """Follows the applied memory changes into Chroma and answers nearest-neighbour queries."""
+
+    def __init__(self, backend: ChromaBackend, read: Callable[[Callable], Any]) -> None:
+        self.backend = backend
+        self._read = read  # fn(processor) on the applied state (Cluster.read)
+        self._lock = threading.Lock()  # shared with the tick thread
+        self._pending: collections.deque[MemoryChange] = collections.deque()
+        self._reconcile = True  # at start: Chroma may be behind the state, or gone
+        self._queued_upto = 0  # the last log index handed over (changes or a reconcile)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_scheduled = False
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory-index")
+        self._queries = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="memory-query")
+        # Event-loop side.
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self.indexed_upto = 0  # every change up to this log index is in Chroma
+        self.last_error: str | None = None
+        self.reconciles = 0
+        self._started = False  # the first reconcile (at start) is done
+        self._stopping = False
+
+    # --- the tick thread: hand over, never block or raise -----------------------------------
+
+    def submit(self, index: int, changes: tuple[MemoryChange, ...]) -> None:
+        with self._lock:
+            if not self._reconcile:
+                self._pending.extend(changes)
+                if len(self._pending) > MAX_BACKLOG:
+                    self._pending.clear()
+                    self._reconcile = True
+            self._queued_upto = max(self._queued_upto, index)
+            self._wake_locked()
+
+    def resync(self, index: int) -> None:
+        """The state was replaced or repaired at ``index``: reconcile against it."""
+        with self._lock:
+            self._pending.clear()  # the reconcile covers them
+            self._reconcile = True
+            self._queued_upto = max(self._queued_upto, index)
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        if self._loop is not None and not self._wake_scheduled:
+            self._wake_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop closed: the node is stopping; the next start reconciles
+                pass
+
+    # --- the event loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = loop
+        delay = 0.1
+        while not self._stopping:
+            with self._lock:
+                self._wake_scheduled = False
+                reconcile, self._reconcile = self._reconcile, False
+                changes = list(self._pending)
+                self._pending.clear()
+                upto = self._queued_upto
+            try:
+                if reconcile:
+                    await loop.run_in_executor(self._writer, self._reconcile_now)
+                    self.reconciles += 1
+                elif changes:
+                    await loop.run_in_executor(self._writer, self._write, changes)
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("memory index: %s failed (%s); reconciling in %.1f s",
+                            "reconcile" if reconcile else "write", self.last_error, delay)
+                with self._lock:
+                    self._reconcile = True  # what failed is rebuilt from the state
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay, self.last_error = 0.1, None
+            async with self._progress:
+                self.indexed_upto = max(self.indexed_upto, upto)
+                self._started = True
+                self._progress.notify_all()
+            with self._lock:
+                idle = not self._pending and not self._reconcile and self._queued_upto == upto
+            if idle:
+                await self._wake.wait()
+                self._wake.clear()
+
+    async def wait_for(self, index: int, timeout: float) -> None:
+        """Returns once every change up to log ``index`` this node applied is indexed."""
+        async def indexed() -> None:
+            async with self._progress:
+                while not self._started or self.indexed_upto < min(index, self._queued_upto):
+                    await self._progress.wait()
+        try:
+            await asyncio.wait_for(indexed(), timeout)
+        except asyncio.TimeoutError:
+            reason = f" (last error: {self.last_error})" if self.last_error else ""
+            raise IndexUnavailable(f"the memory index did not catch up with log index {index} within "
+                                   f"{timeout:g} s{reason}; retry, or read with consistency=stale") from None
+
+    async def query(self, ns: str, model: str, dim: int, vector: bytes, k: int,
+                    where: dict | None) -> list[tuple[str, float]]:
+        """[(id, cosine distance)] of the ``k`` nearest records, nearest first."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._queries, self._query, ns, model, dim, vector, k, where)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._writer.shutdown(wait=True)
+        self._queries.shutdown(wait=True)
+
+    # --- Chroma calls (writer thread / query pool) ---
+
+    def _query(self, ns, model, dim, vector, k, where):
+        import numpy as np
+
+        col = self.backend.collection(ns, model, dim, create=False)
+        if col is None:
+            return []
+        found = col.query(query_embeddings=[np.frombuffer(vector, dtype="<f4")], n_results=k,
+                          where=where or None, include=["distances"])
+        return list(zip(found["ids"][0], found["distances"][0]))
+
+    def _write(self, changes: list[MemoryChange]) -> None:
+        last: dict[tuple[str, str], MemoryChange] = {}
+        for change in changes:  # the last change of a record wins
+            last.pop((change.ns, change.id), None)
+            last[(change.ns, change.id)] = change
+        by_ns: dict[str, list[MemoryChange]] = collections.defaultdict(list)
+        for change in last.values():
+            by_ns[change.ns].append(change)
+        for ns, group in by_ns.items():
+            space = self._read(lambda p: p.memory_namespace(ns))
+            if space is None:
+                # The namespace holds no records now (removed by these changes or later ones,
+                # which are queued): its collection goes with them.
+                self.backend.drop(ns)
+                continue
+            col = self.backend.collection(ns, space["model"], space["dim"], create=True)
+            # A record of the namespace's earlier life (another model) is no longer in it.
+            upserts = [c.record for c in group if c.record is not None and len(c.record.vec) == 4 * space["dim"]]
+            removals = [c.id for c in group if c.record is None]
+            if removals:
+                col.delete(ids=removals)
+            for start in range(0, len(upserts), WRITE_BATCH):
+                self._upsert(col, upserts[start:start + WRITE_BATCH])
+
+    @staticmethod
+    def _upsert(col, records: list[MemoryRecord]) -> None:
+        import numpy as np
+
+        col.upsert(ids=[r.id for r in records], embeddings=np.stack([_vector(r) for r in records]),
+                   metadatas=[_metadata(r) for r in records])
+
+    def _reconcile_now(self) -> None:
+        """Makes Chroma hold exactly the state's records (each at its ``mod_index``)."""
+        spaces = self._read(lambda p: [(k[len(memory.MEM_NS):].decode(), keys.unpack(v))
+                                       for k, v in p.store.scan_prefix(memory.MEM_NS)])
+        if not spaces and not self.backend.opened and not self.backend.may_hold_data():
+            return  # nothing to index, nothing indexed: do not open Chroma at all
+        live = set()
+        for ns, space in spaces:
+            live.add(collection_name(ns))
+            col = self.backend.collection(ns, space["model"], space["dim"], create=True)
+            held = self._held(col)
+            seen, stale, after = set(), [], None
+            while True:
+                rows = self._read(lambda p: p.memory_scan_rows(ns, "", RECONCILE_PAGE, after))
+                if not rows:
+                    break
+                for key, raw in rows:
+                    _, record_id = memory.split_record_key(key)
+                    seen.add(record_id)
+                    record = memory.decode_record(ns, record_id, raw, keys.unpack)
+                    if held.get(record_id) != record.mod_index:
+                        stale.append(record)
+                        if len(stale) >= WRITE_BATCH:
+                            self._upsert(col, stale)
+                            stale = []
+                after = memory.split_record_key(rows[-1][0])[1]
+            if stale:
+                self._upsert(col, stale)
+            strays = [i for i in held if i not in seen]
+            for start in range(0, len(strays), WRITE_BATCH):
+                col.delete(ids=strays[start:start + WRITE_BATCH])
+        self.backend.drop_others(live)
+
+    @staticmethod
+    def _held(col) -> dict[str, int]:
+        """{id: indexed log index} of everything in the collection."""
+        held, offset = {}, 0
+        while True:
+            page = col.get(include=["metadatas"], limit=10_000, offset=offset)
+            for record_id, meta in zip(page["ids"], page["metadatas"]):
+                held[record_id] = (meta or {}).get(INDEX_KEY, -1)
+            if len(page["ids"]) < 10_000:
+                return held
+            offset += 10_000
