@@ -23,6 +23,8 @@ from synapse.integrity.catchup import SHORT, element_shorts
 from synapse.integrity.repair import RepairBusy, RepairError, b64
 from synapse.state import keys
 from synapse.state.commands import CommandError, check_key, check_label
+from synapse.state.memory import check_namespace, check_record_id
+from synapse.state.memory import record_key as memory_record_key
 from synapse.state.validation import MAX_UINT64
 
 MAX_CHECKPOINT_LIST = 256
@@ -266,12 +268,17 @@ async def catchup_elements(request: web.Request) -> web.Response:
 
 
 async def corrupt(request: web.Request) -> web.Response:
-    """Changes one kv key in this node's state only, behind the log's back."""
+    """Changes one kv key — or removes one memory record — in this node's state only, behind
+    the log's back."""
     ctx = context_of(request)
     if not ctx.debug_fault_injection:
         raise ApiError(403, "forbidden", "fault injection is off on this node; start it with "
                        "--debug-fault-injection (debug_fault_injection = true) to allow it — tests only")
-    body = await json_body(request, {"key", "value", "delete"}, {"key"})
+    body = await json_body(request, {"key", "value", "delete", "memory"})
+    if "memory" in body:
+        return _corrupt_memory(ctx, body["memory"])
+    if "key" not in body:
+        raise ApiError(400, "bad_request", "key: missing; name the kv key to change (or send memory: {namespace, id})")
     key = body["key"]
     try:
         check_key(key)
@@ -286,6 +293,22 @@ async def corrupt(request: web.Request) -> web.Response:
         op = (keys.kv_key(key), keys.encode_kv(value, version, created, modified))
     digest = ctx.cluster.replica.inject_fault([op])
     return web.json_response({"key": key, "node_id": ctx.node_id, "state_hash": digest.hex()})
+
+
+def _corrupt_memory(ctx, target) -> web.Response:
+    """Removes a memory record from this node's state; its index follows the damaged state
+    (as after a restart from a damaged snapshot), so repair must re-index it."""
+    if not isinstance(target, dict) or set(target) != {"namespace", "id"}:
+        raise ApiError(400, "bad_request", "memory: expected {\"namespace\", \"id\"} of the record to remove")
+    try:
+        check_namespace(target["namespace"])
+        check_record_id(target["id"])
+    except CommandError as e:
+        raise ApiError(400, "bad_request", str(e)) from None
+    digest = ctx.cluster.replica.inject_fault([(memory_record_key(target["namespace"], target["id"]), None)])
+    if ctx.memory is not None:
+        ctx.memory.index.resync(ctx.cluster.applied()[0])
+    return web.json_response({"memory": target, "node_id": ctx.node_id, "state_hash": digest.hex()})
 
 
 async def compact(request: web.Request) -> web.Response:

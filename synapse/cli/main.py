@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
 from synapse.client import Client
@@ -436,6 +437,7 @@ def _leader_client(c: Client) -> Client:
 
 
 main.add_command(task)
+main.add_command(memory)
 main.add_command(worker)
 main.add_command(principal)
 main.add_command(role)
