@@ -60,3 +60,56 @@ def require_postgres() -> str:
     if dsn is None:
         pytest.skip(postgres_unavailable())
     return dsn
+
+
+class ChromaServer:
+    """A Chroma server of the test's own (``chroma run``, which the chromadb package installs
+    in the venv), on a free port, its data in ``path``; stopped by ``stop``."""
+
+    def __init__(self, path, port: int | None = None) -> None:
+        import shutil
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from synapse.chaos.cluster import free_ports
+
+        self.path = Path(path)
+        self.port = port or free_ports(1)[0]
+        chroma = shutil.which("chroma", path=str(Path(sys.executable).parent))
+        if chroma is None:
+            raise RuntimeError("the `chroma` command is missing from the venv; pip install chromadb==1.5.9")
+        self._log = open(self.path.parent / f"chroma-{self.port}.log", "ab")
+        self._proc = subprocess.Popen([chroma, "run", "--path", str(self.path), "--host", "127.0.0.1",
+                                       "--port", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"chroma+http://127.0.0.1:{self.port}"
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"chroma run exited with {self._proc.returncode}; see {self._log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v2/heartbeat", timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"chroma run did not answer within {timeout:g} s; see {self._log.name}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except Exception:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()

