@@ -40,6 +40,9 @@ class NodeConfig:
     # data_dir/memory-index), 'chroma+http://HOST:PORT' (a Chroma server; one database per
     # node) or 'off' (this node serves no memory routes).
     memory_index: str = "chroma"
+    # A Redis shared by the nodes that caches query embeddings (redis://HOST:PORT/DB), or
+    # 'off' (local mode's default: one process has no one to share with).
+    embedding_cache: str = "off"
     root_token_file: Path | None = None
     request_timeout: float = 5.0
     # fdatasync every Raft log append before acknowledging it: survives power loss of a
@@ -214,6 +217,11 @@ def _coerce(name: str, raw: Any) -> Any:
             s = str(raw)
             if s not in ("chroma", "off") and not re.match(r"^chroma\+http://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$", s):
                 raise ConfigError(name, f"{s!r} is not 'chroma' (embedded), 'chroma+http://HOST:PORT' or 'off'")
+            return s
+        if name == "embedding_cache":
+            s = str(raw)
+            if s != "off" and not re.match(r"^rediss?://[^\s]+$", s):
+                raise ConfigError(name, f"{s!r} is not 'off' or a redis:// URL (redis://HOST:PORT/DB)")
             return s
         if name == "storage":
             s = str(raw)

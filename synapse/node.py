@@ -31,6 +31,7 @@ from synapse.integrity.catchup import CatchUpPlanner, ContainerLoader
 from synapse.integrity.checkpoints import CheckpointPolicy, CheckpointTracker, Service
 from synapse.integrity.repair import Repairer, RepairSessions
 from synapse.integrity.snapshots import CheckpointSnapshots, NotRetained
+from synapse.memory.cache import EmbeddingCache
 from synapse.memory.embedding import Embedder
 from synapse.memory.index import ChromaBackend, MemoryIndex
 from synapse.memory.service import MemoryService
@@ -197,7 +198,8 @@ class Node:
         except RaftError as e:
             raise NodeError(f"{e} (is it in use?)") from e
         if self._memory_index is not None:
-            self._memory = MemoryService(cluster, self._memory_index, Embedder(), cfg.request_timeout)
+            cache = EmbeddingCache(cfg.embedding_cache) if cfg.embedding_cache != "off" else None
+            self._memory = MemoryService(cluster, self._memory_index, Embedder(), cfg.request_timeout, cache)
             self._memory_tasks += [loop.create_task(self._memory_index.run(), name="memory-index"),
                                    loop.create_task(self._memory.expire_due(), name="memory-expiry")]
         serving = lambda: integrity.service == Service.SERVING  # noqa: E731

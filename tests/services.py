@@ -62,6 +62,18 @@ def require_postgres() -> str:
     return dsn
 
 
+def require_redis() -> str:
+    """The URL of the run's Redis (``./scripts/test`` starts one), or the test skips — fails
+    when the run requires it (``SYNAPSE_REQUIRE_REDIS=1``)."""
+    url = os.environ.get("SYNAPSE_TEST_REDIS_URL")
+    if url:
+        return url
+    reason = "no Redis: SYNAPSE_TEST_REDIS_URL is unset (./scripts/test starts one)"
+    if os.environ.get("SYNAPSE_REQUIRE_REDIS") == "1":
+        raise RuntimeError(f"SYNAPSE_REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
 class ChromaServer:
     """A Chroma server of the test's own (``chroma run``, which the chromadb package installs
     in the venv), on a free port, its data in ``path``; stopped by ``stop``."""

@@ -6,7 +6,8 @@
 # and their directory removed when the calling script exits, however it exits:
 #   SYNAPSE_TEST_POSTGRES_DSN  postgresql://postgres@127.0.0.1:PORT/synapse_test
 #   SYNAPSE_TEST_REDIS_URL     redis://127.0.0.1:PORT/0
-# and SYNAPSE_REQUIRE_POSTGRES=1, so a test that needs PostgreSQL fails instead of skipping.
+# and SYNAPSE_REQUIRE_POSTGRES=1 / SYNAPSE_REQUIRE_REDIS=1, so a test that needs one fails
+# instead of skipping.
 # The server packages come from Debian (`ensure_debian_packages`, as root); without them and
 # without root, the variables stay unset and those tests skip, saying why.
 
@@ -93,6 +94,7 @@ start_redis() {
     for i in $(seq 1 100); do
         if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then
             export SYNAPSE_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+            export SYNAPSE_REQUIRE_REDIS=1
             echo "== Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2) on 127.0.0.1:$port (for this run)"
             return 0
         fi

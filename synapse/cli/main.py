@@ -43,6 +43,7 @@ def node() -> None:
 @click.option("--secret-file", help="Cluster secret (same file on every node); required with --peers.")
 @click.option("--insecure-no-cluster-secret", is_flag=True, default=None, help="Run a multi-node cluster with NO authentication or encryption of Raft traffic (anyone who reaches the Raft port can run code here). Test clusters only.")
 @click.option("--storage", help="'sqlite' (default) or a postgresql:// DSN.")
+@click.option("--embedding-cache", help="'off' (default) or redis://HOST:PORT/DB: a Redis the nodes share that caches query embeddings.")
 @click.option("--memory-index", help="Agent memory's vector index: 'chroma' (default: embedded, in the data dir), 'chroma+http://HOST:PORT' (a Chroma server) or 'off'.")
 @click.option("--root-token-file", help="File holding the API root token (default: generated, or derived from the cluster secret).")
 @click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from synapse.memory.cache import EmbeddingCache
 from synapse.memory.embedding import Embedder
 from synapse.memory.index import MemoryIndex
 from synapse.state import keys, memory
@@ -55,10 +56,12 @@ def _plain(identity: dict, volatile: dict) -> dict:
 
 
 class MemoryService:
-    def __init__(self, cluster, index: MemoryIndex, embedder: Embedder, request_timeout: float) -> None:
+    def __init__(self, cluster, index: MemoryIndex, embedder: Embedder, request_timeout: float,
+                 cache: EmbeddingCache | None = None) -> None:
         self._cluster = cluster
         self.index = index
         self.embedder = embedder
+        self.cache = cache  # query embeddings (Redis), or None
         self._timeout = request_timeout
 
     # --- writes ---
@@ -146,7 +149,7 @@ class MemoryService:
             raise CommandError("query", f"query: namespace {ns!r} holds vectors of {space['model'][len(EXTERNAL):]!r} "
                                "sent by callers, which this node cannot make from text; send 'vector'")
         else:
-            vec = (await asyncio.get_running_loop().run_in_executor(None, self.embedder.embed, [query]))[0]
+            vec = await asyncio.get_running_loop().run_in_executor(None, self._embed_query, query)
             if self.embedder.model_id != space["model"]:
                 raise ModelMismatch(f"namespace {ns!r} holds vectors of model {space['model']!r}; this node embeds "
                                     f"with {self.embedder.model_id!r}; send 'vector' made by that model")
@@ -192,6 +195,17 @@ class MemoryService:
         more = len(rows) > limit
         return {"namespace": ns, "items": items,
                 "next_start_after": memory.split_record_key(rows[limit - 1][0])[1] if more else None}
+
+    def _embed_query(self, query: str) -> bytes:
+        """The query's vector: from the cache when it holds it (the same bytes the model gave)."""
+        if self.cache is None:
+            return self.embedder.embed([query])[0]
+        model = self.embedder.model_id
+        vec = self.cache.get(model, query)
+        if vec is None or len(vec) != 4 * self.embedder.dim:
+            vec = self.embedder.embed([query])[0]
+            self.cache.put(model, query, vec)
+        return vec
 
     def _space(self, ns: str) -> dict:
         space = self._cluster.read(lambda p: p.memory_namespace(ns))
