@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from synapse.memory.cache import EmbeddingCache
 from synapse.memory.embedding import Embedder
@@ -48,6 +48,16 @@ class CommandRefused(RuntimeError):
         self.result = result
 
 
+class MemoryCluster(Protocol):
+    """What memory needs of the cluster service (synapse/cluster/service.py's Cluster)."""
+
+    def read(self, fn: Callable[[Any], Any]) -> Any: ...
+    async def propose(self, command: dict, size_hint: int) -> dict: ...
+    async def barrier(self) -> None: ...
+    def applied(self) -> tuple[int, bytes]: ...
+    def is_leader(self) -> bool: ...
+
+
 Stamp = Callable[[dict, dict], dict]  # (what identifies the request, what the node adds) -> the command
 
 
@@ -56,7 +66,7 @@ def _plain(identity: dict, volatile: dict) -> dict:
 
 
 class MemoryService:
-    def __init__(self, cluster, index: MemoryIndex, embedder: Embedder, request_timeout: float,
+    def __init__(self, cluster: MemoryCluster, index: MemoryIndex, embedder: Embedder, request_timeout: float,
                  cache: EmbeddingCache | None = None) -> None:
         self._cluster = cluster
         self.index = index
