@@ -181,6 +181,33 @@ def test_a_node_whose_index_was_deleted_rebuilds_it_at_start(cluster):
     assert len(one.recall(ns, "fact about the rebuild", k=50)) == 41
 
 
+def test_a_node_past_compaction_catches_up_with_its_memories_indexed(cluster):
+    from synapse.cluster.dump import dump_index
+
+    ns = "acme/catchup"
+    c = cluster.client()
+    c.remember_many(ns, [{"id": f"old{i}", "text": f"Old fact {i} from the archive"} for i in range(30)])
+    lagging = next(n for n in cluster.nodes if n is not cluster.leader())
+    lagging.stop()
+    up = [n for n in cluster.nodes if n is not lagging]
+    c = cluster.client(*up)
+    c.remember(ns, "The new office is on the fifth floor", id="office")
+    c.forget(ns, "old3")
+    for node in up:  # both compact: whoever leads has a dump past the lagging node's log
+        dump = node.data_dir / "raft.dump"
+        before = dump_index(dump) if dump.exists() else 0
+        assert _post(node, "/v1/debug/compact", {}, cluster.token)[0] == 200
+        wait_until(lambda: dump.exists() and dump_index(dump) > before, 30, f"a dump on {node.node_id}")
+    lagging.start()
+    cluster.wait_ready()
+    assert len({s["state_hash"] for s in cluster.wait_converged().values()}) == 1
+    back = _on(cluster, lagging)
+    # Linearizable: the index must have reconciled with the caught-up state first.
+    assert _ids(back.recall(ns, "which floor is the office on?", k=1)) == ["office"]
+    found = _ids(back.recall(ns, "old fact from the archive", k=40))
+    assert len(found) == 30 and "old3" not in found
+
+
 def test_a_leader_killed_mid_batch_loses_nothing_acknowledged_and_duplicates_nothing(cluster):
     ns = "acme/failover"
     leader = cluster.leader()
