@@ -29,6 +29,22 @@ def wait_until(predicate, timeout: float, what: str):
         time.sleep(0.05)
 
 
+def post_json(node, path: str, body, token: str, method: str = "POST") -> tuple[int, dict]:
+    """One request, no client retries: (status, JSON answer). ``body``: JSON-able, or bytes."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(node.url + path, data, {"Authorization": f"Bearer {token}",
+                                                          "Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 class _Process:
     """A subprocess in its own session, with its output in ``log_path``."""
 

@@ -5,28 +5,13 @@ wrong answer), and a server that comes back empty is rebuilt from the replicated
 
 from __future__ import annotations
 
-import json
 import shutil
-import urllib.error
-import urllib.request
 
 import pytest
 
-from synapse.client import Client, SynapseError
-from tests.harness import Cluster, wait_until
+from synapse.client import Client
+from tests.harness import Cluster, post_json, wait_until
 from tests.services import ChromaServer
-
-
-def _recall_once(node, token: str, ns: str, query: str) -> tuple[int, dict]:
-    """One attempt, no client retries: what the node answers."""
-    req = urllib.request.Request(f"{node.url}/v1/memory/{ns.replace('/', '%2F')}/recall",
-                                 json.dumps({"query": query}).encode(),
-                                 {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture
@@ -58,7 +43,8 @@ def test_nodes_sharing_a_chroma_server_keep_their_own_databases_and_survive_losi
             assert col.count() == 2
 
         chroma.stop()
-        code, answer = _recall_once(cluster.nodes[0], cluster.token, ns, "drink")
+        code, answer = post_json(cluster.nodes[0], "/v1/memory/acme%2Fshared-server/recall", {"query": "drink"},
+                                 cluster.token)
         assert code == 503 and "memory index" in answer["message"] and answer["retry"]
         c.remember(ns, "The user's sister lives in Oslo", id="sister")  # the records need no index
 

@@ -319,7 +319,13 @@ class MemoryIndex:
             raise IndexUnavailable(f"the memory index ({self.backend.describe()}) cannot answer: "
                                    f"{type(e).__name__}: {e}; it is being rebuilt from the state, retry") from None
         # The namespace holds records (the caller read it from the state) but the index has no
-        # collection for it: the index lost it (a Chroma server that came back empty).
+        # collection for it. Behind the state (a stale read of a namespace just made, or
+        # writes that came after a linearizable read's barrier), that is nothing yet; caught
+        # up, the index lost it (a Chroma server that came back empty).
+        with self._lock:
+            behind = bool(self._pending) or self._reconcile or self.indexed_upto < self._queued_upto
+        if behind or not self._whole:
+            return []
         self._damaged()
         raise IndexUnavailable(f"the memory index ({self.backend.describe()}) lost namespace {ns!r}; it is being "
                                "rebuilt from the state, retry shortly")
