@@ -26,6 +26,8 @@ from synapse import _core
 from synapse.cluster import wire
 from synapse.cluster.dump import PLAN_PENDING, DumpJob, read_dump
 from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
+from synapse.cluster.raft_tls import contexts
+from synapse.cluster.raft_transport import transport_class
 from synapse.cluster.tuning import RaftTuning
 from synapse.state.processor import CommandProcessor, EntryOutcome
 
@@ -191,7 +193,7 @@ class Voter(SyncObj):
     calls PySyncObj, sees its method names or its error codes."""
 
     def __init__(self, owner: "ReplicatedLog", raft_addr: str, peers: list[str], conf: SyncObjConf,
-                 tuning: RaftTuning, transport_class: type | None = None) -> None:
+                 tuning: RaftTuning, transport: type[TCPTransport]) -> None:
         # PySyncObj's tick thread starts inside SyncObj.__init__ and may load a dump, apply
         # entries and report its role before it returns: the owner must know its voter first.
         owner._raft = self
@@ -207,7 +209,7 @@ class Voter(SyncObj):
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
             pysyncobj.syncobj.Serializer = BackgroundSerializer
             try:
-                super().__init__(raft_addr, peers, conf, transportClass=transport_class or TCPTransport)
+                super().__init__(raft_addr, peers, conf, transportClass=transport)
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
@@ -392,11 +394,7 @@ class ReplicatedLog:
             commandsWaitLeader=False,
             onStateChanged=lambda old, new: self._raft.on_state_changed(old, new),
         )
-        transport = None
-        if tls is not None:
-            from synapse.cluster.raft_tls import contexts, transport_class
-
-            transport = transport_class(*contexts(*tls))
+        transport = transport_class(contexts(*tls) if tls is not None else None)
         Voter(self, raft_addr, peers, conf, tuning, transport)
 
     def _apply(self, index: int, payload: bytes) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Mutual TLS on the Raft port: a PySyncObj transport whose connections run over ``ssl``, in
-addition to the Fernet sealing with the cluster secret (cluster/DESIGN.md, "TLS on the Raft
-port").
+"""Mutual TLS on the Raft port: connections that run over ``ssl``, in addition to the Fernet
+sealing with the cluster secret (cluster/DESIGN.md, "TLS on the Raft port"); the transport
+that uses them is ``raft_transport.py``.
 
 PySyncObj drives plain non-blocking sockets from its poller: it calls ``send`` and ``recv``
 until they raise ``EAGAIN``, and treats any other error as a dead connection. A non-blocking
@@ -22,8 +22,6 @@ import errno
 import socket
 import ssl
 from pathlib import Path
-
-from pysyncobj.transport import TCPTransport
 
 
 class TlsSocket:
@@ -72,23 +70,3 @@ def contexts(cert: Path, key: Path, ca: Path) -> tuple[ssl.SSLContext, ssl.SSLCo
         ctx.load_verify_locations(str(ca))
     server.verify_mode = ssl.CERT_REQUIRED
     return server, client
-
-
-def transport_class(server: ssl.SSLContext, client: ssl.SSLContext) -> type[TCPTransport]:
-    """PySyncObj's TCP transport with every connection, incoming and outgoing, over TLS."""
-
-    class TlsTransport(TCPTransport):
-        def _onNewIncomingConnection(self, conn):
-            sock = conn._TcpConnection__socket
-            conn._TcpConnection__socket = TlsSocket(sock, server, server_side=True)
-            super()._onNewIncomingConnection(conn)
-
-        def _connectIfNecessarySingle(self, node):
-            connecting = super()._connectIfNecessarySingle(node)
-            conn = self._connections.get(node)
-            sock = conn._TcpConnection__socket if conn is not None else None
-            if connecting and sock is not None and not isinstance(sock, TlsSocket):
-                conn._TcpConnection__socket = TlsSocket(sock, client, server_side=False, server_hostname=node.host)
-            return connecting
-
-    return TlsTransport
