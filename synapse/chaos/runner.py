@@ -4,13 +4,17 @@ nemeses break it on a schedule, heal, then judge the history (DESIGN.md).
 The workload: ``clients`` threads, each doing one operation at a time on one of ``keys``
 keys — linearizable reads, writes of unique values, and compare-and-set on the version it
 last saw — against a random node, each recorded with its invoke and complete times and its
-outcome. After the run every fault is healed, the nodes must converge within
-``converge_timeout``, every node's final values are read, and each node's data dir is
-audited offline.
+outcome. With ``memory_ops`` > 0 that share of the operations are agent-memory operations
+instead: remember (one record or a batch, with small vectors derived from the record id),
+forget, and linearizable recall by a record's own vector, in ``memory_namespaces``
+namespaces. After the run every fault is healed, the nodes must converge within
+``converge_timeout``, every node's final values (and memories) are read, each node's memory
+index is probed, and each node's data dir is audited offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import random
@@ -22,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from synapse.chaos.checkers import convergence, lost_writes
+from synapse.chaos.checkers import (convergence, duplicate_memories, index_mismatches, lost_memories, lost_writes,
+                                    recall_violations)
 from synapse.chaos.cluster import ClusterUnderTest
-from synapse.chaos.history import CAS, FAIL, OK, READ, UNKNOWN, WRITE, Op
+from synapse.chaos.history import (CAS, FAIL, FORGET, KV_KINDS, MEMORY_KINDS, OK, READ, RECALL, REMEMBER, UNKNOWN,
+                                   WRITE, Op)
 from synapse.chaos.linearizability import check
 from synapse.integrity.audit import verify
 
@@ -41,6 +47,12 @@ AT_START_WITHIN, AT_START_ROUNDS, AT_START_HOLD = 1.0, (1, 4), (0.2, 0.5)
 CLOCKS = ("+1h", "-1h", "+0 x2", "+0 x0.5", "+10m x1.5")
 NETNS_NEMESES = ("partition-halves", "isolate-leader", "one-way", "ring", "bridge", "packet-loss")
 ALL_NEMESES = LOOPBACK_NEMESES + NETNS_NEMESES
+# Memory operations: caller-supplied vectors of this many dimensions, derived from the record
+# id (no embedding model runs); a namespace's vectors all have one dimension and one model.
+MEMORY_DIM = 8
+MEMORY_BATCH = (2, 4)  # records per batch (one log entry)
+MEMORY_RECALL_K = 5
+MEMORY_INDEX_SAMPLE = 8  # acknowledged records per namespace recalled on every node at the end
 
 
 @dataclass
@@ -57,6 +69,8 @@ class RunConfig:
     mix: int = 1  # up to this many different faults at once
     converge_timeout: float = 60.0
     request_timeout: float = 2.0
+    memory_ops: float = 0.0  # the share of client operations that are memory operations (0: none)
+    memory_namespaces: int = 3
 
 
 @dataclass
@@ -90,6 +104,8 @@ class Run:
         network = set(config.nemeses) & set(NETNS_NEMESES)
         if network and config.mode != "netns":
             raise ValueError(f"{', '.join(sorted(network))} need network namespaces (--mode netns, as root)")
+        if not 0 <= config.memory_ops <= 1 or config.memory_namespaces < 1:
+            raise ValueError("memory_ops is a share from 0 to 1, and memory operations need at least one namespace")
         if "clock" in config.nemeses and shutil.which("faketime") is None:
             raise ValueError("the clock nemesis needs libfaketime's `faketime` (Debian: apt-get install faketime)")
         self.config = config
@@ -114,8 +130,15 @@ class Run:
         self.cluster.enter_network()
         rnd = random.Random(self.config.seed * 1000 + client)
         seen: dict[str, int] = {}
+        mine = _Memories()
         seq = 0
         while not self._stop.is_set():
+            if self.config.memory_ops and rnd.random() < self.config.memory_ops:
+                seq += 1
+                op = self._memory(client, rnd, mine, f"c{client}-{seq}")
+                with self._lock:
+                    self.history.append(op)
+                continue
             key = f"chaos/k{rnd.randrange(self.config.keys)}"
             node = rnd.choice(list(self.cluster.ids))
             roll = rnd.random()
@@ -167,6 +190,106 @@ class Run:
         if code in (400, 401, 403, 404, 413):
             return Op(next(self._ids), client, key, kind, t0, t1, FAIL, value, expect, notes=notes)
         return Op(next(self._ids), client, key, kind, t0, None, UNKNOWN, value, expect, notes=notes)
+
+    # --- memory workload ---
+
+    def _memory(self, client: int, rnd: random.Random, mine: "_Memories", name: str) -> Op:
+        """One memory operation. Each client remembers records of its own (unique ids and
+        texts), re-sends the text of one of them under a new id (dedup must answer with the
+        first), forgets some, and recalls by the vector of one it holds or forgot."""
+        node = rnd.choice(list(self.cluster.ids))
+        roll = rnd.random()
+        if roll < 0.4 or not mine.live:
+            ns = f"chaos/mem{rnd.randrange(self.config.memory_namespaces)}"
+            op = self._remember(client, node, ns, [(name, _memory_text(name))])
+        elif roll < 0.6:
+            ns = f"chaos/mem{rnd.randrange(self.config.memory_namespaces)}"
+            batch = [(f"{name}-{j}", _memory_text(f"{name}-{j}")) for j in range(rnd.randint(*MEMORY_BATCH))]
+            op = self._remember(client, node, ns, batch, many=True)
+        elif roll < 0.67:  # the text of a record it holds, under a new id: a duplicate
+            ns, _, text = rnd.choice(mine.live)
+            return self._remember(client, node, ns, [(name, text)])
+        elif roll < 0.8:
+            ns, record_id, text = mine.live.pop(rnd.randrange(len(mine.live)))
+            op = self._forget(client, node, ns, record_id)
+            if op.outcome == FAIL:  # surely not forgotten
+                mine.live.append((ns, record_id, text))
+            elif op.outcome == OK and op.output:
+                mine.forgotten.append((ns, record_id))
+            return op
+        else:
+            ns, record_id = (rnd.choice(mine.forgotten) if mine.forgotten and rnd.random() < 0.25
+                             else rnd.choice(mine.live)[:2])
+            return self._recall(client, node, ns, record_id)
+        if op.outcome == OK:
+            texts = dict(op.value)
+            mine.live += [(ns, sent, texts[sent]) for sent, answered, dup in op.output if not dup and answered == sent]
+        return op
+
+    def _remember(self, client: int, node: int, ns: str, records: list[tuple[str, str]], many: bool = False) -> Op:
+        sent = [{"id": i, "text": t, "vector": memory_vector(i)} for i, t in records]
+        if many:
+            method, path, body = "POST", f"/v1/memory/{quote(ns, safe='')}", {"records": sent}
+        else:
+            method, path = "PUT", f"/v1/memory/{quote(ns, safe='')}/{quote(records[0][0], safe='')}"
+            body = {k: v for k, v in sent[0].items() if k != "id"}
+        value = [list(r) for r in records]
+        t0 = self.now()
+        try:
+            code, answer = self.cluster.request(node, method, path, body, timeout=self.config.request_timeout,
+                                                headers={"X-Request-Id": uuid.uuid4().hex})
+        except ConnectionRefusedError:  # nothing listens there: it never arrived
+            return Op(next(self._ids), client, ns, REMEMBER, t0, self.now(), FAIL, value,
+                      notes={"node": node, "error": "refused"})
+        except Exception as e:  # a timeout or a cut connection: it may still apply
+            return Op(next(self._ids), client, ns, REMEMBER, t0, None, UNKNOWN, value,
+                      notes={"node": node, "error": type(e).__name__})
+        t1, notes = self.now(), {"node": node, "status": code}
+        if code == 200:
+            answers = answer["records"] if many else [answer]
+            output = [[i, a["id"], a["duplicate"]] for (i, _), a in zip(records, answers)]
+            return Op(next(self._ids), client, ns, REMEMBER, t0, t1, OK, value, output=output, notes=notes)
+        outcome = _outcome_of_refusal(code, answer)
+        return Op(next(self._ids), client, ns, REMEMBER, t0, t1 if outcome == FAIL else None, outcome, value,
+                  notes=notes)
+
+    def _forget(self, client: int, node: int, ns: str, record_id: str) -> Op:
+        t0 = self.now()
+        try:
+            code, answer = self.cluster.request(node, "DELETE", f"/v1/memory/{quote(ns, safe='')}/{quote(record_id, safe='')}",
+                                                timeout=self.config.request_timeout,
+                                                headers={"X-Request-Id": uuid.uuid4().hex})
+        except ConnectionRefusedError:
+            return Op(next(self._ids), client, ns, FORGET, t0, self.now(), FAIL, record_id,
+                      notes={"node": node, "error": "refused"})
+        except Exception as e:
+            return Op(next(self._ids), client, ns, FORGET, t0, None, UNKNOWN, record_id,
+                      notes={"node": node, "error": type(e).__name__})
+        t1, notes = self.now(), {"node": node, "status": code}
+        if code == 200:
+            return Op(next(self._ids), client, ns, FORGET, t0, t1, OK, record_id, output=answer["deleted"], notes=notes)
+        outcome = _outcome_of_refusal(code, answer)
+        return Op(next(self._ids), client, ns, FORGET, t0, t1 if outcome == FAIL else None, outcome, record_id, notes=notes)
+
+    def _recall(self, client: int, node: int, ns: str, record_id: str) -> Op:
+        t0 = self.now()
+        try:
+            code, answer = self._recall_request(node, ns, record_id)
+        except Exception as e:  # a read: it changed nothing either way
+            return Op(next(self._ids), client, ns, RECALL, t0, self.now(), FAIL, record_id,
+                      notes={"node": node, "error": type(e).__name__})
+        t1, notes = self.now(), {"node": node, "status": code}
+        if code == 200:
+            return Op(next(self._ids), client, ns, RECALL, t0, t1, OK, record_id,
+                      output=[[r["id"], r["score"]] for r in answer["results"]], notes=notes)
+        if code == 404:  # the namespace holds no memories: an answer too
+            return Op(next(self._ids), client, ns, RECALL, t0, t1, OK, record_id, output=[], notes=notes)
+        return Op(next(self._ids), client, ns, RECALL, t0, t1, FAIL, record_id, notes=notes)
+
+    def _recall_request(self, node: int, ns: str, record_id: str) -> tuple[int, dict]:
+        body = {"vector": memory_vector(record_id), "k": MEMORY_RECALL_K, "consistency": "linearizable"}
+        return self.cluster.request(node, "POST", f"/v1/memory/{quote(ns, safe='')}/recall", body,
+                                    timeout=self.config.request_timeout)
 
     # --- nemeses ---
 
@@ -378,7 +501,7 @@ class Run:
     def _judge(self) -> dict:
         c = self.cluster
         checks: dict = {}
-        verdict = check(self.history)
+        verdict = check([op for op in self.history if op.kind in KV_KINDS])
         checks["linearizable"] = {"ok": verdict.ok, "keys": verdict.keys,
                                   "failures": [f.explain() for f in verdict.failures],
                                   "undecided": [u.explain() for u in verdict.undecided]}
@@ -411,6 +534,8 @@ class Run:
         lost = lost_writes(self.history, finals)
         checks["no_lost_writes"] = {"ok": not lost and not unreachable, "lost": [x.explain() for x in lost[:20]],
                                     "count": len(lost), "unreachable": unreachable}
+        if self.config.memory_ops:
+            checks.update(self._judge_memory())
         # The chain must verify everywhere; a state that differed from the replay is allowed
         # only on a node the corrupt nemesis damaged on purpose (it then repaired itself).
         damaged = {t for f in self.faults if f.kind == "corrupt" for t in f.targets}
@@ -421,6 +546,87 @@ class Run:
                               "first_state_mismatch": a.state_mismatches[0] if a.state_mismatches else None})
             for n, a in audits.items()}}
         return checks
+
+    def _judge_memory(self) -> dict:
+        """The memory checks (checkers.py), from every node's records read after convergence
+        and a linearizable recall on every node by the vectors of a sample of them."""
+        c, history = self.cluster, [op for op in self.history if op.kind in MEMORY_KINDS]
+        namespaces = sorted({op.key for op in history})
+        memories, unreachable = {}, []
+        for i in c.ids:
+            try:
+                memories[c.name(i)] = self._call(self._memories, i, namespaces)
+            except Exception as e:  # a node that cannot list its memories cannot show them: a violation
+                unreachable.append(f"{c.name(i)}: {type(e).__name__}: {e}")
+        checks: dict = {}
+        lost = lost_memories(history, memories)
+        acknowledged = {(op.key, sent) for op in history if op.kind == REMEMBER and op.outcome == OK
+                        for sent, answered, dup in op.output if not dup and answered == sent}
+        # An unknown outcome may or may not have taken effect: counted, never judged lost.
+        unknown = {(op.key, i) for op in history if op.kind == REMEMBER and op.outcome == UNKNOWN for i, _ in op.value}
+        held = {(ns, i) for spaces in memories.values() for ns, items in spaces.items() for i, _ in items}
+        checks["memory_no_lost"] = {
+            "ok": not lost and not unreachable, "lost": [x.explain() for x in lost[:20]], "count": len(lost),
+            "acknowledged": len(acknowledged), "unknown_present": len(unknown & held),
+            "unknown_absent": len(unknown - held), "unreachable": unreachable}
+        dups = duplicate_memories(history, memories)
+        checks["memory_no_duplicates"] = {
+            "ok": not dups and not unreachable, "violations": [x.explain() for x in dups[:20]], "count": len(dups),
+            "records": {n: sum(len(items) for items in spaces.values()) for n, spaces in memories.items()}}
+        recalls = recall_violations(history)
+        checks["memory_recall"] = {
+            "ok": not recalls, "recalls": sum(op.kind == RECALL and op.outcome == OK for op in history),
+            "violations": [x.explain() for x in recalls[:20]], "count": len(recalls)}
+        # Each node's index against its state: acknowledged records every node holds, recalled
+        # by their own vectors (linearizable: after a barrier and the index catching up).
+        everywhere = set.intersection(*({(ns, i) for ns, items in spaces.items() for i, _ in items}
+                                        for spaces in memories.values())) if memories else set()
+        rnd, sample = random.Random(self.config.seed), []
+        for ns in namespaces:
+            ids = sorted(i for n, i in acknowledged & everywhere if n == ns)
+            sample += [(ns, i) for i in rnd.sample(ids, min(MEMORY_INDEX_SAMPLE, len(ids)))]
+        answers = {c.name(i): self._call(self._recall_sample, i, sample) for i in c.ids}
+        bad = index_mismatches(answers)
+        checks["memory_index"] = {"ok": not bad, "sampled": len(sample), "nodes": len(answers),
+                                  "violations": [x.explain() for x in bad[:20]], "count": len(bad)}
+        return checks
+
+    def _memories(self, i: int, namespaces: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """Every record node ``i`` holds in ``namespaces`` (its local state: consistency=stale)."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for ns in namespaces:
+            items, after = [], None
+            while True:
+                query = "limit=1000&consistency=stale" + (f"&start_after={quote(after, safe='')}" if after else "")
+                code, body = self.cluster.request(i, "GET", f"/v1/memory/{quote(ns, safe='')}?{query}", timeout=10)
+                if code != 200:
+                    raise RuntimeError(f"listing {ns!r}: HTTP {code} {body.get('error', '')}")
+                items += [(m["id"], m["text"]) for m in body["items"]]
+                after = body.get("next_start_after")
+                if not after:
+                    break
+            out[ns] = items
+        return out
+
+    def _recall_sample(self, i: int, sample: list[tuple[str, str]]) -> dict[tuple[str, str], list | str]:
+        """A linearizable recall on node ``i`` by each sampled record's vector; an index still
+        rebuilding after a restart answers 503 until it caught up, so retry for a while."""
+        deadline, out = time.monotonic() + self.config.converge_timeout / 2, {}
+        for ns, record_id in sample:
+            while True:
+                try:
+                    code, body = self._recall_request(i, ns, record_id)
+                    why = f"HTTP {code} {body.get('error', '')} {body.get('message', '')}".strip()
+                except (OSError, ValueError, http.client.HTTPException) as e:
+                    code, why = 0, f"{type(e).__name__}: {e}"
+                if code == 200:
+                    out[(ns, record_id)] = [[r["id"], r["score"]] for r in body["results"]]
+                    break
+                if code not in (0, 503) or time.monotonic() > deadline:
+                    out[(ns, record_id)] = why
+                    break
+                time.sleep(0.5)
+        return out
 
     def _caught_up(self, i: int) -> bool:
         """Whether node ``i`` answers a linearizable read (a committed barrier, then local)."""
@@ -447,6 +653,35 @@ def _op_json(op: Op) -> dict:
     return {"id": op.id, "client": op.client, "key": op.key, "kind": op.kind, "invoke": op.invoke,
             "complete": op.complete, "outcome": op.outcome, "value": op.value, "expect": op.expect,
             "output": op.output, "node": op.notes.get("node")}
+
+
+class _Memories:
+    """What one client knows of its own records: acknowledged and not (being) forgotten, and
+    acknowledged forgotten."""
+
+    def __init__(self) -> None:
+        self.live: list[tuple[str, str, str]] = []  # (namespace, id, text)
+        self.forgotten: list[tuple[str, str]] = []  # (namespace, id)
+
+
+def memory_vector(record_id: str) -> list[float]:
+    """A record's vector: ``MEMORY_DIM`` numbers in [-1, 1) from a hash of its id (distinct
+    records point in distinct directions; a recall by it scores that record ~1)."""
+    raw = hashlib.blake2b(record_id.encode(), digest_size=4 * MEMORY_DIM).digest()
+    vector = [round(int.from_bytes(raw[4 * k:4 * k + 4], "big") / (1 << 31) - 1, 6) for k in range(MEMORY_DIM)]
+    return vector if any(vector) else [1.0] + vector[1:]
+
+
+def _memory_text(record_id: str) -> str:
+    return f"chaos memory {record_id}: unique text for a unique record"
+
+
+def _outcome_of_refusal(code: int, answer: dict) -> str:
+    """A write's outcome from an answer other than 200: ``fail`` when surely nothing was
+    appended (a 503 that says so, ``diverged``, or the request refused), else ``unknown``."""
+    if code == 503 and (answer.get("outcome_unknown") is False or answer.get("error") == "diverged"):
+        return FAIL
+    return FAIL if code in (400, 401, 403, 404, 409, 413) else UNKNOWN
 
 
 def write_report(result: RunResult, out_dir: Path) -> tuple[Path, Path]:

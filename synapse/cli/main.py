@@ -336,8 +336,9 @@ def chaos() -> None:
 @click.option("--mix", type=click.IntRange(1, 5), default=1, help="Up to this many different faults at once (default 1).")
 @click.option("--runs", type=click.IntRange(1, 10_000), default=1, help="Runs, each with its own cluster and seed.")
 @click.option("--seed", type=int, default=None, help="Seed of the first run (default: random).")
+@click.option("--memory-ops", type=click.FloatRange(0, 1), default=0.0, help="Share of client operations that are agent-memory operations (remember, batches, forget, linearizable recall by vector), checked for lost and duplicated memories, recalls and each node's index (default 0: none; they slow every node: Chroma runs in each).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("chaos-runs"), help="Where each run's result.json, report.html and node logs go.")
-def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, out) -> None:
+def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, memory_ops, out) -> None:
     """Start a cluster, load it, break it, heal it, and check: linearizability per key, no
     acknowledged write lost, convergence of every node, the audit chain of every node.
     Exits 1 if any run found a violation."""
@@ -362,7 +363,7 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, ou
     failed = 0
     for n in range(runs):
         config = RunConfig(nodes=nodes, duration=duration, clients=clients, keys=keys, nemeses=tuple(chosen),
-                           mode=mode, seed=seed + n, mix=mix)
+                           mode=mode, seed=seed + n, mix=mix, memory_ops=memory_ops)
         try:
             result = Run(config, out / f"run-{seed + n}").execute()
         except ValueError as e:
