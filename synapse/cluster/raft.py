@@ -19,7 +19,6 @@ from typing import Callable, Protocol
 
 import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
-from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.serializer import Serializer
 from pysyncobj.transport import TCPTransport
 
@@ -214,11 +213,6 @@ class Voter(SyncObj):
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self.addOnTickCallback(self._on_tick)
-        # PySyncObj takes a proposed entry from its queue at the next tick, and the tick thread
-        # sleeps in poll up to autoTickPeriod (50 ms) when no socket wakes it; with batched
-        # AppendEntries (our setting) it never wakes itself for a new entry. A lone writer on a
-        # single node waited ~45 ms per write (20 writes/s); ``wake`` after each proposal.
-        self._notifier = PipeNotifier(self._poller)
         poll = self._poller.poll
         # The tick thread sleeps in poll up to autoTickPeriod (50 ms): wake it when a held-back
         # commit notice is due.
@@ -299,21 +293,20 @@ class Voter(SyncObj):
             self._commit_notice = None
             self._SyncObj__sendAppendEntries()
 
-    def wake(self) -> None:
-        """Any thread: end the tick thread's poll now (a proposal is waiting)."""
-        try:
-            self._notifier.notify()
-        except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
-            pass
-
     def _poll_timeout(self, timeout: float) -> float:
-        # A tick commits what earlier ticks appended, then appends what was proposed since: a
-        # lone voter (local mode) has no follower's answer to wake it for the commit, so its
-        # next tick is due at once while it holds uncommitted entries.
-        if not self._SyncObj__otherNodes and self._SyncObj__getCurrentLogIndex() > self._SyncObj__raftCommitIndex:
+        if self._lone_leader_behind():
             return 0.0
         notice = self._commit_notice
         return timeout if notice is None else max(0.0, min(timeout, notice[0] - time.monotonic()))
+
+    def _lone_leader_behind(self) -> bool:
+        """A tick commits what earlier ticks appended, then appends what was proposed since (a
+        proposal wakes the poll: batch mode off). A lone voter (local mode) has no follower's
+        answer to wake it for the commit: it slept up to autoTickPeriod (50 ms), and a
+        sequential writer waited ~45 ms per write. While it leads and holds uncommitted
+        entries its next tick is due at once (0.8 ms per write)."""
+        return (not self.otherNodes and self._isLeader()
+                and self._SyncObj__getCurrentLogIndex() > self.raftCommitIndex)
 
     def _on_tick(self) -> None:
         if self._commit_notice is not None:
@@ -473,7 +466,6 @@ class ReplicatedLog:
         """Proposes one entry; ``callback(result, failure)`` runs on the tick thread once it
         is applied here (failure None) or refused (failure: one of ``FAILURES``' reasons)."""
         self._raft.apply_entry(payload, callback=lambda result, err: callback(result, _reason(err)))
-        self._raft.wake()
 
     def wait_bound(self) -> None:
         """Blocks until the Raft port is bound; raises RaftError if it cannot be."""
