@@ -246,6 +246,19 @@ def test_a_leader_killed_mid_batch_loses_nothing_acknowledged_and_duplicates_not
     assert len({s["state_hash"] for s in cluster.wait_converged().values()}) == 1
 
 
+def test_a_full_batch_of_full_precision_vectors_fits_in_one_request(cluster):
+    """256 records with 384-dimension vectors as JSON numbers (~2 MB): one request, one entry."""
+    import random
+
+    rnd = random.Random(7)
+    records = [{"id": f"v{i}", "text": f"vector record {i}", "vector": [rnd.uniform(-1, 1) for _ in range(384)]}
+               for i in range(256)]
+    answer = cluster.client().remember_many("acme/full-batch", records)
+    assert len(answer["records"]) == 256 and not any(r["duplicate"] for r in answer["records"])
+    found = cluster.client().recall("acme/full-batch", vector=records[42]["vector"], k=1)
+    assert found[0]["id"] == "v42" and found[0]["score"] > 0.999
+
+
 def test_bad_input_is_refused_by_name_and_changes_nothing(cluster):
     node = cluster.nodes[0]
     c = cluster.client()

@@ -28,6 +28,9 @@ from synapse.state.commands import (
 REQUEST_ID_HEADER = "X-Request-Id"
 # A value may be up to 1 MiB of JSON; leave room for the envelope, refuse the rest early.
 MAX_BODY = MAX_VALUE_BYTES + 64 * 1024
+# A memory batch: 256 records whose vectors travel as JSON numbers (a 384-dimension float32
+# vector is ~8 KB of JSON at full precision; 256 of them ~2.1 MB) besides their text.
+MAX_MEMORY_BODY = 8 << 20
 
 
 class ApiError(Exception):
@@ -45,11 +48,14 @@ def error_body(error: str, message: str, **extra: Any) -> dict:
 
 
 async def json_body(request: web.Request, allowed: set[str], required: set[str] = frozenset(),
-                    optional: bool = False) -> dict:
-    """The request's JSON object body; ``optional``: an empty body is ``{}``."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "too_large", f"the body is {request.content_length} bytes; the limit is {MAX_BODY}")
+                    optional: bool = False, limit: int = MAX_BODY) -> dict:
+    """The request's JSON object body; ``optional``: an empty body is ``{}``. ``limit``: its
+    size at most (the app reads up to the largest route's)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"the body is {request.content_length} bytes; the limit is {limit}")
     raw = await request.read()
+    if len(raw) > limit:  # sent without a length (chunked)
+        raise ApiError(413, "too_large", f"the body is {len(raw)} bytes; the limit is {limit}")
     return {} if optional and not raw.strip() else parse_json_object(raw, allowed, required)
 
 

@@ -10,7 +10,7 @@ import time
 from aiohttp import web
 
 from synapse.api import cluster, integrity, kv, memory, security, tasks
-from synapse.api.common import MAX_BODY, ApiError, error_response
+from synapse.api.common import MAX_MEMORY_BODY, ApiError, error_response
 from synapse.api.context import CONTEXT_KEY, IDENTITY_KEY
 from synapse.api.metrics import METRICS_KEY, metrics
 from synapse.api.pipeline import RequestPipeline
@@ -39,7 +39,7 @@ async def through_the_pipeline(request: web.Request, handler):
 
 
 def make_app(pipeline: RequestPipeline) -> web.Application:
-    app = web.Application(middlewares=[through_the_pipeline], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[through_the_pipeline], client_max_size=MAX_MEMORY_BODY)  # each route's own limit: json_body
     app[PIPELINE_KEY] = pipeline
     app[CONTEXT_KEY] = pipeline.ctx
     app[METRICS_KEY] = pipeline.metrics

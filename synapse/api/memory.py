@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
-from synapse.api.common import ApiError, checked_result, identified, int_query, json_body, request_id, signed
+from synapse.api.common import MAX_MEMORY_BODY, ApiError, checked_result, identified, int_query, json_body, request_id, signed
 from synapse.api.context import IDENTITY_KEY, context_of
 from synapse.api.pipeline import confirm
 from synapse.memory.embedding import EmbeddingUnavailable
@@ -73,7 +73,7 @@ def _consistency(request: web.Request) -> str:
 
 async def put_memory(request: web.Request) -> web.Response:
     ns, record_id = request.match_info["ns"], request.match_info["id"]
-    body = await json_body(request, _ONE, {"text"})
+    body = await json_body(request, _ONE, {"text"}, limit=MAX_MEMORY_BODY)
     record = {k: body[k] for k in ("text", "metadata", "ttl_s", "vector") if k in body}
     with _answers():
         result = await _service(request).remember(ns, [{**record, "id": record_id}], dedup=body.get("dedup", True),
@@ -84,7 +84,7 @@ async def put_memory(request: web.Request) -> web.Response:
 
 async def put_batch(request: web.Request) -> web.Response:
     ns = request.match_info["ns"]
-    body = await json_body(request, _BATCH, {"records"})
+    body = await json_body(request, _BATCH, {"records"}, limit=MAX_MEMORY_BODY)
     with _answers():
         result = await _service(request).remember(ns, body["records"], dedup=body.get("dedup", True),
                                                   model=body.get("model"), stamp=_stamp(request))
@@ -116,7 +116,7 @@ async def list_memory(request: web.Request) -> web.Response:
 
 
 async def recall(request: web.Request) -> web.Response:
-    body = await json_body(request, _RECALL)
+    body = await json_body(request, _RECALL, limit=MAX_MEMORY_BODY)
     with _answers():
         found = await _service(request).recall(
             request.match_info["ns"], query=body.get("query"), vector=body.get("vector"), k=body.get("k", 10),

@@ -11,7 +11,10 @@ these in one namespace (an int8 graph's vectors differ from an fp32 graph's).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -36,8 +39,12 @@ class Embedder:
     dim = DIM
 
     def __init__(self, threads: int = 1) -> None:
-        # One intra-op thread: a node shares its cores with Raft, the API and the other nodes.
+        # One intra-op thread per run: a node shares its cores with Raft, the API and the other
+        # nodes. Runs go through a pool of one thread per core: more concurrent runs gained
+        # nothing and grew the process (each keeps its own scratch buffers).
         self._threads = threads
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
+                                                           thread_name_prefix="embed")
         self._lock = threading.Lock()
         self._session = None
         self._tokenizer = None
@@ -48,6 +55,10 @@ class Embedder:
         """``all-MiniLM-L6-v2-onnx-int8@sha256:<first 16 hex digits of the graph's sha256>``."""
         self._load()
         return self._model_id
+
+    async def embed_async(self, texts: list[str]) -> list[bytes]:
+        """``embed`` on the embedding pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.embed, texts)
 
     def embed(self, texts: list[str]) -> list[bytes]:
         """One vector per text, as little-endian float32 bytes."""
@@ -93,6 +104,10 @@ class Embedder:
                 options = onnxruntime.SessionOptions()
                 options.intra_op_num_threads = self._threads
                 options.inter_op_num_threads = 1
+                # onnxruntime's arena keeps each run's peak: 8 concurrent batches of 256 texts
+                # left the process at 401 MB with it, 343 MB without, at the same speed (and
+                # 3.5 ms rather than 4.4 ms for one short query).
+                options.enable_cpu_mem_arena = False
                 session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
             except EmbeddingUnavailable:
                 raise

@@ -107,8 +107,7 @@ class MemoryService:
             if any(len(r["vec"]) != 4 * dim for r in given):
                 raise CommandError("vector", "vector: the records' vectors differ in dimension; send one dimension")
         else:
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                None, self.embedder.embed, [r["text"] for r in parsed])
+            vectors = await self.embedder.embed_async([r["text"] for r in parsed])
             for r, vec in zip(parsed, vectors):
                 r["vec"] = vec
             model_id, dim = self.embedder.model_id, self.embedder.dim
@@ -159,7 +158,7 @@ class MemoryService:
             raise CommandError("query", f"query: namespace {ns!r} holds vectors of {space['model'][len(EXTERNAL):]!r} "
                                "sent by callers, which this node cannot make from text; send 'vector'")
         else:
-            vec = await asyncio.get_running_loop().run_in_executor(None, self._embed_query, query)
+            vec = await self._embed_query(query)
             if self.embedder.model_id != space["model"]:
                 raise ModelMismatch(f"namespace {ns!r} holds vectors of model {space['model']!r}; this node embeds "
                                     f"with {self.embedder.model_id!r}; send 'vector' made by that model")
@@ -206,15 +205,16 @@ class MemoryService:
         return {"namespace": ns, "items": items,
                 "next_start_after": memory.split_record_key(rows[limit - 1][0])[1] if more else None}
 
-    def _embed_query(self, query: str) -> bytes:
+    async def _embed_query(self, query: str) -> bytes:
         """The query's vector: from the cache when it holds it (the same bytes the model gave)."""
         if self.cache is None:
-            return self.embedder.embed([query])[0]
-        model = self.embedder.model_id
-        vec = self.cache.get(model, query)
+            return (await self.embedder.embed_async([query]))[0]
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, lambda: self.embedder.model_id)  # loads the model once
+        vec = await loop.run_in_executor(None, self.cache.get, model, query)
         if vec is None or len(vec) != 4 * self.embedder.dim:
-            vec = self.embedder.embed([query])[0]
-            self.cache.put(model, query, vec)
+            vec = (await self.embedder.embed_async([query]))[0]
+            await loop.run_in_executor(None, self.cache.put, model, query, vec)
         return vec
 
     def _space(self, ns: str) -> dict:
