@@ -156,3 +156,24 @@ def test_replicas_applying_the_same_entries_agree_by_hash_and_links_stay_consist
         raw = a.store.get(memory.record_key("a/b", record_id.decode()))
         assert raw is not None
         assert memory.content_hash(memory.decode_record("a/b", record_id.decode(), raw, keys.unpack).text) == key[-16:]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 64).flatmap(lambda n: st.one_of(
+    st.binary(min_size=4 * n, max_size=4 * n),
+    st.lists(st.sampled_from([0.0, -0.0, 1.0, -2.5, float("nan"), float("inf"), -float("inf"), 1e-45, 3.4e38]),
+             min_size=n, max_size=n).map(lambda v: struct.pack(f"<{len(v)}f", *v)))))
+def test_the_vector_check_on_whole_integers_agrees_with_testing_each_float(vec):
+    import math
+
+    from synapse.state.memory import check_vector_bytes
+    from synapse.state.validation import CommandError
+
+    values = struct.unpack(f"<{len(vec) // 4}f", vec)
+    want = "finite" if not all(math.isfinite(x) for x in values) else "zeros" if not any(values) else None
+    try:
+        check_vector_bytes(vec, len(vec) // 4, "v")
+        got = None
+    except CommandError as e:
+        got = "finite" if "NaN" in e.message else "zeros"
+    assert got == want

@@ -10,10 +10,9 @@ from the proposer (``now_ms``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,11 +160,31 @@ def check_text(text: Any, field: str = "text") -> None:
 def check_vector_bytes(vec: Any, dim: int, field: str) -> None:
     if not isinstance(vec, bytes) or len(vec) != 4 * dim:
         raise CommandError(field, f"{field}: expected {dim} float32 values ({4 * dim} bytes), got {short(vec)}")
-    values = struct.unpack(f"<{dim}f", vec)
-    if not all(math.isfinite(x) for x in values):
+    # Every lane at once, on the vector as one integer: unpacking and testing 384 floats one by
+    # one took ~7% of a node's start (log replay) with 30K memories.
+    masks = _lane_masks(dim)
+    bits = int.from_bytes(vec, "little")
+    spare = (bits & masks.exponent) ^ masks.exponent  # a lane is 0 where the exponent is all ones
+    if (spare - masks.low) & ~spare & masks.high:  # some lane is 0: NaN or an infinity
         raise CommandError(field, f"{field}: holds NaN or infinite values; send finite numbers")
-    if not any(values):
+    if not bits & masks.magnitude:  # only zeros (+0.0 or -0.0)
         raise CommandError(field, f"{field}: all zeros has no direction; send a non-zero vector")
+
+
+@dataclass(frozen=True, slots=True)
+class _LaneMasks:
+    exponent: int  # 0x7F800000 in every 32-bit lane
+    low: int  # 0x00000001 in every lane
+    high: int  # 0x80000000 in every lane
+    magnitude: int  # 0x7FFFFFFF in every lane
+
+
+@functools.cache
+def _lane_masks(dim: int) -> _LaneMasks:
+    def every(lane: int) -> int:
+        return int.from_bytes(lane.to_bytes(4, "little") * dim, "little")
+
+    return _LaneMasks(every(0x7F800000), every(1), every(0x80000000), every(0x7FFFFFFF))
 
 
 def check_command(op: str, c: dict[str, Any]) -> None:
