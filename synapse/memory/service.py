@@ -107,7 +107,7 @@ class MemoryService:
             if any(len(r["vec"]) != 4 * dim for r in given):
                 raise CommandError("vector", "vector: the records' vectors differ in dimension; send one dimension")
         else:
-            vectors = await self.embedder.embed_async([r["text"] for r in parsed])
+            vectors = await self.embedder.embed_together([r["text"] for r in parsed])
             for r, vec in zip(parsed, vectors):
                 r["vec"] = vec
             model_id, dim = self.embedder.model_id, self.embedder.dim
