@@ -506,6 +506,28 @@ def windowed(res: dict, t_from: float, t_to: float) -> dict:
             **latency_summary([t1 - t0 for t0, t1, _ in inside])}
 
 
+def drive_windowed(node: SingleNode, jobs, args) -> tuple[dict, dict, dict]:
+    """Drives ``jobs`` for ``args.warmup`` + ``args.duration`` seconds: (the raw result, the
+    measured window's figures, the node's and this process's CPU over that window)."""
+    t_start = time.monotonic()
+    t_warm, t_end = t_start + args.warmup, t_start + args.warmup + args.duration
+    box = {}
+
+    async def go():
+        async def mark():
+            await asyncio.sleep(max(0.0, t_warm - time.monotonic()))
+            box["u"] = Usage(node)
+            await asyncio.sleep(max(0.0, t_end - time.monotonic()))
+            box["r"] = box["u"].report()
+        marker = asyncio.ensure_future(mark())
+        res = await drive(node.url, node.token, args.clients, jobs, deadline=t_end)
+        await marker
+        return res
+
+    res = run_async(go())
+    return res, windowed(res, t_warm, t_end), box.get("r", {})
+
+
 def run_single(node: SingleNode, sentences: Sentences, args) -> dict:
     ns = "bench/single"
     texts = iter(sentences.take(int(2000 * (args.duration + args.warmup) + 1000)))
@@ -516,26 +538,10 @@ def run_single(node: SingleNode, sentences: Sentences, args) -> dict:
             n += 1
             yield Job("PUT", ns_path(ns, f"s{n:07d}"), json.dumps({"text": text}).encode(), 1, write=True)
 
-    t_start = time.monotonic()
-    t_warm, t_end = t_start + args.warmup, t_start + args.warmup + args.duration
-    usage_box = {}
-
-    async def go():
-        async def mark():
-            await asyncio.sleep(max(0.0, t_warm - time.monotonic()))
-            usage_box["u"] = Usage(node)
-            await asyncio.sleep(max(0.0, t_end - time.monotonic()))
-            usage_box["r"] = usage_box["u"].report()
-        marker = asyncio.ensure_future(mark())
-        res = await drive(node.url, node.token, args.clients, jobs(), deadline=t_end)
-        await marker
-        return res
-
-    res = run_async(go())
-    w = windowed(res, t_warm, t_end)
+    res, w, usage = drive_windowed(node, jobs(), args)
     out = {"remember_per_s_single": w["per_s"], "remember_single_p50_ms": w["p50_ms"],
            "remember_single_p99_ms": w["p99_ms"], "remember_single_mean_ms": w["mean_ms"],
-           "requests": w["requests"], "errors": error_summary(res["errors"]), **usage_box.get("r", {})}
+           "requests": w["requests"], "errors": error_summary(res["errors"]), **usage}
     log(f"remember single: {w['per_s']}/s, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms")
     return out
 
@@ -629,26 +635,10 @@ def run_batched_vectors(node: SingleNode, recs: Records, args) -> dict:
             k += 1
             yield Job("POST", ns_path(ns), body, BATCH, write=True)
 
-    t_start = time.monotonic()
-    t_warm, t_end = t_start + args.warmup, t_start + args.warmup + args.duration
-    box = {}
-
-    async def go():
-        async def mark():
-            await asyncio.sleep(max(0.0, t_warm - time.monotonic()))
-            box["u"] = Usage(node)
-            await asyncio.sleep(max(0.0, t_end - time.monotonic()))
-            box["r"] = box["u"].report()
-        marker = asyncio.ensure_future(mark())
-        res = await drive(node.url, node.token, args.clients, jobs(), deadline=t_end)
-        await marker
-        return res
-
-    res = run_async(go())
-    w = windowed(res, t_warm, t_end)
+    res, w, usage = drive_windowed(node, jobs(), args)
     out = {"remember_vectors_per_s_batched": w["per_s"], "batches": w["requests"], "records": w["items"],
            "batch_p50_ms": w["p50_ms"], "batch_p99_ms": w["p99_ms"], "errors": error_summary(res["errors"]),
-           **box.get("r", {}), "note": "the body's JSON is built in the client while it runs (string joins of "
+           **usage, "note": "the body's JSON is built in the client while it runs (string joins of "
            "pre-encoded vectors, ~1 ms a batch)"}
     log(f"remember batched (caller vectors): {w['per_s']}/s, batch p50 {w['p50_ms']} ms")
     return out
