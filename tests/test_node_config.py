@@ -41,6 +41,10 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ({"debug_fault_injection": "sometimes"}, "debug_fault_injection"),
         ({"peers": "n2=127.0.0.1:9999"}, "secret_file"),  # multi-node without a secret
         ({"api": "127.0.0.1:7071"}, "api"),  # same as raft
+        ({"memory_index": "chromadb"}, "memory_index"),
+        ({"memory_index": "http://127.0.0.1:8000"}, "memory_index"),
+        ({"memory_index": "chroma+http://host"}, "memory_index"),  # no port
+        ({"embedding_cache": "memcached://x"}, "embedding_cache"),
     ],
 )
 def test_bad_settings_name_the_setting(flags, setting):
