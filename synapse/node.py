@@ -173,8 +173,9 @@ class Node:
         )
         if cfg.memory_index != "off":
             # Before the replica too: it follows the log replayed at start (synapse/memory).
-            self._memory_index = MemoryIndex(ChromaBackend(cfg.memory_index, data_dir, cfg.node_id),
-                                             lambda fn: self._replica.read(fn))
+            self._memory_index = MemoryIndex(
+                ChromaBackend(cfg.memory_index, data_dir, cfg.node_id), lambda fn: self._replica.read(fn),
+                catching_up=lambda: self._cluster.catching_up() if self._cluster is not None else "starting")
         self._audit = AuditTrail(data_dir / AUDIT_TRAIL)
         self._snapshots = CheckpointSnapshots(data_dir / "checkpoints", cfg.checkpoint_retain)
         self._replica = replica = ReplicatedLog(

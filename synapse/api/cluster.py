@@ -63,12 +63,11 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     ctx = context_of(request)
+    why = ctx.cluster.catching_up()
+    if why is not None:
+        raise ApiError(503, "not_ready", why)
     raft = ctx.cluster.status()
     applied, _ = ctx.cluster.applied()
-    if raft["leader_raft_addr"] is None:
-        raise ApiError(503, "not_ready", "no leader is known yet")
-    if applied < raft["commit_index"]:
-        raise ApiError(503, "not_ready", f"catching up: applied {applied} of {raft['commit_index']}")
     if not ctx.serving:
         raise ApiError(503, "not_ready", f"diverged from the agreed state; {ctx.integrity.status()['service']}")
     return web.json_response({"status": "ready", "applied_index": applied, "leader": raft["leader_raft_addr"]})

@@ -92,6 +92,16 @@ class Cluster:
     def is_leader(self) -> bool:
         return self.replica.is_leader()
 
+    def catching_up(self) -> str | None:
+        """Why this node has not applied everything it knows to be committed (no leader known
+        yet, or a log still replaying or arriving), or None once it has."""
+        raft, applied = self.status(), self.applied()[0]
+        if raft["leader_raft_addr"] is None:
+            return "no leader is known yet"
+        if applied < raft["commit_index"]:
+            return f"catching up: applied {applied} of {raft['commit_index']}"
+        return None
+
     def leader_raft_addr(self) -> str | None:
         return self.replica.leader_raft_addr()
 
