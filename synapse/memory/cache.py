@@ -6,11 +6,11 @@ identical with or without the cache. A cache that fails is bypassed, never an er
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
 from synapse.memory.libraries import load
+from synapse.state.memory import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class EmbeddingCache:
 
     @staticmethod
     def _key(model_id: str, text: str) -> str:
-        return f"synapse:emb:{model_id}:{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+        return f"synapse:emb:{model_id}:{content_hash(text).hex()}"
 
     def get(self, model_id: str, text: str) -> bytes | None:
         if time.monotonic() < self._down_until:

@@ -371,22 +371,10 @@ class MemoryIndex:
             if removals:
                 col.delete(ids=removals)
             for start in range(0, len(upserts), WRITE_BATCH):
-                self._upsert(col, self._not_held(col, upserts[start:start + WRITE_BATCH]))
-
-    @staticmethod
-    def _not_held(col, records: list[MemoryRecord]) -> list[MemoryRecord]:
-        """The records Chroma does not hold at their log index yet. After a restart the log
-        replays every change since the last dump into an index that mostly holds them already;
-        upserting them again cost ~19% of a 30K-memory start (an upsert costs much more than
-        a lookup by id)."""
-        found = col.get(ids=[r.id for r in records], include=["metadatas"])
-        held = {i: (m or {}).get(INDEX_KEY) for i, m in zip(found["ids"], found["metadatas"])}
-        return [r for r in records if held.get(r.id) != r.mod_index]
+                self._upsert(col, upserts[start:start + WRITE_BATCH])
 
     @staticmethod
     def _upsert(col, records: list[MemoryRecord]) -> None:
-        if not records:
-            return
         col.upsert(ids=[r.id for r in records], embeddings=load("numpy").stack([_vector(r) for r in records]),
                    metadatas=[_metadata(r) for r in records])
 
