@@ -259,6 +259,32 @@ def test_a_full_batch_of_full_precision_vectors_fits_in_one_request(cluster):
     assert found[0]["id"] == "v42" and found[0]["score"] > 0.999
 
 
+def test_concurrent_recalls_answer_exactly_as_one_at_a_time(cluster):
+    """48 recalls at once go to the index in shared calls (synapse/memory/query_batch.py);
+    each must get the answer it gets alone, with and without a filter."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rnd = random.Random(11)
+    ns = "acme/batched-recall"
+    records = [{"id": f"b{i}", "text": f"batched record {i}", "metadata": {"even": i % 2 == 0},
+                "vector": [rnd.uniform(-1, 1) for _ in range(32)]} for i in range(240)]
+    cluster.client().remember_many(ns, records)
+    queries = [([rnd.uniform(-1, 1) for _ in range(32)], None if i % 3 else {"even": True}) for i in range(48)]
+    node = cluster.nodes[1]
+
+    def ask(q):
+        vector, where = q
+        return [(r["id"], r["score"]) for r in _on(cluster, node).recall(ns, vector=vector, k=7, where=where)]
+
+    alone = [ask(q) for q in queries]
+    with ThreadPoolExecutor(len(queries)) as pool:
+        together = list(pool.map(ask, queries))
+    assert together == alone
+    assert all(len(a) == 7 for a in alone)
+    assert all(int(i[1:]) % 2 == 0 for (vector, where), a in zip(queries, alone) if where for i, _ in a)
+
+
 def test_bad_input_is_refused_by_name_and_changes_nothing(cluster):
     node = cluster.nodes[0]
     c = cluster.client()

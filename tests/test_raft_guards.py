@@ -13,7 +13,7 @@ from synapse.cluster.raft import Voter
 def _handled(monkeypatch, me, message) -> dict:
     seen = []
     monkeypatch.setattr(SyncObj, "_SyncObj__onMessageReceived", lambda self, node, msg: seen.append(msg))
-    Voter._SyncObj__onMessageReceived(me, "peer", message)
+    Voter._guarded_message(me, "peer", message)
     (forwarded,) = seen
     return forwarded
 
@@ -55,8 +55,8 @@ def test_vote_requests_from_removed_voters_are_ignored(monkeypatch):
     monkeypatch.setattr(SyncObj, "_SyncObj__onMessageReceived", lambda self, node, msg: seen.append((node, msg)))
     me = SimpleNamespace(raftCommitIndex=0, _isLeader=lambda: True, otherNodes={"member"})
     vote = {"type": "request_vote", "term": 99, "last_log_index": 1, "last_log_term": 1}
-    Voter._SyncObj__onMessageReceived(me, "removed", vote)
-    Voter._SyncObj__onMessageReceived(me, "member", vote)
+    Voter._guarded_message(me, "removed", vote)
+    Voter._guarded_message(me, "member", vote)
     assert seen == [("member", vote)]
 
 
@@ -70,7 +70,7 @@ def test_a_resent_batch_never_cuts_entries_the_follower_already_has(monkeypatch)
     # The leader resends 46..50 (a lower nextIndex); the follower has them and 51..60 too.
     message = {"type": "append_entries", "term": 5, "commit_index": 58, "prevLogIdx": 45, "prevLogTerm": 5,
                "entries": [e for e in _LOG if 46 <= e[1] <= 50]}
-    Voter._SyncObj__onMessageReceived(me, "peer", message)
+    Voter._guarded_message(me, "peer", message)
     (handed,) = seen
     assert "prevLogIdx" not in handed and "entries" not in handed  # PySyncObj cuts nothing
     assert handed["commit_index"] == 50  # only as far as this batch proved

@@ -204,6 +204,13 @@ class Voter(SyncObj):
         # then — any AppendEntries sent since moves it, and carried the commit index).
         self._commit_notice: tuple[float, float] | None = None
         self._last_role: tuple[str | None, bool] | None = None
+        # Set on the tick thread: at the end of the last tick this node was a lone voter, led,
+        # and had applied every entry of its log (lone_leader_current).
+        self.lone_and_applied = False
+        # When this node last heard anything from each peer (Raft messages and keepalives), by
+        # Raft address, monotonic; set on the tick thread, read by status().
+        self.heard: dict[str, float] = {}
+        self.started = time.monotonic()
         with _CONSTRUCTION_HOOK:
             create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
@@ -227,6 +234,10 @@ class Voter(SyncObj):
         return self._owner._apply(self.raftLastApplied + 1, payload)
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
+        self.heard[str(node.id)] = time.monotonic()
+        self._guarded_message(node, message)
+
+    def _guarded_message(self, node, message) -> None:
         """Fixes four PySyncObj 0.3.17 defects before its handler sees the message.
 
         First, a catch-up livelock.
@@ -309,6 +320,9 @@ class Voter(SyncObj):
                 and self._SyncObj__getCurrentLogIndex() > self.raftCommitIndex)
 
     def _on_tick(self) -> None:
+        # After this tick's apply: whatever it appended waits for the next tick's commit.
+        self.lone_and_applied = (not self.otherNodes and self._isLeader()
+                                 and self.raftLastApplied >= self._SyncObj__getCurrentLogIndex())
         if self._commit_notice is not None:
             self._send_commit_notice(time.monotonic())
         if self._owner.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
@@ -680,6 +694,16 @@ class ReplicatedLog:
     def is_leader(self) -> bool:
         return self._raft._isLeader()
 
+    def lone_leader_current(self) -> bool:
+        """Whether this node's applied state is already a linearizable read: it is the only
+        voter, it leads, and at its last tick it had applied every entry of its log (so every
+        entry acknowledged before a restart too). etcd's raft answers a single voter's
+        ReadIndex the same way, without a round. Any later write was acknowledged only after
+        this node applied it, so reading now sees it; a configuration with another voter
+        turns this off the moment it is appended."""
+        raft = self._raft
+        return raft.lone_and_applied and not raft.otherNodes and raft._isLeader()
+
     def leader_raft_addr(self) -> str | None:
         leader = self._raft._getLeader()
         return str(leader.id) if leader is not None else None
@@ -688,6 +712,7 @@ class ReplicatedLog:
         raft = self._raft
         leader = raft._getLeader()
         others = sorted(raft.otherNodes, key=lambda n: str(n.id))  # otherNodes is a copy
+        heard, now = dict(raft.heard), time.monotonic()
         return {
             "raft_addr": self._raft_addr,
             "leader_raft_addr": str(leader.id) if leader is not None else None,
@@ -696,6 +721,11 @@ class ReplicatedLog:
             "commit_index": raft.raftCommitIndex,
             "peers": [str(n.id) for n in others],
             "connected": {str(n.id): raft.isNodeConnected(n) for n in others},
+            "last_contact": {str(n.id): (None if str(n.id) not in heard else round(now - heard[str(n.id)], 3))
+                             for n in others},
+            "uptime": round(now - raft.started, 3),
+            # Silent longer than this, a peer's link is dropped (tuning.connection_timeout).
+            "contact_timeout": self._tuning.connection_timeout,
         }
 
     def _role_changed(self, leader: str | None, is_leader: bool) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from synapse.memory.libraries import load
+from synapse.memory.query_batch import QueryBatcher
 from synapse.state import keys, memory
 from synapse.state.memory import MemoryChange, MemoryRecord
 
@@ -37,6 +38,7 @@ WRITE_BATCH = 1_000  # records per Chroma upsert
 RECONCILE_PAGE = 2_000  # state records read per page while reconciling
 INDEX_KEY = "_i"  # Chroma metadata: the log index of the record version indexed
 START_WAIT_S = 120.0  # the first reconcile waits at most this long for the start's log replay
+QUERY_WORKERS = 2  # Chroma calls answering recalls at once (each a batch: query_batch.py)
 VERIFY_EVERY_S = 30.0  # while idle, the index's counts are compared with the state's this often
 
 
@@ -188,7 +190,8 @@ class MemoryIndex:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_scheduled = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory-index")
-        self._queries = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="memory-query")
+        self._queries = concurrent.futures.ThreadPoolExecutor(QUERY_WORKERS, thread_name_prefix="memory-query")
+        self._batcher = QueryBatcher(self._query_batch, self._queries, QUERY_WORKERS)
         # Event-loop side.
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
@@ -302,11 +305,11 @@ class MemoryIndex:
 
     async def query(self, ns: str, model: str, dim: int, vector: bytes, k: int, where: dict | None,
                     timeout: float) -> list[tuple[str, float]]:
-        """[(id, cosine distance)] of the ``k`` nearest records, nearest first."""
-        loop = asyncio.get_running_loop()
+        """[(id, cosine distance)] of the ``k`` nearest records, nearest first. Concurrent
+        queries with the same namespace, k and filter share one Chroma call (query_batch.py)."""
+        key = (ns, model, dim, k, json.dumps(where, sort_keys=True) if where else None)
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._queries, self._query, ns, model, dim, vector, k, where), timeout)
+            return await asyncio.wait_for(self._batcher.ask(key, vector), timeout)
         except asyncio.TimeoutError:
             raise IndexUnavailable(f"the memory index ({self.backend.describe()}) did not answer within "
                                    f"{timeout:g} s; retry") from None
@@ -319,13 +322,15 @@ class MemoryIndex:
 
     # --- Chroma calls (writer thread / query pool) ---
 
-    def _query(self, ns, model, dim, vector, k, where):
+    def _query_batch(self, key, vectors: list[bytes]) -> list[list[tuple[str, float]]]:
+        ns, model, dim, k, where = key
         try:
             col = self.backend.collection(ns, model, dim, create=False)
             if col is not None:
-                found = col.query(query_embeddings=[load("numpy").frombuffer(vector, dtype="<f4")], n_results=k,
-                                  where=where or None, include=["distances"])
-                return list(zip(found["ids"][0], found["distances"][0]))
+                np = load("numpy")
+                found = col.query(query_embeddings=[np.frombuffer(v, dtype="<f4") for v in vectors], n_results=k,
+                                  where=None if where is None else json.loads(where), include=["distances"])
+                return [list(zip(ids, distances)) for ids, distances in zip(found["ids"], found["distances"])]
         except Exception as e:  # the where filter was checked before: this is the index failing
             self._damaged()
             raise IndexUnavailable(f"the memory index ({self.backend.describe()}) cannot answer: "
@@ -337,7 +342,7 @@ class MemoryIndex:
         with self._lock:
             behind = bool(self._pending) or self._reconcile or self.indexed_upto < self._queued_upto
         if behind or not self._whole:
-            return []
+            return [[] for _ in vectors]
         self._damaged()
         raise IndexUnavailable(f"the memory index ({self.backend.describe()}) lost namespace {ns!r}; it is being "
                                "rebuilt from the state, retry shortly")
