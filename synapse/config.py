@@ -22,64 +22,85 @@ class ConfigError(ValueError):
         self.setting = setting
 
 
+def _setting(default: Any = None, doc: str = "", *, factory: Any = None, default_text: str | None = None) -> Any:
+    """A node setting with its meaning: the one description of it, from which
+    docs/configuration.md is generated (``settings_markdown``). ``default_text`` says the
+    default where its value alone would not (e.g. -1 meaning auto)."""
+    meta = {"doc": " ".join(doc.split()), "default_text": default_text}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    node_id: str = "node1"
-    data_dir: Path = Path("synapse-data")
-    api: str = "127.0.0.1:7070"
-    raft: str = "127.0.0.1:7071"
-    # The other voters' Raft addresses, by node id.
-    peers: dict[str, str] = field(default_factory=dict)
-    secret_file: Path | None = None
-    # Multi-node without a cluster secret lets anyone who reaches the Raft port run code in
-    # the node (PySyncObj unpickles every frame; cluster/DESIGN.md). Refused unless asked for
-    # by this deliberately alarming name.
-    insecure_no_cluster_secret: bool = False
-    storage: str = "sqlite"
-    # Agent memory's vector index (synapse/memory/DESIGN.md): 'chroma' (embedded, in
-    # data_dir/memory-index), 'chroma+http://HOST:PORT' (a Chroma server; one database per
-    # node) or 'off' (this node serves no memory routes).
-    memory_index: str = "chroma"
-    # A Redis shared by the nodes that caches query embeddings (redis://HOST:PORT/DB), or
-    # 'off' (local mode's default: one process has no one to share with).
-    embedding_cache: str = "off"
-    root_token_file: Path | None = None
-    request_timeout: float = 5.0
-    # fdatasync every Raft log append before acknowledging it: survives power loss of a
-    # majority, at the disk's sync latency per entry (synapse/cluster/DESIGN.md, durability).
-    raft_fsync: bool = False
-    # The leader proposes a checkpoint every this many log entries (0: none but on demand)...
-    checkpoint_interval: int = 1000
-    # ...and at least this often while writes come in.
-    checkpoint_seconds: float = 60.0
-    # Snapshots of the newest this-many checkpoints are kept in data_dir/checkpoints: the
-    # checkpoints `synapse rollback` can go back to (0: none).
-    checkpoint_retain: int = 5
-    # A periodic checkpoint gets a snapshot only if the last one is at least this old (0:
-    # every checkpoint). A snapshot writes the whole state, so at every 1,000 entries the
-    # write path paid O(state) per checkpoint (synapse/integrity/DESIGN.md, "Rollback").
-    # Checkpoints made on demand always get one.
-    checkpoint_snapshot_seconds: float = 30.0
-    # Allows POST /v1/debug/corrupt (synapse debug corrupt) on this node: tests and chaos
-    # runs only — it changes this node's state behind the log's back.
-    debug_fault_injection: bool = False
-    # An execution node silent this long is marked down and its tasks rescheduled.
-    heartbeat_timeout: float = 5.0
-    # Task slots of the worker embedded in this node: -1 (auto) is the CPU count in local
-    # mode (no peers) and none in a cluster, where `synapse worker start` runs them.
-    worker_slots: int = -1
-    # The embedded worker's sandbox: auto (a container when a Docker engine is reachable,
-    # else bubblewrap when usable, else a plain process),
-    # bwrap, process or container (synapse/execution/DESIGN.md).
-    worker_driver: str = "auto"
-    # HTTPS on the API (synapse/security/DESIGN.md, TLS): this node's certificate and key (PEM;
-    # `synapse tls init` makes them); with tls_client_ca every client must present a
-    # certificate that CA signed (mutual TLS). tls_ca is what this node verifies other nodes
-    # against when it calls them (default: tls_client_ca).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    tls_ca: Path | None = None
+    node_id: str = _setting("node1", """This node's id, unique in the cluster: 1-63 letters, digits, '.', '_'
+        or '-'. Other nodes list it in their `peers`; `synapse cluster add/remove` name it.""")
+    data_dir: Path = _setting(Path("synapse-data"), """Where this node keeps its Raft log, dumps,
+        checkpoints' snapshots, the SQLite view, the embedded memory index and its tokens.""")
+    api: str = _setting("127.0.0.1:7070", """HOST:PORT the HTTP API listens on. Binding every interface
+        (0.0.0.0 or ::) must be asked for explicitly.""")
+    raft: str = _setting("127.0.0.1:7071", """HOST:PORT for Raft traffic between the voters; the other
+        nodes dial this address, so it must be reachable from them (and it is this node's identity
+        in the Raft configuration).""")
+    peers: dict[str, str] = _setting(doc="""The other voters' Raft addresses, by node id:
+        `ID=HOST:PORT,ID=HOST:PORT` as a flag or variable, a table `{node2 = "10.0.0.2:7071"}` in
+        TOML. Empty: a single-node (local mode) cluster.""", factory=dict, default_text="(none: local mode)")
+    secret_file: Path | None = _setting(None, """A file holding the cluster secret (at least 16
+        characters; the same file on every node), which authenticates and encrypts Raft traffic.
+        Required with `peers`: without it anyone who reaches the Raft port can run code in the node
+        (PySyncObj unpickles every frame; synapse/cluster/DESIGN.md).""")
+    insecure_no_cluster_secret: bool = _setting(False, """Run a multi-node cluster with NO authentication
+        or encryption of Raft traffic, so anyone who reaches the Raft port can run code in the node.
+        Refused unless asked for by this deliberately alarming name; throwaway test clusters only.""")
+    storage: str = _setting("sqlite", """Where the applied key-value state is materialized as tables:
+        `sqlite` (a file in the data dir) or a `postgresql://` DSN (synapse/storage/DESIGN.md).""")
+    memory_index: str = _setting("chroma", """Agent memory's vector index (synapse/memory/DESIGN.md):
+        `chroma` (embedded, in data_dir/memory-index), `chroma+http://HOST:PORT` (a Chroma server;
+        one database per node) or `off` (this node serves no memory routes).""")
+    embedding_cache: str = _setting("off", """A Redis shared by the nodes that caches query embeddings
+        (`redis://HOST:PORT/DB`), or `off` (local mode's default: one process has no one to share
+        with). Bypassed while the Redis is down.""")
+    root_token_file: Path | None = _setting(None, """A file holding the API root token. Default: generated
+        at first start (or derived from the cluster secret) and kept in data_dir/root.token.""",
+        default_text="(data_dir/root.token, generated)")
+    request_timeout: float = _setting(5.0, """Seconds a request may wait for the cluster (a write's
+        commit, a read's barrier, a membership change) before it is answered 503.""")
+    raft_fsync: bool = _setting(False, """fdatasync every Raft log append before acknowledging it:
+        survives power loss of a majority, at the disk's sync latency per entry
+        (synapse/cluster/DESIGN.md, durability).""")
+    checkpoint_interval: int = _setting(1000, """The leader proposes a checkpoint (a state digest
+        every node reports and a majority must agree on) every this many log entries; 0: none but
+        on demand.""")
+    checkpoint_seconds: float = _setting(60.0, """The leader also proposes a checkpoint at least this
+        often, in seconds, while writes come in.""")
+    checkpoint_retain: int = _setting(5, """Snapshots of the newest this-many checkpoints are kept in
+        data_dir/checkpoints: the checkpoints `synapse rollback` can go back to (0: none).""")
+    checkpoint_snapshot_seconds: float = _setting(30.0, """A periodic checkpoint gets a snapshot only
+        if the last one is at least this many seconds old (0: every checkpoint). A snapshot writes
+        the whole state (synapse/integrity/DESIGN.md, "Rollback"). Checkpoints made on demand
+        always get one.""")
+    debug_fault_injection: bool = _setting(False, """Allows POST /v1/debug/corrupt (`synapse debug
+        corrupt`) on this node: tests and chaos runs only — it changes this node's state behind
+        the log's back.""")
+    heartbeat_timeout: float = _setting(5.0, """An execution node silent this many seconds is marked
+        down and its tasks rescheduled.""")
+    worker_slots: int = _setting(-1, """Task slots of the execution node embedded in this node: -1
+        (auto) is the CPU count in local mode (no peers) and none in a cluster, where `synapse
+        worker start` runs them; 0: no embedded worker.""", default_text="-1 (auto)")
+    worker_driver: str = _setting("auto", """The embedded worker's sandbox: `auto` (a container when a
+        Docker engine is reachable, else bubblewrap when usable, else a plain process), `bwrap`,
+        `process` or `container` (synapse/execution/DESIGN.md).""")
+    tls_cert: Path | None = _setting(None, """Serve the API over HTTPS with this certificate (PEM;
+        `synapse tls init` makes one per node); needs `tls_key` (synapse/security/DESIGN.md,
+        TLS). With a CA (`tls_ca` or `tls_client_ca`) the Raft port speaks mutual TLS too.""")
+    tls_key: Path | None = _setting(None, "The private key of `tls_cert` (PEM).")
+    tls_client_ca: Path | None = _setting(None, """Require every client to present a certificate this
+        CA signed (mutual TLS).""")
+    tls_ca: Path | None = _setting(None, """The CA this node verifies other nodes' certificates against
+        when it calls them (and its embedded worker calls its API); default `tls_client_ca`.""",
+        default_text="(tls_client_ca)")
+    # Raft timing: not a setting (no flag, variable or key); measured, synapse/cluster/DESIGN.md.
     tuning: RaftTuning = field(default_factory=RaftTuning)
 
     @property
@@ -194,7 +215,7 @@ def _coerce(name: str, raw: Any) -> Any:
             return None if raw in (None, "") else Path(raw)
         if name == "peers":
             return parse_peers(raw)
-        if name in ("insecure_no_cluster_secret", "raft_fsync", "debug_fault_injection"):
+        if name in _BOOLEANS:
             if isinstance(raw, bool):
                 return raw
             return _BOOL[str(raw).strip().lower()]
@@ -236,6 +257,17 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 SETTINGS = tuple(f.name for f in fields(NodeConfig) if f.name != "tuning")
+_BOOLEANS = ("insecure_no_cluster_secret", "raft_fsync", "debug_fault_injection")
+
+
+def setting_env(name: str) -> str:
+    """The environment variable of a setting."""
+    return "SYNAPSE_" + name.upper()
+
+
+def setting_flag(name: str) -> str:
+    """The `synapse node start` flag of a setting (tests/test_config_docs.py checks each exists)."""
+    return "--id" if name == "node_id" else "--" + name.replace("_", "-")
 
 
 def load_config(
@@ -259,7 +291,7 @@ def load_config(
                 raise ConfigError(key, f"unknown setting in {config_file}; known: {', '.join(SETTINGS)}")
             values[name] = _coerce(name, raw)
     for name in SETTINGS:
-        raw = (env or {}).get("SYNAPSE_" + name.upper())
+        raw = (env or {}).get(setting_env(name))
         if raw is not None:
             values[name] = _coerce(name, raw)
     for name, raw in (flags or {}).items():
@@ -308,3 +340,111 @@ def _validate_tls(config: NodeConfig) -> None:
                           "embedded worker): give --tls-ca, the CA that signed the nodes' certificates "
                           "(`synapse tls init` writes it as ca.crt; for a public CA, "
                           "/etc/ssl/certs/ca-certificates.crt)")
+
+
+# --- docs/configuration.md, generated from the settings above ---
+
+_CHOICES = {
+    "worker_driver": "`auto`, `bwrap`, `process`, `container`",
+    "storage": "`sqlite` or `postgresql://USER@HOST/DB`",
+    "memory_index": "`chroma`, `chroma+http://HOST:PORT`, `off`",
+    "embedding_cache": "`off` or `redis://HOST:PORT/DB`",
+}
+
+
+def _default_text(f) -> str:
+    if f.metadata.get("default_text"):
+        return f.metadata["default_text"]
+    value = f.default
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
+
+
+def settings_reference() -> list[dict[str, str]]:
+    """Every node setting: its TOML key, flag, environment variable, default, accepted values
+    and meaning."""
+    rows = []
+    for f in fields(NodeConfig):
+        if f.name not in SETTINGS:
+            continue
+        if f.name in _RANGES:
+            values = _RANGES[f.name][3]
+        elif f.name in _BOOLEANS:
+            values = "`true`/`false` (also 1/0, yes/no, on/off); the flag takes no value"
+        elif f.name in _PATHS:
+            values = "a file path" if f.name != "data_dir" else "a directory"
+        elif f.name in ("api", "raft"):
+            values = "HOST:PORT"
+        elif f.name == "peers":
+            values = "ID=HOST:PORT,... (TOML: a table)"
+        elif f.name == "node_id":
+            values = "1-63 of `A-Z a-z 0-9 . _ -`"
+        else:
+            values = _CHOICES.get(f.name, "")
+        rows.append({"setting": f.name, "flag": setting_flag(f.name), "env": setting_env(f.name),
+                     "default": _default_text(f), "values": values, "doc": f.metadata["doc"]})
+    return rows
+
+
+def settings_markdown() -> str:
+    """docs/configuration.md: ``python -m synapse.config --markdown > docs/configuration.md``."""
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `python -m synapse.config --markdown > docs/configuration.md` from the",
+        "     settings in synapse/config.py; tests/test_config_docs.py fails when it is out of date. -->",
+        "",
+        "A node (`synapse node start`) takes each setting from, highest first: its command-line flag,",
+        "its `SYNAPSE_*` environment variable, the TOML file given with `--config FILE`, the default.",
+        "Every bad value is refused at start with a message naming the setting and the fix; an unknown",
+        "key in the TOML file is refused too. TOML keys may be written with `_` or `-`.",
+        "",
+        "```toml",
+        "# /etc/synapse/node1.toml",
+        'node_id = "node1"',
+        'data_dir = "/var/lib/synapse/node1"',
+        'api = "10.0.0.1:7070"',
+        'raft = "10.0.0.1:7071"',
+        'secret_file = "/etc/synapse/cluster.secret"',
+        "",
+        "[peers]",
+        'node2 = "10.0.0.2:7071"',
+        'node3 = "10.0.0.3:7071"',
+        "```",
+        "",
+        "| setting (TOML key) | flag | environment variable | default | values | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in settings_reference():
+        out.append(f"| `{r['setting']}` | `{r['flag']}` | `{r['env']}` | {cell(r['default'])} | {cell(r['values'])} "
+                   f"| {cell(r['doc'])} |")
+    out += [
+        "",
+        "Flags of `synapse node start` that are not settings: `--config FILE` (the TOML file above;",
+        "no variable) and `--log-level debug|info|warning|error` (default `info`).",
+        "",
+        "Raft's timing (election timeouts, heartbeats, keep-alives, compaction thresholds) is not",
+        "configurable: it was tuned by measurement (synapse/cluster/DESIGN.md, \"Timing\").",
+        "",
+        "## Execution nodes (`synapse worker start`)",
+        "",
+        "An execution node is configured by flags only (no TOML file, and no `SYNAPSE_*` variable but",
+        "`SYNAPSE_TOKEN`, its API token when neither `--token` nor `--token-file` is given): see",
+        "`synapse worker start --help`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m synapse.config --markdown > docs/configuration.md")
+    sys.stdout.write(settings_markdown())
