@@ -3,6 +3,8 @@ hand leadership over)."""
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from synapse.api import integrity, tasks
@@ -12,8 +14,23 @@ from synapse.cluster.service import MembershipError
 from synapse.config import ConfigError, check_node_id, split_address
 
 
+def contact(raft: dict, addr: str, now: float) -> dict:
+    """A voter's health as this node sees it: ``up`` (heard from within the contact timeout,
+    the silence after which the Raft link is dropped too), ``last_contact_s`` (seconds since
+    this node last heard from it; None: not since this node started) and ``down_since`` (the
+    wall-clock time it was last heard from — this node's start when never — while down)."""
+    if addr == raft["raft_addr"]:
+        return {"up": True, "last_contact_s": 0.0, "down_since": None}
+    ago = raft["last_contact"].get(addr)
+    up = ago is not None and ago <= raft["contact_timeout"]
+    silent = raft["uptime"] if ago is None else ago
+    return {"up": up, "last_contact_s": None if ago is None else round(ago, 3),
+            "down_since": None if up else round(now - silent, 3)}
+
+
 def cluster_status(ctx: ApiContext) -> dict:
     raft = ctx.cluster.status()
+    now = time.time()
     applied_index, digest = ctx.cluster.applied()
     registered = ctx.cluster.read(lambda p: p.nodes())
     by_raft = {info["raft"]: (node_id, info) for node_id, info in registered.items()}
@@ -28,6 +45,7 @@ def cluster_status(ctx: ApiContext) -> dict:
             "leader": addr == leader_addr,
             "self": addr == raft["raft_addr"],
             "connected": True if addr == raft["raft_addr"] else raft["connected"].get(addr, False),
+            **contact(raft, addr, now),
         })
     checkpoint = integrity.checkpoint_status(ctx)
     latest = (checkpoint.get("latest") or {}).get("nodes", {})

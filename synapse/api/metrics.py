@@ -3,6 +3,7 @@ pipeline for both transports) and the node's state, read when ``/metrics`` is sc
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from synapse.api.cluster import contact
 from synapse.api.context import context_of
 
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
@@ -43,6 +45,14 @@ class Metrics:
             "by reason", ["reason"], registry=self.registry)
         self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
         self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
+        # Each voter as this node sees it (the leader's view is the one that counts: a voter
+        # down there is one `synapse cluster replace` candidate). node: its id, or its Raft
+        # address while it is not registered.
+        self.voter_up = Gauge("synapse_voter_up", "1 if this node heard from the voter within the contact timeout "
+                              "(itself: 1)", ["node"], registry=self.registry)
+        self.voter_contact = Gauge("synapse_voter_last_contact_seconds", "Seconds since this node last heard from "
+                                   "the voter (never since this node started: its uptime)", ["node"],
+                                   registry=self.registry)
         # The labelled children, looked up once: labels() takes a lock and builds a key per call.
         self._counted: dict[tuple[str, int], Any] = {}
         self._timed: dict[str, Any] = {}
@@ -77,4 +87,13 @@ async def metrics(request: web.Request) -> web.Response:
         m.catchup_full_dumps.labels(reason).set(count)
     m.repairs.set(ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
+    names = {info["raft"]: node_id for node_id, info in ctx.cluster.read(lambda p: p.nodes()).items()}
+    now = time.time()
+    m.voter_up.clear()  # a voter removed since the last scrape is no longer reported
+    m.voter_contact.clear()
+    for addr in {raft["raft_addr"], *raft["peers"]}:
+        health, name = contact(raft, addr, now), names.get(addr, addr)
+        m.voter_up.labels(name).set(1 if health["up"] else 0)
+        silent = health["last_contact_s"] if health["last_contact_s"] is not None else raft["uptime"]
+        m.voter_contact.labels(name).set(silent)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

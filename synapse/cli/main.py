@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -16,8 +17,8 @@ from synapse.cli.common import client_from, client_options, print_json, run_call
 from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
-from synapse.client import Client
-from synapse.config import ConfigError, load_config
+from synapse.client import Client, SynapseError
+from synapse.config import ConfigError, check_node_id, load_config, split_address
 
 
 @click.group()
@@ -185,11 +186,49 @@ def cluster(**_connection) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def cluster_status(ctx, as_json) -> None:
+    """This node's view of the cluster; whether each voter is up, as the leader sees it."""
     with client_from(ctx) as c:
         s = run_call(c.status)
-    if as_json:
-        print_json(s)
-        return
+        if as_json:
+            print_json(s)
+            return
+        _print_status(c, s)
+
+
+def _voter_health(c: Client, s: dict) -> tuple[str, dict[str, dict]]:
+    """Whose view of the voters' health to show, and that view by Raft address: the leader's
+    (it is the one that needs a majority), else this node's when there is no leader or it
+    cannot be asked."""
+    if not s["is_leader"] and s.get("leader_api"):
+        try:
+            with _client_for(c, s["leader_api"], timeout=3) as leader:
+                ls = leader.status()
+            return f"the leader {ls['node_id']}", {m["raft"]: m for m in ls["members"]}
+        except SynapseError:
+            pass
+    who = f"the leader {s['node_id']}" if s["is_leader"] else f"{s['node_id']}, NOT the leader (none reachable)"
+    return who, {m["raft"]: m for m in s["members"]}
+
+
+def _up_text(m: dict) -> str:
+    if m.get("up", True):
+        return "yes"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["down_since"]))
+    if m["last_contact_s"] is None:
+        return f"DOWN, not heard since {since} (the observer's start)"
+    return f"DOWN {_duration(m['last_contact_s'])} (since {since})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _print_status(c: Client, s: dict) -> None:
     click.echo(f"node {s['node_id']}  leader {s['leader']}  term {s['term']}  "
                f"commit {s['commit_index']}  applied {s['applied_index']}")
     click.echo(f"state hash {s['state_hash']}")
@@ -200,12 +239,16 @@ def cluster_status(ctx, as_json) -> None:
         click.echo(f"checkpoint {latest['index']}{' ' + repr(latest['label']) if latest['label'] else ''}: {agreed}")
     if ck.get("service") and ck["service"] != "serving":
         click.echo(f"THIS NODE: {ck['service'].upper()} (diverged at checkpoint {ck.get('diverged_at')})")
-    rows = [("NODE", "RAFT", "API", "ROLE", "CONNECTED", "CHECKPOINT")]
+    seen_by, health = _voter_health(c, s)
+    down = [m["node_id"] or m["raft"] for m in s["members"] if not health.get(m["raft"], m)["up"]]
+    click.echo(f"voters {len(s['members'])}, up {len(s['members']) - len(down)} (as seen by {seen_by})"
+               + (f"; DOWN: {', '.join(down)} — `synapse cluster replace` swaps a dead one for a new node" if down else ""))
+    rows = [("NODE", "RAFT", "API", "ROLE", "CONNECTED", "UP", "CHECKPOINT")]
     for m in s["members"]:
         role = "leader" if m["leader"] else "follower"
         agrees = {True: "agrees", False: "DIFFERS", None: "-"}[m.get("checkpoint_agrees")]
         rows.append((m["node_id"] or "?", m["raft"], m["api"] or "?", role + (" (this)" if m["self"] else ""),
-                     "yes" if m["connected"] else "NO", agrees))
+                     "yes" if m["connected"] else "NO", _up_text(health.get(m["raft"], m)), agrees))
     table(rows)
     if s.get("workers"):
         click.echo("")
@@ -236,6 +279,90 @@ def cluster_remove(ctx, node_id) -> None:
     """Remove a voter (sent to the leader: a node cannot see its own removal through)."""
     with client_from(ctx) as c, _leader_client(c) as leader:
         print_json(run_call(lambda: leader.request("DELETE", f"/v1/cluster/members/{node_id}")))
+
+
+@cluster.command("replace")
+@click.argument("dead")
+@click.argument("node_id")
+@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
+@click.option("--api", required=True, help="The new node's API HOST:PORT.")
+@click.pass_context
+def cluster_replace(ctx, dead, node_id, raft, api) -> None:
+    """Replace the dead voter DEAD with the new node NODE_ID in one step: remove DEAD, then add
+    NODE_ID (start it first, with --peers listing the voters that are up).
+
+    Checked before anything changes: DEAD is a voter that the leader sees down, NODE_ID and
+    its addresses belong to no member, and the new node answers at --api as NODE_ID. If
+    interrupted between the two steps, DEAD is out and NODE_ID not in yet: the cluster runs
+    on one voter fewer; finish with `synapse cluster add NODE_ID --raft ... --api ...`."""
+    for name, check in (("NODE_ID", lambda: check_node_id("NODE_ID", node_id)),
+                        ("--raft", lambda: split_address("--raft", raft)), ("--api", lambda: split_address("--api", api))):
+        try:
+            check()
+        except ConfigError as e:
+            raise click.UsageError(f"{e}; nothing was changed") from None
+    finish = f"synapse cluster add {node_id} --raft {raft} --api {api}"
+    with client_from(ctx) as c, _leader_client(c) as leader:
+        s = run_call(leader.status)
+        _check_replace(s, dead, node_id, raft, api, finish)
+        try:
+            with _client_for(c, api, timeout=3) as new:
+                answered = new.request("GET", "/health").get("node_id")
+        except SynapseError as e:
+            raise click.ClickException(
+                f"the new node does not answer at --api {api} ({e}); start it first (`synapse node start --id {node_id} "
+                f"--raft {raft} --api {api} --peers <the voters that are up> ...`), then run this again; nothing was "
+                "changed") from None
+        if answered != node_id:
+            raise click.ClickException(f"the node at --api {api} is {answered!r}, not {node_id!r}; check --api or "
+                                       "NODE_ID; nothing was changed")
+        removed = False
+        try:
+            click.echo(f"1/2 removing {dead} (Raft {_raft_of(s, dead)}) ...")
+            print_json(leader.request("DELETE", f"/v1/cluster/members/{dead}"))
+            removed = True
+            click.echo(f"1/2 done: {dead} is no longer a voter")
+            click.echo(f"2/2 adding {node_id} (Raft {raft}, API {api}) ...")
+            print_json(leader.request("POST", "/v1/cluster/members", {"node_id": node_id, "raft": raft, "api": api}))
+        except (SynapseError, KeyboardInterrupt) as e:
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            if removed:
+                raise click.ClickException(
+                    f"{dead} was removed but adding {node_id} did not finish ({what}): the cluster runs on "
+                    f"{len(s['members']) - 1} voters until it is added; finish with `{finish}` (a repeat of an add "
+                    "that did go through only registers the node again)") from None
+            raise click.ClickException(
+                f"removing {dead} did not finish ({what}); see `synapse cluster status`: if {dead} is still a voter, "
+                f"nothing changed and this command can be run again; if it is gone, finish with `{finish}`") from None
+        click.echo(f"2/2 done: {node_id} is a voter; it catches up from the leader (`synapse cluster status`)")
+
+
+def _raft_of(s: dict, node_id: str) -> str:
+    return next(m["raft"] for m in s["members"] if m["node_id"] == node_id)
+
+
+def _check_replace(s: dict, dead: str, node_id: str, raft: str, api: str, finish: str) -> None:
+    """Refuses, naming the input and the fix, a replacement that is not of a dead voter by a
+    new node (``s``: the leader's status)."""
+    members = {m["node_id"]: m for m in s["members"] if m["node_id"]}
+    voters = ", ".join(sorted(members)) or "none registered"
+    nothing = "nothing was changed"
+    if dead not in members:
+        raise click.ClickException(
+            f"DEAD {dead!r} is not a voter of this cluster (voters: {voters}); if an earlier `synapse cluster replace` "
+            f"was interrupted after removing it, finish with `{finish}`; {nothing}")
+    m = members[dead]
+    if m["self"] or m.get("up", False):
+        heard = "it is the leader" if m["self"] else f"the leader {s['node_id']} heard from it {m['last_contact_s']} s ago"
+        raise click.ClickException(
+            f"DEAD {dead!r} is up ({heard}): replace only a voter that is down; to retire a live voter, "
+            f"`synapse cluster remove {dead}` then `synapse cluster add`; {nothing}")
+    if node_id in members:
+        raise click.ClickException(f"NODE_ID {node_id!r} is already a voter; pick a new id; {nothing}")
+    for option, value, key in (("--raft", raft, "raft"), ("--api", api, "api")):
+        owner = next((m["node_id"] or m["raft"] for m in s["members"] if m[key] == value), None)
+        if owner is not None:
+            raise click.ClickException(f"{option} {value} is {owner}'s address already; give the new node's; {nothing}")
 
 
 @cluster.command("transfer-leader")
@@ -434,8 +561,14 @@ def _leader_client(c: Client) -> Client:
     s = run_call(c.status)
     if not s.get("leader_api"):
         raise click.ClickException("the cluster has no leader right now; try again in a moment")
+    return _client_for(c, s["leader_api"])
+
+
+def _client_for(c: Client, api: str, timeout: float | None = None) -> Client:
+    """A client of the node at ``api`` (HOST:PORT) with ``c``'s token and TLS settings."""
     scheme = "https" if c.ssl_context is not None else "http"
-    return Client(f"{scheme}://{s['leader_api']}", c.token, ssl_context=c.ssl_context)
+    extra = {} if timeout is None else {"timeout": timeout}
+    return Client(f"{scheme}://{api}", c.token, ssl_context=c.ssl_context, **extra)
 
 
 main.add_command(task)
