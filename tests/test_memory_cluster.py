@@ -35,6 +35,18 @@ def _on(cluster, node) -> Client:
     return Client(node.url, cluster.token, timeout=15)
 
 
+def _index_metrics(node, token: str) -> list[str]:
+    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return [line for line in resp.read().decode().splitlines()
+                if line.startswith(("synapse_memory", "synapse_applied_index", "synapse_integrity"))]
+
+
+def _memory_state(node, token: str, ns: str, record_id: str) -> str:
+    code, body = post_json(node, f"/v1/memory/{ns.replace('/', '%2F')}/{record_id}?consistency=stale", b"", token, "GET")
+    return f"{code} {body}"
+
+
 def _ids(results) -> list[str]:
     return [r["id"] for r in results]
 
@@ -152,8 +164,12 @@ def test_a_memory_damaged_behind_the_log_is_repaired_and_reindexed(cluster):
     # from a peer and its index follows the repaired state.
     for i in range(2 * INTERVAL):
         c.put(f"repair-traffic/{i}", i)
-    wait_until(lambda: _ids(on_victim.recall(ns, "warehouse location", k=1, consistency="stale")) == ["where"],
-               20, "the victim's index holding the repaired memory")
+    try:
+        wait_until(lambda: _ids(on_victim.recall(ns, "warehouse location", k=1, consistency="stale")) == ["where"],
+                   20, "the victim's index holding the repaired memory")
+    except AssertionError as e:  # say where it stopped: the state, the index, the recall
+        raise AssertionError(f"{e}; victim's memory {_memory_state(victim, cluster.token, ns, 'where')}, index "
+                             f"{_index_metrics(victim, cluster.token)}, recall {on_victim.recall(ns, 'warehouse', consistency='stale')}")
     assert len({s["state_hash"] for s in cluster.wait_converged().values()}) == 1
 
 
@@ -281,10 +297,18 @@ def test_concurrent_recalls_answer_exactly_as_one_at_a_time(cluster):
         vector, where = q
         return [(r["id"], r["score"]) for r in _on(cluster, node).recall(ns, vector=vector, k=7, where=where)]
 
+    def counted() -> dict[str, float]:
+        return {line.split()[0]: float(line.split()[1]) for line in _index_metrics(node, cluster.token)}
+
+    before = counted()
     alone = [ask(q) for q in queries]
     with ThreadPoolExecutor(len(queries)) as pool:
         together = list(pool.map(ask, queries))
     assert together == alone
+    after = counted()
+    asked = after["synapse_memory_recall_index_questions"] - before["synapse_memory_recall_index_questions"]
+    calls = after["synapse_memory_recall_index_calls"] - before["synapse_memory_recall_index_calls"]
+    assert asked == 2 * len(queries) and calls <= asked  # /metrics counts them, batched or not
     assert all(len(a) == 7 for a in alone)
     assert all(int(i[1:]) % 2 == 0 for (vector, where), a in zip(queries, alone) if where for i, _ in a)
 

@@ -53,6 +53,19 @@ class Metrics:
         self.voter_contact = Gauge("synapse_voter_last_contact_seconds", "Seconds since this node last heard from "
                                    "the voter (never since this node started: its uptime)", ["node"],
                                    registry=self.registry)
+        # Agent memory's index on this node (synapse/memory/DESIGN.md): absent with --memory-index off.
+        self.memory_indexed = Gauge("synapse_memory_indexed_index", "Every memory change up to this log index is "
+                                    "in this node's vector index", registry=self.registry)
+        self.memory_whole = Gauge("synapse_memory_index_whole", "1 while the vector index holds the whole state "
+                                  "(0: reconciling after a start, rollback, repair or failure)", registry=self.registry)
+        self.memory_reconciles = Gauge("synapse_memory_index_reconciles", "Reconciles of the vector index against "
+                                       "the state since the node started", registry=self.registry)
+        self.memory_failing = Gauge("synapse_memory_index_failing", "1 while the last index write or reconcile "
+                                    "failed (the node log says why)", registry=self.registry)
+        self.recall_calls = Gauge("synapse_memory_recall_index_calls", "Index calls that answered recalls (each "
+                                  "a batch of concurrent ones)", registry=self.registry)
+        self.recall_questions = Gauge("synapse_memory_recall_index_questions", "Recalls answered by the index",
+                                      registry=self.registry)
         # The labelled children, looked up once: labels() takes a lock and builds a key per call.
         self._counted: dict[tuple[str, int], Any] = {}
         self._timed: dict[str, Any] = {}
@@ -87,6 +100,14 @@ async def metrics(request: web.Request) -> web.Response:
         m.catchup_full_dumps.labels(reason).set(count)
     m.repairs.set(ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
+    if ctx.memory is not None:
+        index = ctx.memory.index
+        m.memory_indexed.set(index.indexed_upto)
+        m.memory_whole.set(1 if index.whole else 0)
+        m.memory_reconciles.set(index.reconciles)
+        m.memory_failing.set(1 if index.last_error else 0)
+        m.recall_calls.set(index.recall_batches.calls)
+        m.recall_questions.set(index.recall_batches.questions)
     names = {info["raft"]: node_id for node_id, info in ctx.cluster.read(lambda p: p.nodes()).items()}
     now = time.time()
     m.voter_up.clear()  # a voter removed since the last scrape is no longer reported

@@ -191,7 +191,7 @@ class MemoryIndex:
         self._wake_scheduled = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory-index")
         self._queries = concurrent.futures.ThreadPoolExecutor(QUERY_WORKERS, thread_name_prefix="memory-query")
-        self._batcher = QueryBatcher(self._query_batch, self._queries, QUERY_WORKERS)
+        self.recall_batches = QueryBatcher(self._query_batch, self._queries, QUERY_WORKERS)
         # Event-loop side.
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
@@ -290,6 +290,11 @@ class MemoryIndex:
                         self._damaged()
                 self._wake.clear()
 
+    @property
+    def whole(self) -> bool:
+        """Whether the index holds the whole state as of ``indexed_upto``."""
+        return self._whole
+
     async def wait_for(self, index: int, timeout: float) -> None:
         """Returns once every change up to log ``index`` this node applied is indexed."""
         async def indexed() -> None:
@@ -309,7 +314,7 @@ class MemoryIndex:
         queries with the same namespace, k and filter share one Chroma call (query_batch.py)."""
         key = (ns, model, dim, k, json.dumps(where, sort_keys=True) if where else None)
         try:
-            return await asyncio.wait_for(self._batcher.ask(key, vector), timeout)
+            return await asyncio.wait_for(self.recall_batches.ask(key, vector), timeout)
         except asyncio.TimeoutError:
             raise IndexUnavailable(f"the memory index ({self.backend.describe()}) did not answer within "
                                    f"{timeout:g} s; retry") from None
