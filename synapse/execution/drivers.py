@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from functools import lru_cache
 
 from synapse.execution import entry as entry_runner
@@ -20,10 +21,14 @@ from synapse.execution.sandbox import (
     STAGED_INIT_FILE,
     Driver,
     Job,
+    JobError,
+    REASONS,
+    STAGED_RUNNER_FILE,
     SandboxUnavailable,
+    Outcome,
     task_environment,
 )
-from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part, unsearchable
+from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, _may_write, unreachable_part, unsearchable
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +174,37 @@ class BwrapDriver(Supervisor):
         return exit_code, sig, None
 
 
+# The task image when none is given: SYNAPSE_TASK_IMAGE (docker mode's worker sets it to the
+# synapse image it runs from), else the synapse image scripts/docker-build makes.
+TASK_IMAGE_ENV = "SYNAPSE_TASK_IMAGE"
+DEFAULT_TASK_IMAGE = "synapse:latest"
+
+
 class ContainerDriver(Supervisor):
     """The task in a Docker container (``docker run``): its own namespaces and cgroup from
     the engine, a read-only image file system with the working directory mounted at /work,
     no network unless granted, memory/pids/CPU-time limits by the engine. Needs a reachable
-    Docker engine; entry points need a Python in the image (default python:3.11-slim)."""
+    Docker engine and the task image present in it (never pulled); entry points need a
+    Python in the image (the synapse image has one)."""
 
     name = "container"
     limits_processes_elsewhere = True  # docker --pids-limit
     wraps_command = True
     workdir_in_container = "/work"
-    runner_in_container = "/opt/synapse/entry.py"
 
-    def __init__(self, *, image: str = "python:3.11-slim", docker: str = "docker", **kwargs) -> None:
+    def __init__(self, *, image: str | None = None, docker: str = "docker", **kwargs) -> None:
         # The docker client is the supervised process; the engine's cgroups confine the task.
         super().__init__(use_cgroups=False, **kwargs)
+        image = image or os.environ.get(TASK_IMAGE_ENV) or DEFAULT_TASK_IMAGE
         self.entry_python, self.entry_python_note = "python3", f"python3 in the image {image}"
+        # The runner goes into each working directory: its path in the worker means nothing
+        # to the engine, which resolves bind mounts on its own host (a worker in a container).
+        self.stage_runner = True
+        # The launcher must not drop the docker client to the task uid (it could not reach the
+        # engine's socket): the container runs as NOBODY by --user; the working directory is
+        # given to NOBODY in _populate and write grants are checked for NOBODY in _check.
+        self.task_owner, self.identity = self.identity, None
+        self._ended = threading.local()
         found = shutil.which(docker)
         if found is None:
             raise SandboxUnavailable(self.name, f"the docker client {docker!r} is not installed; install docker.io (apt-get install docker.io) or use the bwrap driver")
@@ -212,25 +232,41 @@ class ContainerDriver(Supervisor):
             raise SandboxUnavailable(
                 self.name,
                 f"the Docker engine has no image {image!r} (tasks are never run from an image pulled "
-                f"at run time); build or load it (docker build / docker load), or use the bwrap or process driver",
+                f"at run time); build it (./scripts/docker-build) or load it (docker load), name another "
+                f"with {TASK_IMAGE_ENV}, or use the bwrap or process driver",
             )
 
     def isolation(self) -> dict:
         return {
             "driver": self.name,
             "image": self.image,
-            "namespaces": ["mount", "pid", "net", "ipc", "uts", "cgroup"],
+            "namespaces": ["mount", "pid", "net", "ipc", "uts"],
             "filesystem": f"image read-only; writable: {self.workdir_in_container} (the working directory), grants.write_paths, a /tmp tmpfs",
             "network": "none unless grants.network (then the default bridge)",
             "task_uid": NOBODY,
+            "capabilities": "none (--cap-drop ALL, no-new-privileges)",
             "limits": {
-                "cpu_s": "docker --ulimit cpu", "memory_bytes": "docker --memory (engine cgroup)",
+                "cpu_s": "docker --ulimit cpu", "memory_bytes": "docker --memory (engine cgroup, swap included) + --ulimit data",
                 "processes": "docker --pids-limit", "file_bytes": "docker --ulimit fsize",
                 "wall_s": "supervisor: docker kill", "output_bytes": "supervisor: bounded capture, docker kill",
                 "result_bytes": "supervisor: bounded read of the entry point's result",
             },
+            "usage": "the docker client's, not the task's",
             "grants_enforced": {"network": True, "read_paths": True, "write_paths": True},
         }
+
+    def task_uid(self) -> int:
+        return NOBODY
+
+    def _check(self, job: Job) -> None:
+        super()._check(job)
+        for path in job.grants.write_paths:
+            if not _may_write(path, NOBODY, NOBODY):
+                raise JobError(
+                    f"grants.write_paths[{path!r}]",
+                    f"is not writable by uid {NOBODY}, which the task runs as; `chown {NOBODY} {path}` "
+                    "(or make it group/world-writable) or drop the grant",
+                )
 
     def _task_env(self, job: Job, workdir: str) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -240,17 +276,24 @@ class ContainerDriver(Supervisor):
 
     def _task_argv(self, job: Job, workdir: str, task_name: str, report_fd: int) -> list[str]:
         limits, grants = job.limits, job.grants
+        # No --rm: the container is inspected (was it OOM-killed?) and removed in _stop.
         argv = [
-            self.docker, "run", "--rm", "--name", task_name, "--init",
+            self.docker, "run", "--name", task_name, "--init", "--label", "org.synapse.task=1",
             "--network", "bridge" if grants.network else "none",
             "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--user", f"{NOBODY}:{NOBODY}",
+            "--user", f"{NOBODY}:{NOBODY}", "--ulimit", "core=0:0",
+            # docker's --init is pid 1, not the image's own entrypoint (a second tini).
+            "--entrypoint", "",
             "-v", f"{workdir}:{self.workdir_in_container}", "-w", self.workdir_in_container,
         ]
         for key, value in task_environment(job, self.workdir_in_container).items():
             argv += ["-e", f"{key}={value}"]
         if limits.memory_bytes is not None:
-            argv += ["--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes)]
+            argv += ["--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes),
+                     # Per process, as RLIMIT_AS is for the other drivers: a Python task gets
+                     # MemoryError rather than the OOM killer (RLIMIT_DATA counts anonymous
+                     # mappings since Linux 4.7; docker has no --ulimit as).
+                     "--ulimit", f"data={limits.memory_bytes}:{limits.memory_bytes}"]
         if limits.processes is not None:
             argv += ["--pids-limit", str(limits.processes + 1)]  # + docker's --init
         if limits.cpu_s is not None:
@@ -264,9 +307,7 @@ class ContainerDriver(Supervisor):
             argv += ["-v", f"{path}:{path}"]
         if job.argv is not None:
             return argv + [self.image, *job.argv]
-        runner = os.path.abspath(entry_runner.__file__)
-        return argv + ["-v", f"{runner}:{self.runner_in_container}:ro", self.image,
-                       "python3", "-I", self.runner_in_container, ENTRY_SPEC_FILE]
+        return argv + [self.image, "python3", "-I", f"{self.workdir_in_container}/{STAGED_RUNNER_FILE}", ENTRY_SPEC_FILE]
 
     def _import_path(self) -> list[str]:
         return []  # the worker's paths do not exist in the image
@@ -275,15 +316,32 @@ class ContainerDriver(Supervisor):
         super()._populate(job, workdir)
         # The container runs as NOBODY whatever the worker's uid; without root the working
         # directory cannot be given to it, only opened to everyone.
-        if self.identity is not None:
-            for path in [workdir, *(os.path.join(workdir, p) for p in job.files)]:
-                os.lchown(path, NOBODY, NOBODY)
+        if self.task_owner is not None:
+            for root, dirs, files in os.walk(workdir):
+                for path in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                    os.lchown(path, *self.task_owner)
         else:
             os.chmod(workdir, 0o777)
 
     def _stop(self, task_name: str) -> None:
-        # Killing the client does not stop the container: ask the engine (--rm removes it).
+        # Killing the client does not stop the container: ask the engine; then note whether
+        # the kernel's OOM killer ended it (the engine's memory cgroup, which the worker does
+        # not see) and remove it.
         subprocess.run([self.docker, "kill", task_name], capture_output=True, timeout=30)
+        done = subprocess.run([self.docker, "inspect", "--format", "{{.State.OOMKilled}}", task_name],
+                              capture_output=True, timeout=30)
+        self._ended.oom_killed = done.stdout.strip() == b"true"
+        subprocess.run([self.docker, "rm", "--force", task_name], capture_output=True, timeout=60)
+
+    def _watch(self, job: Job, *args, **kwargs) -> Outcome:
+        self._ended.oom_killed = False
+        outcome = super()._watch(job, *args, **kwargs)
+        # As the memory cgroup's OOM count does for the other drivers: whatever the task made of
+        # losing a process (a shell's `wait` still exits 0), the limit is what ended it.
+        if self._ended.oom_killed and outcome.reason not in ("cancelled", "wall_time", "output_limit", "spawn_error"):
+            outcome.status, outcome.reason = REASONS["memory_limit"], "memory_limit"
+            outcome.detail = f"the task used more than limits.memory_bytes={job.limits.memory_bytes}; the kernel killed it"
+        return outcome
 
     def _decode_exit(self, exit_code, sig, stderr):
         # `docker run` exits 125 when the engine could not create the container, 126/127 when
@@ -291,6 +349,12 @@ class ContainerDriver(Supervisor):
         if exit_code == 125:
             lines = stderr.decode(errors="replace").strip().splitlines()
             return None, None, lines[-1] if lines else "docker run could not create the container"
+        if exit_code in (126, 127):
+            said = [line for line in stderr.decode(errors="replace").splitlines() if line.startswith("docker: ")]
+            # docker-init (tini, --init) says so when it cannot exec the command.
+            said += [line for line in stderr.decode(errors="replace").splitlines()[-1:] if line.startswith("[FATAL tini")]
+            if said:
+                return None, None, f"{said[-1]} (the task's PATH is /usr/local/bin:/usr/bin:/bin in the image {self.image})"
         if exit_code is not None and 128 < exit_code <= 128 + 64:
             return None, exit_code - 128, None
         return exit_code, sig, None
@@ -301,11 +365,15 @@ _DRIVERS = {"process": ProcessDriver, "bwrap": BwrapDriver, "container": Contain
 
 def choose_driver(name: str = "auto", **options) -> Driver:
     """The driver called ``name``: "process", "bwrap", "container", or "auto" (containers when
-    a Docker engine is reachable, else bwrap when it works here, else process). Raises
+    SYNAPSE_TASK_IMAGE names an image a reachable Docker engine has, else bwrap when it works
+    here, else process). Raises
     SandboxUnavailable, naming the fix, when the named driver cannot run on this machine;
     ``options`` go to the driver's constructor."""
     if name == "auto":
-        for driver in (ContainerDriver, BwrapDriver):
+        # Containers only where a task image is named (docker mode sets SYNAPSE_TASK_IMAGE):
+        # a machine that merely has an engine keeps local mode's bubblewrap sandbox, and its
+        # entry points keep importing the worker's packages.
+        for driver in ((ContainerDriver, BwrapDriver) if os.environ.get(TASK_IMAGE_ENV) else (BwrapDriver,)):
             try:
                 return driver(**options)
             except SandboxUnavailable as e:
