@@ -100,6 +100,15 @@ def test_environment_is_scrubbed(driver, monkeypatch):
     assert env["GREETING"] == "hi" and env["PATH"] == "/usr/local/bin:/usr/bin:/bin" and env["HOME"] == "/work"
 
 
+def test_small_memory_limit_still_starts(driver):
+    # Regression: a --ulimit data of 64 MiB applied to runc's init too, which then could not
+    # set up the container ("cannot allocate memory"): every such task was a spawn_error.
+    o = driver.run(Job(argv=("sh", "-c", "echo small"), limits=Limits(memory_bytes=64 * MiB)))
+    assert (o.status, o.stdout) == ("succeeded", b"small\n"), o
+    o = driver.run(Job(argv=("no-such-program-here",), limits=Limits(memory_bytes=64 * MiB)))
+    assert (o.status, o.reason) == ("failed", "spawn_error") and "no-such-program-here" in o.detail, o
+
+
 def test_nonzero_exit_and_missing_command(driver):
     o = driver.run(Job(argv=("sh", "-c", "echo oops >&2; exit 3")))
     assert (o.status, o.reason, o.exit_code, o.stderr) == ("failed", "exit_code", 3, b"oops\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,7 +247,7 @@ class ContainerDriver(Supervisor):
             "task_uid": NOBODY,
             "capabilities": "none (--cap-drop ALL, no-new-privileges)",
             "limits": {
-                "cpu_s": "docker --ulimit cpu", "memory_bytes": "docker --memory (engine cgroup, swap included) + --ulimit data",
+                "cpu_s": "docker --ulimit cpu", "memory_bytes": "docker --memory (engine cgroup, swap included) + RLIMIT_AS (sh ulimit -v)",
                 "processes": "docker --pids-limit", "file_bytes": "docker --ulimit fsize",
                 "wall_s": "supervisor: docker kill", "output_bytes": "supervisor: bounded capture, docker kill",
                 "result_bytes": "supervisor: bounded read of the entry point's result",
@@ -289,11 +290,7 @@ class ContainerDriver(Supervisor):
         for key, value in task_environment(job, self.workdir_in_container).items():
             argv += ["-e", f"{key}={value}"]
         if limits.memory_bytes is not None:
-            argv += ["--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes),
-                     # Per process, as RLIMIT_AS is for the other drivers: a Python task gets
-                     # MemoryError rather than the OOM killer (RLIMIT_DATA counts anonymous
-                     # mappings since Linux 4.7; docker has no --ulimit as).
-                     "--ulimit", f"data={limits.memory_bytes}:{limits.memory_bytes}"]
+            argv += ["--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes)]
         if limits.processes is not None:
             argv += ["--pids-limit", str(limits.processes + 1)]  # + docker's --init
         if limits.cpu_s is not None:
@@ -305,9 +302,15 @@ class ContainerDriver(Supervisor):
             argv += ["-v", f"{path}:{path}:ro"]
         for path in grants.write_paths:
             argv += ["-v", f"{path}:{path}"]
-        if job.argv is not None:
-            return argv + [self.image, *job.argv]
-        return argv + [self.image, "python3", "-I", f"{self.workdir_in_container}/{STAGED_RUNNER_FILE}", ENTRY_SPEC_FILE]
+        command = list(job.argv) if job.argv is not None else \
+            ["python3", "-I", f"{self.workdir_in_container}/{STAGED_RUNNER_FILE}", ENTRY_SPEC_FILE]
+        if limits.memory_bytes is not None:
+            # RLIMIT_AS per process, as the other drivers set it (a Python task gets MemoryError
+            # rather than the OOM killer), set by the image's sh just before the command: docker
+            # has no --ulimit as, and a --ulimit data applies to runc's own init in the
+            # container too, which then cannot start under small limits (64 MiB).
+            command = ["sh", "-c", f'ulimit -v {limits.memory_bytes // 1024} && exec "$@"', "sh", *command]
+        return argv + [self.image, *command]
 
     def _import_path(self) -> list[str]:
         return []  # the worker's paths do not exist in the image
@@ -351,8 +354,10 @@ class ContainerDriver(Supervisor):
             return None, None, lines[-1] if lines else "docker run could not create the container"
         if exit_code in (126, 127):
             said = [line for line in stderr.decode(errors="replace").splitlines() if line.startswith("docker: ")]
-            # docker-init (tini, --init) says so when it cannot exec the command.
-            said += [line for line in stderr.decode(errors="replace").splitlines()[-1:] if line.startswith("[FATAL tini")]
+            # docker-init (tini, --init) says so when it cannot exec the command; so does sh
+            # when it runs the command (under a memory limit).
+            said += [line for line in stderr.decode(errors="replace").splitlines()[-1:]
+                     if line.startswith("[FATAL tini") or re.match(r"sh: \d+: exec: .*: (not found|Permission denied)$", line)]
             if said:
                 return None, None, f"{said[-1]} (the task's PATH is /usr/local/bin:/usr/bin:/bin in the image {self.image})"
         if exit_code is not None and 128 < exit_code <= 128 + 64:
