@@ -343,12 +343,15 @@ class Node:
         if self._integrity is not None:
             self._integrity.cannot_follow(index, f"rollback to checkpoint {target}: {error}")
 
-    def state_repaired(self, records: list[tuple[int, bytes, bytes]]) -> None:
+    def state_repaired(self, index: int, records: list[tuple[int, bytes, bytes]]) -> None:
         # Under the entry lock: the next entry's record comes after these.
         if self._audit is not None:
             self._audit.rewrite(records)
-        if self._memory_index is not None and records:
-            self._memory_index.resync(records[-1][0])  # a repaired record may be a memory
+        if self._memory_index is not None:
+            # A repaired record may be a memory — also when no entry was replayed after the
+            # repair's snapshot (records empty): skipping the resync then left a memory the
+            # damage had removed out of the index for good (a test caught it under load).
+            self._memory_index.resync(index)
 
     def state_replaced(self, index: int, store: _core.StateStore) -> None:
         if self._integrity is not None:

@@ -180,7 +180,7 @@ FAILURES = {
 class ApplyListener(Protocol):
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None: ...
     def state_replaced(self, index: int, store: _core.StateStore) -> None: ...
-    def state_repaired(self, records: list[tuple[int, bytes, bytes]]) -> None: ...
+    def state_repaired(self, index: int, records: list[tuple[int, bytes, bytes]]) -> None: ...
     def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None: ...
     def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore: ...
     def rollback_failed(self, index: int, target: int, error: Exception) -> None: ...
@@ -578,7 +578,8 @@ class ReplicatedLog:
         (an entry boundary) it first replays the captured entries after ``at_index``, so the
         new state is at this node's applied index. ``replayed`` lists (index, chain, digest)
         of the entries the caller already replayed; the listener's ``state_repaired`` gets
-        them all before the next entry applies. Returns (the applied index, the old store)."""
+        the applied index and them all (none, when no entry came after ``at_index``) before the
+        next entry applies. Returns (the applied index, the old store)."""
         with self._entry_lock:
             records = list(replayed)
             for index, payload in self._captured or []:
@@ -592,7 +593,7 @@ class ReplicatedLog:
             applied = self.applied()[0]
             self._applied = (applied, processor.store.digest())
             try:
-                self._listener.state_repaired(records)
+                self._listener.state_repaired(applied, records)
             except Exception:
                 log.exception("node %s: a listener failed on the repaired state", self._raft_addr)
             return applied, old
