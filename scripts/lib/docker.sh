@@ -56,13 +56,12 @@ build_base_image() {
     [ "$(id -u)" = 0 ] || { echo "error: building the base image (debootstrap) needs root" >&2; exit 1; }
     ensure_debian_packages debootstrap
     root=$(mktemp -d /var/tmp/synapse-rootfs.XXXXXX)
-    # shellcheck disable=SC2064
-    trap "rm -rf '$root'" RETURN
     include=$(IFS=,; echo "${BASE_PACKAGES[*]}")
     docker_log "debootstrap bookworm (minbase + $include) into $root"
     local started=$SECONDS
     if ! debootstrap --variant=minbase --include="$include" bookworm "$root" "$DEBIAN_MIRROR" >"$root.log" 2>&1; then
         tail -n 30 "$root.log" >&2
+        rm -rf "$root"
         echo "error: debootstrap failed (full log: $root.log)" >&2
         exit 1
     fi
@@ -72,7 +71,7 @@ build_base_image() {
     deb=$(mktemp -d /var/tmp/synapse-deb.XXXXXX)
     (cd "$deb" && apt-get download -qq docker.io >/dev/null 2>&1) || {
         apt-get update -qq && (cd "$deb" && apt-get download -qq docker.io)
-    } || { rm -rf "$deb"; echo "error: could not download Debian's docker.io package (for its docker CLI)" >&2; exit 1; }
+    } || { rm -rf "$deb" "$root"; echo "error: could not download Debian's docker.io package (for its docker CLI)" >&2; exit 1; }
     dpkg-deb --fsys-tarfile "$deb"/docker.io_*.deb | tar -x -C "$root" ./usr/bin/docker
     rm -rf "$deb"
     # Debian's postgresql package made a cluster at install; the stack makes its own in a volume.
@@ -87,6 +86,7 @@ build_base_image() {
         --change 'CMD ["/bin/bash"]' \
         --message "debootstrap --variant=minbase bookworm + ${BASE_PACKAGES[*]} (scripts/lib/docker.sh)" \
         - "$tag" >/dev/null
+    rm -rf "$root"
     docker_log "base image $tag made in $((SECONDS - started)) s"
     BASE_IMAGE="$tag"
 }
