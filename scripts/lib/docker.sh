@@ -152,7 +152,11 @@ build_wheelhouse() {
         printf '%s' "$deps_hash" >"$wheels/deps/.inputs"
     fi
     # The launcher must be in the wheel (an installed node's worker execs it).
-    if ! "$VENV/bin/python" -m zipfile -l "$PROJECT_WHEEL" | grep -q 'synapse/execution/synapse-launch'; then
+    # (The listing whole first: `grep -q` closing the pipe early made zipfile fail, and
+    # pipefail made that "missing", flip-flopping the build context between runs.)
+    local listing
+    listing=$("$VENV/bin/python" -m zipfile -l "$PROJECT_WHEEL")
+    if ! grep -q 'synapse/execution/synapse-launch' <<<"$listing"; then
         LAUNCHER_FALLBACK=yes
         docker_log "the wheel lacks synapse/execution/synapse-launch: copying the built launcher into the image instead"
     else
