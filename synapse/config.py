@@ -88,9 +88,10 @@ class NodeConfig:
     worker_slots: int = _setting(-1, """Task slots of the execution node embedded in this node: -1
         (auto) is the CPU count in local mode (no peers) and none in a cluster, where `synapse
         worker start` runs them; 0: no embedded worker.""", default_text="-1 (auto)")
-    worker_driver: str = _setting("auto", """The embedded worker's sandbox: `auto` (a container when a
-        Docker engine is reachable, else bubblewrap when usable, else a plain process), `bwrap`,
-        `process` or `container` (synapse/execution/DESIGN.md).""")
+    worker_driver: str = _setting("auto", """The embedded worker's sandbox: `auto` (a container when
+        `SYNAPSE_TASK_IMAGE` names an image a reachable Docker engine has, else bubblewrap when
+        usable, else a plain process), `bwrap`, `process` or `container`
+        (synapse/execution/DESIGN.md).""")
     tls_cert: Path | None = _setting(None, """Serve the API over HTTPS with this certificate (PEM;
         `synapse tls init` makes one per node); needs `tls_key` (synapse/security/DESIGN.md,
         TLS). With a CA (`tls_ca` or `tls_client_ca`) the Raft port speaks mutual TLS too.""")

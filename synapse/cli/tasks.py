@@ -236,7 +236,7 @@ def worker() -> None:
 @click.option("--label", multiple=True, help="NAME=VALUE that tasks can ask for (repeatable).")
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory offered to tasks (tasks' memory limits count against it).")
 @click.option("--driver", type=click.Choice(["auto", "bwrap", "process", "container"]), default="auto",
-              help="Sandbox (auto: a container when a Docker engine is reachable, else bubblewrap when usable, else a plain process).")
+              help="Sandbox (auto: a container when SYNAPSE_TASK_IMAGE names an image a reachable Docker engine has, else bubblewrap when usable, else a plain process).")
 @click.option("--tls-ca", help="Verify https:// nodes against this CA certificate.")
 @click.option("--tls-cert", help="Client certificate for nodes that require one (mutual TLS).")
 @click.option("--tls-key", help="The key of --tls-cert.")
