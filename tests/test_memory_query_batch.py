@@ -98,3 +98,15 @@ def test_a_caller_that_gave_up_is_left_out_and_the_others_are_answered():
     calls, answers = asyncio.run(go())
     assert answers == [("k", 10), ("k", 30)]
     assert [q for _, q in calls] == [[1], [3]]  # the question given up on never reached the index
+
+
+def test_a_question_to_a_stopped_pool_fails_at_once():
+    async def go():
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        pool.shutdown()
+        b = QueryBatcher(Gate(), pool, workers=1)
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(b.ask("k", 1), 5)
+        return b.calls
+
+    assert asyncio.run(go()) == 0

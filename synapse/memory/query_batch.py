@@ -61,10 +61,15 @@ class QueryBatcher:
                 del self._waiting[key]
             if not batch:
                 continue
+            try:
+                call = loop.run_in_executor(self._pool, self._run, key, [q for q, _ in batch])
+            except RuntimeError as e:  # the pool is shut down: the node is stopping
+                for _, future in batch:
+                    future.set_exception(e)
+                continue
             self._in_flight += 1
             self.calls += 1
             self.questions += len(batch)
-            call = loop.run_in_executor(self._pool, self._run, key, [q for q, _ in batch])
             call.add_done_callback(lambda done, batch=batch: self._answer(done, batch))
 
     def _answer(self, done: asyncio.Future, batch: list[tuple[Any, asyncio.Future]]) -> None:
