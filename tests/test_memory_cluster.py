@@ -309,6 +309,8 @@ def test_concurrent_recalls_answer_exactly_as_one_at_a_time(cluster):
     asked = after["synapse_memory_recall_index_questions"] - before["synapse_memory_recall_index_questions"]
     calls = after["synapse_memory_recall_index_calls"] - before["synapse_memory_recall_index_calls"]
     assert asked == 2 * len(queries) and calls <= asked  # /metrics counts them, batched or not
+    held = sum(len(_on(cluster, node).memories(space, limit=1000)["items"]) for space in (ns,))
+    assert after["synapse_memory_records"] >= held == len(records) and after["synapse_memory_namespaces"] >= 1
     assert all(len(a) == 7 for a in alone)
     assert all(int(i[1:]) % 2 == 0 for (vector, where), a in zip(queries, alone) if where for i, _ in a)
 

@@ -62,6 +62,32 @@ def test_tasks_run_on_execution_nodes_and_report(cluster):
     result = done[3]["result"]
     assert result["exit_code"] == 0 and len(result["output_hash"]) == 64 and result["usage"]["wall_s"] > 0
     cluster.wait_converged()  # every node holds the same task state, by hash
+    # Every node's /metrics tells the same story from the log it applied.
+    client.submit_task({"command": ["python3", "-c", "raise SystemExit(3)"]})
+    for node in cluster.nodes:
+        wait_until(lambda: _metric(cluster, node, 'synapse_tasks_ended{outcome="failed"}') == 1, 30,
+                   f"{node.node_id} counting the failed task")
+        text = _metrics_text(cluster, node)
+        assert _metric(cluster, node, 'synapse_tasks_ended{outcome="succeeded"}', text) == 8
+        assert _metric(cluster, node, 'synapse_tasks{state="ended"}', text) == 9
+        assert _metric(cluster, node, 'synapse_tasks{state="pending"}', text) == 0
+        assert _metric(cluster, node, 'synapse_workers{state="up"}', text) == 2
+        assert _metric(cluster, node, "synapse_task_schedule_seconds_count", text) == 9
+
+
+def _metrics_text(cluster, node) -> str:
+    import urllib.request
+
+    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _metric(cluster, node, name: str, text: str | None = None) -> float | None:
+    for line in (text if text is not None else _metrics_text(cluster, node)).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
 
 
 def test_a_worker_killed_mid_task_is_marked_down_and_the_task_completes_once(cluster, shared_dir):

@@ -77,7 +77,9 @@ class ApiServer:
 async def start_api(ctx: ApiContext, host: str, port: int, tls: TlsFiles | None = None) -> ApiServer:
     """Serves the API on ``host:port`` (every address it resolves to; port 0: one free port),
     over HTTPS only when ``tls`` names a certificate."""
-    pipeline = RequestPipeline(ctx, Metrics())
+    metrics = Metrics()
+    ctx.scheduler.on_placed = metrics.task_wait.observe  # from the apply thread: the histogram locks
+    pipeline = RequestPipeline(ctx, metrics)
     app = make_app(pipeline)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -66,6 +66,20 @@ class Metrics:
                                   "a batch of concurrent ones)", registry=self.registry)
         self.recall_questions = Gauge("synapse_memory_recall_index_questions", "Recalls answered by the index",
                                       registry=self.registry)
+        # Tasks and workers (synapse/orchestrator): the replicated state's counts, and what this
+        # node applied since it started.
+        self.tasks = Gauge("synapse_tasks", "Tasks in the state: pending (queued), leased (assigned or "
+                           "running), ended (kept, newest 100,000)", ["state"], registry=self.registry)
+        self.tasks_ended = Gauge("synapse_tasks_ended", "Tasks ended by entries this node applied since it "
+                                 "started, by outcome", ["outcome"], registry=self.registry)
+        self.task_wait = Histogram("synapse_task_schedule_seconds", "How long each task waited to be placed on a "
+                                   "worker (from its submission or its retry's backoff end), as applied here",
+                                   registry=self.registry,
+                                   buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.workers = Gauge("synapse_workers", "Registered execution nodes by state", ["state"], registry=self.registry)
+        self.memory_records = Gauge("synapse_memory_records", "Memory records in the state", registry=self.registry)
+        self.memory_namespaces = Gauge("synapse_memory_namespaces", "Memory namespaces holding records",
+                                       registry=self.registry)
         # The labelled children, looked up once: labels() takes a lock and builds a key per call.
         self._counted: dict[tuple[str, int], Any] = {}
         self._timed: dict[str, Any] = {}
@@ -100,6 +114,16 @@ async def metrics(request: web.Request) -> web.Response:
         m.catchup_full_dumps.labels(reason).set(count)
     m.repairs.set(ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
+    counts, workers, spaces = ctx.cluster.read(
+        lambda p: (p.task_counts(), [w["state"] for w in p.workers().values()], p.memory_namespaces()))
+    for state, n in counts.items():
+        m.tasks.labels(state).set(n)
+    for state in ("up", "down"):
+        m.workers.labels(state).set(workers.count(state))
+    for outcome, n in list(ctx.scheduler.ended.items()):
+        m.tasks_ended.labels(outcome).set(n)
+    m.memory_records.set(sum(space["count"] for _, space in spaces))
+    m.memory_namespaces.set(len(spaces))
     if ctx.memory is not None:
         index = ctx.memory.index
         m.memory_indexed.set(index.indexed_upto)

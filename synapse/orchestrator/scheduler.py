@@ -4,6 +4,7 @@ leader, one log entry per decision round (DESIGN.md)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -87,6 +88,10 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self.rounds = 0
         self.assigned = 0
+        # Applied on this node since it started: tasks ended, by outcome; and, for each
+        # assignment, how long the task had waited (seconds) — to whoever observes it (/metrics).
+        self.ended: collections.Counter[str] = collections.Counter()
+        self.on_placed: Callable[[float], None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -102,6 +107,11 @@ class Scheduler:
     def entry_applied(self, events: tuple) -> None:
         if not any(e[0] in ("task", "worker") for e in events):
             return  # checkpoint events: nothing for the scheduler (no cross-thread wake-up)
+        for e in events:  # this node's figures of what the log did (every node applies it)
+            if e[0] == "task" and e[1] == "ended":
+                self.ended[e[4]] += 1
+            elif e[0] == "task" and e[1] == "assigned" and self.on_placed is not None:
+                self.on_placed(e[4] / 1000)
         workers = {e[3] for e in events if e[0] == "task" and e[1] in ("assigned", "revoked", "ended") and e[3]}
         workers |= {e[1] for e in events if e[0] == "worker"}
         ended = {e[2] for e in events if e[0] == "task" and e[1] == "ended"}

@@ -310,6 +310,13 @@ class CommandProcessor:
             start = rows[-1][0] + b"\x00"
         return out
 
+    def task_counts(self) -> dict[str, int]:
+        """{"pending", "leased" (assigned or running), "ended"} without decoding any task: the
+        queue's keys, the leases' keys (O(queued + leased)), the ended tasks' kept count."""
+        return {"pending": len(self.store.scan_prefix(keys.TASK_QUEUE)),
+                "leased": len(self.store.scan_prefix(keys.TASK_LEASE)),
+                "ended": keys.decode_count(self.store.get(keys.TASK_DONE_COUNT))}
+
     def pending_tasks(self, limit: int) -> list[str]:
         """Pending task ids in scheduling order: priority, then submission."""
         return [keys.task_queue_task(k) for k, _ in self.store.scan_prefix(keys.TASK_QUEUE, limit)]

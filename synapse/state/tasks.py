@@ -266,11 +266,14 @@ class TaskOps:
         lease = self.k.decode_count(self.w.get(self.k.LEASE_SEQ)) + 1
         self.w.set(self.k.LEASE_SEQ, self.k.encode_count(lease))
         self._dequeue(task)
+        # How long it waited to be placed since it could be (its submission, or the end of a
+        # retry's backoff): for /metrics; an event, not state.
+        waited_ms = max(0, now - max(task["submitted_ms"], task.get("not_before_ms") or 0))
         task.update(state="assigned", worker=worker_id, lease=lease, assigned_ms=now, attempts=task["attempts"] + 1)
         _remember(task, "assigned", now, f"{worker_id} lease {lease}")
         self.w.set(self.k.task_lease_key(worker_id, task_id), self.k.encode_count(lease))
         self._put(task_id, task)
-        self.events.append(("task", "assigned", task_id, worker_id))
+        self.events.append(("task", "assigned", task_id, worker_id, waited_ms))
         return {"ok": True, "task_id": task_id, "worker_id": worker_id, "lease": lease, "index": self.index}
 
     # reports (workers; fenced by the lease)
@@ -383,7 +386,7 @@ class TaskOps:
         _remember(task, state, now, why)
         self._put(task_id, task)
         self.w.set(self.k.task_done_key(self.index, task_id), b"")
-        self.events.append(("task", "ended", task_id, worker))
+        self.events.append(("task", "ended", task_id, worker, state))
 
     def _release_lease(self, task_id: str, task: dict) -> None:
         if task["state"] in LEASED:
