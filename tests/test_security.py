@@ -183,3 +183,25 @@ def test_the_cli_manages_principals_roles_and_tokens(cluster):
     assert raw(cluster.nodes[0], "GET", "/v1/kv/cli/x", secret)[0] == 401
     cli("principal", "delete", "carol")
     assert "carol" not in {p["name"] for p in json.loads(cli("principal", "list", "--json").stdout)}
+
+
+def test_refused_tokens_are_counted_in_metrics(cluster):
+    node = cluster.nodes[0]
+
+    def denials() -> dict[str, float]:
+        status, _ = raw(node, "GET", "/v1/kv/a/x", cluster.token)  # the root token: counts nothing
+        assert status in (200, 404)
+        req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+        return {reason: float(next((ln.split()[-1] for ln in lines
+                                    if ln.startswith(f'synapse_auth_denials_total{{reason="{reason}"}}')), 0))
+                for reason in ("unauthorized", "forbidden")}
+
+    token = cluster.client().create_token(["kv:read:a/"], principal="alice")["token"]
+    before = denials()
+    assert raw(node, "PUT", "/v1/kv/a/x", token, {"value": 1})[0] == 403
+    assert raw(node, "GET", "/v1/kv/b/x", token)[0] == 403
+    assert raw(node, "GET", "/v1/kv/a/x", "not-a-token")[0] == 401
+    after = denials()
+    assert (after["forbidden"] - before["forbidden"], after["unauthorized"] - before["unauthorized"]) == (2, 1)

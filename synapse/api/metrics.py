@@ -66,6 +66,12 @@ class Metrics:
                                   "a batch of concurrent ones)", registry=self.registry)
         self.recall_questions = Gauge("synapse_memory_recall_index_questions", "Recalls answered by the index",
                                       registry=self.registry)
+        self.checkpoint_last = Gauge("synapse_checkpoint_last_index", "The newest checkpoint this node applied",
+                                     registry=self.registry)
+        self.checkpoint_agreed = Gauge("synapse_checkpoint_agreed_index", "The newest checkpoint whose digest a "
+                                       "majority agreed on and this node's matched", registry=self.registry)
+        self.denials = Counter("synapse_auth_denials", "Requests refused by the token check (unauthorized: no, a "
+                               "bad or a revoked token; forbidden: a scope it lacks)", ["reason"], registry=self.registry)
         # Tasks and workers (synapse/orchestrator): the replicated state's counts, and what this
         # node applied since it started.
         self.tasks = Gauge("synapse_tasks", "Tasks in the state: pending (queued), leased (assigned or "
@@ -83,6 +89,9 @@ class Metrics:
         # The labelled children, looked up once: labels() takes a lock and builds a key per call.
         self._counted: dict[tuple[str, int], Any] = {}
         self._timed: dict[str, Any] = {}
+
+    def denied(self, reason: str) -> None:
+        self.denials.labels(reason).inc()
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         counter = self._counted.get((route, status))
@@ -105,6 +114,9 @@ async def metrics(request: web.Request) -> web.Response:
     m.entries.set(ctx.cluster.entries_proposed)
     m.commands.set(ctx.cluster.commands_proposed)
     m.serving.set(1 if ctx.serving else 0)
+    integrity = ctx.integrity.status()
+    m.checkpoint_last.set(integrity["last_checkpoint"] or 0)
+    m.checkpoint_agreed.set(integrity["last_agreed"] or 0)
     st = ctx.catchup
     m.catchup_sent.set(st.container_bytes_sent)
     m.catchup_received.set(st.container_bytes_received)

@@ -135,9 +135,13 @@ class RequestPipeline:
         ``route``: the matched route (None: no route matched — any valid token may hear so)."""
         identity = None
         if path not in PUBLIC_PATHS:
-            identity = self.authenticate(authorization)
-            scopes = ROUTE_SCOPES.get((method, route), _ADMIN) if route is not None else _none
-            self.authorize(identity, scopes(match, query))
+            try:
+                identity = self.authenticate(authorization)
+                scopes = ROUTE_SCOPES.get((method, route), _ADMIN) if route is not None else _none
+                self.authorize(identity, scopes(match, query))
+            except ApiError as e:  # 401 / 403: counted apart from other failures (/metrics)
+                self.metrics.denied(e.error)
+                raise
         if path.startswith(STATE_PATHS) and not self.ctx.serving:
             status = self.ctx.integrity.status()
             raise ApiError(503, "diverged", f"this node's state differs from the one agreed at checkpoint "
