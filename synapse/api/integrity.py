@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import msgpack
 from aiohttp import web
@@ -19,6 +22,7 @@ from synapse.api.common import (
     request_id,
 )
 from synapse.api.context import ApiContext, context_of
+from synapse.integrity import backup
 from synapse.integrity.catchup import SHORT, element_shorts
 from synapse.integrity.repair import RepairBusy, RepairError, b64
 from synapse.state import keys
@@ -311,6 +315,33 @@ def _corrupt_memory(ctx, target) -> web.Response:
     return web.json_response({"memory": target, "node_id": ctx.node_id, "state_hash": digest.hex()})
 
 
+async def save_snapshot(request: web.Request) -> web.StreamResponse:
+    """The whole state at one applied index, after a read barrier (so every write acknowledged
+    before this request is in it), as a snapshot file (synapse/integrity/backup.py). Its index
+    and digest come as headers before the body."""
+    ctx = context_of(request)
+    await ctx.cluster.barrier()
+    index, frozen = ctx.cluster.frozen_now()
+    # Written next to the checkpoints' snapshots (a start removes a *.tmp a kill left there).
+    fd, name = tempfile.mkstemp(prefix="save-", suffix=".tmp", dir=ctx.snapshots.directory)
+    os.close(fd)
+    path = Path(name)
+    try:
+        info = await asyncio.get_running_loop().run_in_executor(None, backup.save, frozen, index, path)
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(info.file_size),
+            "X-Synapse-Index": str(index), "X-Synapse-State-Hash": info.state_digest.hex(),
+            "Content-Disposition": f'attachment; filename="synapse-{index}.snap"'})
+        await response.prepare(request)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        path.unlink(missing_ok=True)
+
+
 async def compact(request: web.Request) -> web.Response:
     """Asks this node's Raft log to compact into a dump now (tests and benchmarks)."""
     ctx = context_of(request)
@@ -334,3 +365,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/internal/catchup/{session}", close_repair_session)
     app.router.add_post("/v1/debug/corrupt", corrupt)
     app.router.add_post("/v1/debug/compact", compact)
+    app.router.add_get("/v1/snapshot", save_snapshot)

@@ -18,7 +18,7 @@ from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
 from synapse.client import Client, SynapseError
-from synapse.config import ConfigError, check_node_id, load_config, split_address
+from synapse.config import ConfigError, check_node_id, load_config, parse_peers, split_address
 
 
 @click.group()
@@ -408,6 +408,69 @@ def checkpoint_list(ctx, limit, as_json) -> None:
         rows.append((str(ck["index"]), ck["label"] or "", ck["digest"][:16] if ck["agreed"] else "(not agreed)",
                      (nodes + " " + missing).strip()))
     table(rows)
+
+
+@main.group()
+@client_options
+def snapshot(**_connection) -> None:
+    """Back up the whole state to a file, inspect one, make a new cluster from one."""
+
+
+@snapshot.command("save")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def snapshot_save(ctx, file) -> None:
+    """Save the whole state at one applied index to FILE (every write acknowledged before the
+    command is in it; needs cluster:admin)."""
+    with client_from(ctx) as c:
+        saved = run_call(lambda: c.save_snapshot(file))
+    click.echo(f"saved {saved['file']}: log index {saved['index']}, state {saved['state_hash'][:16]}, "
+               f"{saved['bytes']:,} bytes")
+
+
+@snapshot.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def snapshot_inspect(file, as_json) -> None:
+    """What FILE holds: its log index, state hash and records (every checksum is verified)."""
+    from synapse.integrity import backup
+
+    try:
+        info = backup.inspect(file)
+    except backup.BackupError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        print_json(info)
+        return
+    table([("FILE", "INDEX", "STATE HASH", "RECORDS", "BYTES"),
+           (info["file"], str(info["index"]), info["state_hash"][:16], str(info["records"]), f"{info['bytes']:,}")])
+    click.echo("")
+    table([("KIND", "COUNT")] + [(k, str(n)) for k, n in info["counts"].items()])
+
+
+@snapshot.command("restore")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The new node's data directory (new or empty).")
+@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
+@click.option("--peers", default="", help="The new cluster's other voters: ID=HOST:PORT,... (as `node start`).")
+def snapshot_restore(file, data_dir, raft, peers) -> None:
+    """Make DATA_DIR a voter of a new cluster holding FILE's state (etcd's `snapshot
+    restore`). Run it for every voter of the new cluster with the same FILE and the same
+    voters, then start each with `synapse node start --data-dir ... --raft ... --peers ...`
+    (the same addresses). The old cluster's tokens work on the new one."""
+    from synapse.integrity import backup
+
+    try:
+        split_address("--raft", raft)
+        voters = [raft, *parse_peers(peers).values()] if peers else [raft]
+        restored = backup.restore(file, data_dir, voters)
+    except ConfigError as e:
+        raise click.UsageError(f"{e}; nothing was written") from None
+    except backup.BackupError as e:
+        raise click.ClickException(f"{e}; nothing was written") from None
+    click.echo(f"restored log index {restored['index']} (state {restored['state_hash'][:16]}) into "
+               f"{restored['data_dir']} for voters {', '.join(restored['voters'])}")
 
 
 @main.group()

@@ -512,6 +512,12 @@ class ReplicatedLog:
         with self._read_lock:
             return fn(self._processor)
 
+    def frozen_now(self) -> tuple[int, _core.FrozenState]:
+        """(applied index, a frozen view of the state at it) — taken between two entries
+        (O(buckets); the caller writes it out at leisure)."""
+        with self._entry_lock:
+            return self._applied[0], self._processor.store.freeze()
+
     def first_log_index(self) -> int | None:
         """The index of the oldest entry still in the log (None: empty)."""
         return self.journal[0][1] if len(self.journal) else None

@@ -84,6 +84,10 @@ class Cluster:
         """``fn(processor)`` on the applied state, between two entries."""
         return self.replica.read(fn)
 
+    def frozen_now(self):
+        """(applied index, a frozen view of the state at it): a backup's consistent cut."""
+        return self.replica.frozen_now()
+
     def applied(self) -> tuple[int, bytes]:
         """(applied index, state digest at that index)."""
         return self.replica.applied()
