@@ -103,3 +103,21 @@ def test_bad_task_specs_are_refused_naming_the_field(node):
     assert r.returncode != 0 and "limits.cpu_s" in r.stderr
     r = cli(node, "task", "submit", "--entry", "not an entry", check=False)
     assert r.returncode != 0 and "spec.entry" in r.stderr
+
+
+def test_connection_options_work_before_and_after_the_subcommand(node):
+    n = node.nodes[0]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "synapse.cli.main", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60, cwd="/")
+    token = (n.data_dir / "root.token").read_text().strip()
+    after = run("kv", "put", "cli/order", '"after"', "--url", n.url, "--token", token)
+    assert after.returncode == 0, after.stderr
+    before = run("kv", "--url", n.url, "--token", token, "get", "cli/order")
+    assert before.returncode == 0 and json.loads(before.stdout)["value"] == "after", before.stderr
+    mixed = run("cluster", "--url", n.url, "status", "--token", token)
+    assert mixed.returncode == 0 and "LEADER" in mixed.stdout.upper(), mixed.stderr
+    # Given on the command, it wins over the group's (the nearest one, as a user reads it).
+    wrong = run("kv", "--url", "http://127.0.0.1:9", "get", "cli/order", "--url", n.url, "--token", token)
+    assert wrong.returncode == 0 and json.loads(wrong.stdout)["value"] == "after", wrong.stderr
+    missing = run("kv", "get", "cli/order", "--url", n.url, "--token-file", "/nonexistent/token")
+    assert missing.returncode != 0 and "/nonexistent/token" in missing.stderr

@@ -35,7 +35,7 @@ def test_save_inspect_and_restore_into_a_new_cluster(tmp_path):
         reader = c.create_token(["kv:read:backup/"], principal="reader")["token"]
         c.put("backup/last", "acknowledged just before the save")
         file = tmp_path / "cluster.snap"
-        out = _cli("snapshot", "--url", old.nodes[1].url, "--token", old.token, "save", str(file)).stdout
+        out = _cli("snapshot", "save", str(file), "--url", old.nodes[1].url, "--token", old.token).stdout
         assert "saved" in out and file.stat().st_size > 0
         info = json.loads(_cli("snapshot", "inspect", str(file), "--json").stdout)
         assert f"log index {info['index']}, state {info['state_hash'][:16]}" in out  # what the node sent

@@ -12,8 +12,15 @@ import click
 from synapse.client import Client, ConflictError, SynapseError
 
 
+_GIVEN = "synapse.client_options"  # ctx.meta key (meta is shared by a command's contexts)
+
+
 def option_value(ctx: click.Context, name: str):
-    """The value of a client option given on the group (``synapse kv --url ... get``)."""
+    """The value of a client option, given on the command (``synapse kv get K --url ...``)
+    or on its group (``synapse kv --url ... get K``)."""
+    given = ctx.meta.get(_GIVEN, {}).get(name)
+    if given is not None:
+        return given
     while ctx is not None:
         if ctx.params.get(name) is not None:
             return ctx.params[name]
@@ -40,14 +47,40 @@ def client_from(ctx: click.Context) -> Client:
         raise click.UsageError(str(e)) from None
 
 
+_CLIENT_OPTIONS = (
+    ("--token-file", "File holding the API token (default ./synapse-data/root.token)."),
+    ("--token", "API token (default $SYNAPSE_TOKEN)."),
+    ("--url", "A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070)."),
+    ("--tls-ca", "Verify https:// nodes against this CA certificate (default $SYNAPSE_TLS_CA)."),
+    ("--tls-cert", "Client certificate for nodes that require one (default $SYNAPSE_TLS_CERT)."),
+    ("--tls-key", "The key of --tls-cert (default $SYNAPSE_TLS_KEY)."),
+)
+
+
 def client_options(f):
-    f = click.option("--tls-key", help="The key of --tls-cert (default $SYNAPSE_TLS_KEY).")(f)
-    f = click.option("--tls-cert", help="Client certificate for nodes that require one (default $SYNAPSE_TLS_CERT).")(f)
-    f = click.option("--tls-ca", help="Verify https:// nodes against this CA certificate (default $SYNAPSE_TLS_CA).")(f)
-    f = click.option("--url", help="A node's API URL (default $SYNAPSE_URL or http://127.0.0.1:7070).")(f)
-    f = click.option("--token", help="API token (default $SYNAPSE_TOKEN).")(f)
-    f = click.option("--token-file", help="File holding the API token (default ./synapse-data/root.token).")(f)
+    """The connection options, on a group of commands that talk to a node."""
+    for flag, text in reversed(_CLIENT_OPTIONS):
+        f = click.option(flag, help=text)(f)
     return f
+
+
+def _given(ctx: click.Context, param: click.Parameter, value):
+    if value is not None:
+        ctx.meta.setdefault(_GIVEN, {})[param.name] = value
+    return value
+
+
+class ClientGroup(click.Group):
+    """A group whose commands talk to a node: the connection options work before the
+    subcommand (on the group, ``client_options``) and after it (added to each command here)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        names = {p.name for p in cmd.params}
+        for flag, text in _CLIENT_OPTIONS:
+            option = click.Option([flag], help=text, expose_value=False, callback=_given)
+            if option.name not in names:
+                cmd.params.append(option)
+        super().add_command(cmd, name)
 
 
 def run_call(fn):

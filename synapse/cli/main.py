@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.common import ClientGroup, client_from, client_options, print_json, run_call, table
 from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
@@ -121,7 +121,7 @@ def _announce(node) -> None:
 # --- clients ---
 
 
-@main.group()
+@main.group(cls=ClientGroup)
 @client_options
 def kv(**_connection) -> None:
     """Read and write keys."""
@@ -176,7 +176,7 @@ def kv_scan(ctx, prefix, limit) -> None:
         click.echo(f"{item['key']}\t{json.dumps(item['value'], ensure_ascii=False)}\tv{item['version']}")
 
 
-@main.group()
+@main.group(cls=ClientGroup)
 @client_options
 def cluster(**_connection) -> None:
     """Inspect and change the cluster."""
@@ -374,7 +374,7 @@ def cluster_transfer(ctx, node_id) -> None:
         print_json(run_call(lambda: leader.request("POST", "/v1/cluster/transfer-leader", {"node_id": node_id})))
 
 
-@main.group()
+@main.group(cls=ClientGroup)
 @client_options
 def checkpoint(**_connection) -> None:
     """Make and list checkpoints (state digests agreed by a majority)."""
@@ -410,7 +410,7 @@ def checkpoint_list(ctx, limit, as_json) -> None:
     table(rows)
 
 
-@main.group()
+@main.group(cls=ClientGroup)
 @client_options
 def snapshot(**_connection) -> None:
     """Back up the whole state to a file, inspect one, make a new cluster from one."""
@@ -473,7 +473,7 @@ def snapshot_restore(file, data_dir, raft, peers) -> None:
                f"{restored['data_dir']} for voters {', '.join(restored['voters'])}")
 
 
-@main.group()
+@main.group(cls=ClientGroup)
 @client_options
 def debug(**_connection) -> None:
     """Fault injection for tests and chaos runs (the node must allow it)."""

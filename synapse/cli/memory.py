@@ -8,10 +8,10 @@ import time
 
 import click
 
-from synapse.cli.common import client_from, client_options, listing, print_json, run_call
+from synapse.cli.common import ClientGroup, client_from, client_options, listing, print_json, run_call
 
 
-@click.group()
+@click.group(cls=ClientGroup)
 @client_options
 def memory(**_connection) -> None:
     """Remember facts in a namespace and recall them by meaning (replicated, hash-verified)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import client_from, client_options, listing, print_json, run_call
+from synapse.cli.common import ClientGroup, client_from, client_options, listing, print_json, run_call
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -29,7 +29,7 @@ def _when(ms: int | None) -> str:
     return "-" if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
 
 
-@click.group()
+@click.group(cls=ClientGroup)
 @client_options
 def principal(**_connection) -> None:
     """People, agents, workers and nodes that tokens belong to (needs cluster:admin)."""
@@ -69,7 +69,7 @@ def principal_delete(ctx, name) -> None:
     click.echo(f"principal {name} deleted; {r['tokens_revoked']} token(s) revoked")
 
 
-@click.group()
+@click.group(cls=ClientGroup)
 @client_options
 def role(**_connection) -> None:
     """Bundles of scopes given to principals; deny wins (needs cluster:admin)."""
@@ -107,7 +107,7 @@ def role_delete(ctx, name) -> None:
     click.echo(f"role {name} deleted")
 
 
-@click.group()
+@click.group(cls=ClientGroup)
 @client_options
 def token(**_connection) -> None:
     """Tokens: an accessor (public) and a secret (shown once)."""

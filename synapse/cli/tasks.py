@@ -14,12 +14,12 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import client_from, client_options, print_json, run_call, table
+from synapse.cli.common import ClientGroup, client_from, client_options, print_json, run_call, table
 
 _ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
 
 
-@click.group()
+@click.group(cls=ClientGroup)
 @client_options
 def task(**_connection) -> None:
     """Submit tasks to the cluster's execution nodes and follow them."""
