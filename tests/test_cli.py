@@ -121,3 +121,19 @@ def test_connection_options_work_before_and_after_the_subcommand(node):
     assert wrong.returncode == 0 and json.loads(wrong.stdout)["value"] == "after", wrong.stderr
     missing = run("kv", "get", "cli/order", "--url", n.url, "--token-file", "/nonexistent/token")
     assert missing.returncode != 0 and "/nonexistent/token" in missing.stderr
+
+
+def test_every_command_has_a_one_line_help():
+    import click
+
+    from synapse.cli.main import main
+
+    def leaves(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from leaves(sub, path + [name])
+        yield path, cmd
+
+    missing = [" ".join(path) for path, cmd in leaves(main, ["synapse"])
+               if not (cmd.help or "").strip().splitlines()[:1]]
+    assert missing == []

@@ -132,6 +132,7 @@ def kv(**_connection) -> None:
 @click.option("--stale", is_flag=True, help="Read this node's local state (may lag).")
 @click.pass_context
 def kv_get(ctx, key, stale) -> None:
+    """Print KEY's value and version as JSON (linearizable unless --stale)."""
     with client_from(ctx) as c:
         r = run_call(lambda: c.get(key, "stale" if stale else "linearizable"))
     if r is None:
@@ -161,6 +162,7 @@ def kv_put(ctx, key, value, if_version, string) -> None:
 @click.option("--if-version", type=int)
 @click.pass_context
 def kv_delete(ctx, key, if_version) -> None:
+    """Delete KEY (only at --if-version, when given)."""
     with client_from(ctx) as c:
         print_json(run_call(lambda: c.delete(key, if_version)))
 
@@ -170,6 +172,7 @@ def kv_delete(ctx, key, if_version) -> None:
 @click.option("--limit", type=int, default=100)
 @click.pass_context
 def kv_scan(ctx, prefix, limit) -> None:
+    """List keys under --prefix in key order, one per line: KEY, VALUE as JSON, vVERSION (tab-separated)."""
     with client_from(ctx) as c:
         r = run_call(lambda: c.scan(prefix, limit))
     for item in r["items"]:
@@ -385,6 +388,7 @@ def checkpoint(**_connection) -> None:
 @click.option("--wait/--no-wait", default=True, help="Wait until a majority agreed on its digest (default).")
 @click.pass_context
 def checkpoint_create(ctx, label, wait) -> None:
+    """Make a checkpoint now: every node reports its state digest at one log index."""
     with client_from(ctx) as c:
         print_json(run_call(lambda: c.checkpoint(label, wait)))
 
@@ -394,6 +398,7 @@ def checkpoint_create(ctx, label, wait) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def checkpoint_list(ctx, limit, as_json) -> None:
+    """The newest checkpoints with each node's agreement (a table, or --json)."""
     with client_from(ctx) as c:
         items = run_call(lambda: c.checkpoints(limit))
     if as_json:
