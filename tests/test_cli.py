@@ -34,8 +34,10 @@ def test_kv_put_get_scan_delete(node):
     cli(node, "kv", "put", "cli/b", "plain text", "--string")
     assert json.loads(cli(node, "kv", "get", "cli/a").stdout)["value"] == {"x": 1}
     assert json.loads(cli(node, "kv", "get", "cli/b").stdout)["value"] == "plain text"
-    lines = cli(node, "kv", "scan", "--prefix", "cli/").stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["cli/a", "cli/b"]
+    items = json.loads(cli(node, "kv", "scan", "--prefix", "cli/", "--output", "json").stdout)
+    assert [item["key"] for item in items] == ["cli/a", "cli/b"]
+    table = cli(node, "kv", "scan", "--prefix", "cli/").stdout.splitlines()
+    assert table[0].split() == ["KEY", "VALUE", "VERSION"] and table[1].split()[0] == "cli/a"
     assert json.loads(cli(node, "kv", "delete", "cli/a").stdout)["deleted"] is True
     r = cli(node, "kv", "get", "cli/a", check=False)
     assert r.returncode != 0 and "does not exist" in r.stderr
@@ -137,3 +139,17 @@ def test_every_command_has_a_one_line_help():
     missing = [" ".join(path) for path, cmd in leaves(main, ["synapse"])
                if not (cmd.help or "").strip().splitlines()[:1]]
     assert missing == []
+
+
+@pytest.mark.parametrize("command", [
+    ("cluster", "status"), ("checkpoint", "list"), ("principal", "list"), ("role", "list"), ("token", "list"),
+    ("task", "list"), ("kv", "scan"),
+])
+def test_list_and_status_commands_print_a_table_or_json(node, command):
+    as_json = cli(node, *command, "--output", "json").stdout
+    assert isinstance(json.loads(as_json), (list, dict))
+    assert json.loads(cli(node, *command, "--json").stdout) == json.loads(as_json) or command == ("cluster", "status")
+    table = cli(node, *command).stdout
+    assert not table.lstrip().startswith(("{", "[")), table  # for people: not JSON
+    bad = cli(node, *command, "--output", "yaml", check=False)
+    assert bad.returncode == 2 and "--output" in bad.stderr

@@ -3,6 +3,7 @@ and turning API errors into clean command-line errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -100,6 +101,18 @@ def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def output_option(f):
+    """``--output table|json`` (``-o``; ``--json`` is short for ``--output json``): a table for
+    people by default, JSON for scripts. The command gets ``as_json``."""
+    @functools.wraps(f)
+    def command(*args, output: str, json_flag: bool, **kwargs):
+        return f(*args, as_json=output == "json" or json_flag, **kwargs)
+
+    command = click.option("--json", "json_flag", is_flag=True, help="Short for --output json.")(command)
+    return click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                        help="table for people, json for scripts.")(command)
 
 
 def listing(rows: list[dict], as_json: bool, header: tuple[str, ...], row) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import ClientGroup, client_from, client_options, print_json, run_call, table
+from synapse.cli.common import ClientGroup, client_from, client_options, listing, output_option, print_json, run_call, table
 from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
@@ -170,13 +170,14 @@ def kv_delete(ctx, key, if_version) -> None:
 @kv.command("scan")
 @click.option("--prefix", default="")
 @click.option("--limit", type=int, default=100)
+@output_option
 @click.pass_context
-def kv_scan(ctx, prefix, limit) -> None:
-    """List keys under --prefix in key order, one per line: KEY, VALUE as JSON, vVERSION (tab-separated)."""
+def kv_scan(ctx, prefix, limit, as_json) -> None:
+    """List keys under --prefix in key order with their values and versions."""
     with client_from(ctx) as c:
         r = run_call(lambda: c.scan(prefix, limit))
-    for item in r["items"]:
-        click.echo(f"{item['key']}\t{json.dumps(item['value'], ensure_ascii=False)}\tv{item['version']}")
+    listing(r["items"], as_json, ("KEY", "VALUE", "VERSION"),
+            lambda item: (item["key"], json.dumps(item["value"], ensure_ascii=False), str(item["version"])))
 
 
 @main.group(cls=ClientGroup)
@@ -186,7 +187,7 @@ def cluster(**_connection) -> None:
 
 
 @cluster.command("status")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def cluster_status(ctx, as_json) -> None:
     """This node's view of the cluster; whether each voter is up, as the leader sees it."""
@@ -395,7 +396,7 @@ def checkpoint_create(ctx, label, wait) -> None:
 
 @checkpoint.command("list")
 @click.option("--limit", type=int, default=20)
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def checkpoint_list(ctx, limit, as_json) -> None:
     """The newest checkpoints with each node's agreement (a table, or --json)."""
@@ -435,7 +436,7 @@ def snapshot_save(ctx, file) -> None:
 
 @snapshot.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@output_option
 def snapshot_inspect(file, as_json) -> None:
     """What FILE holds: its log index, state hash and records (every checksum is verified)."""
     from synapse.integrity import backup
@@ -586,7 +587,7 @@ def audit() -> None:
 
 @audit.command("verify")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The node's data dir (read only; the node may be running).")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 def audit_verify(data_dir, as_json) -> None:
     """Replays the retained log from the node's dump through the command processor (no Raft,
     no network) and checks every entry against the node's audit trail and every agreed
@@ -609,7 +610,7 @@ def audit_verify(data_dir, as_json) -> None:
 @audit.command("tail")
 @click.argument("count", type=click.IntRange(1, 100_000), default=20)
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The node's data dir (read only).")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 def audit_tail(count, data_dir, as_json) -> None:
     """The last COUNT log entries (default 20), decoded: index, term, kind and commands."""
     from synapse.cluster.journal import JournalError

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from synapse.cli.common import ClientGroup, client_from, client_options, listing, print_json, run_call
+from synapse.cli.common import ClientGroup, output_option, client_from, client_options, listing, print_json, run_call
 
 
 @click.group(cls=ClientGroup)
@@ -42,7 +42,7 @@ def _when(ms: int | None) -> str:
 @click.option("--metadata", help='Flat JSON metadata, such as \'{"kind": "preference"}\'.')
 @click.option("--ttl-s", type=float, help="Forget it this many seconds after it is written.")
 @click.option("--no-dedup", is_flag=True, help="Store it even if the namespace already holds this text.")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def memory_remember(ctx, namespace, text, record_id, metadata, ttl_s, no_dedup, as_json) -> None:
     """Remember TEXT in NAMESPACE (path-like: acme/agent-7/episodic)."""
@@ -65,7 +65,7 @@ def memory_remember(ctx, namespace, text, record_id, metadata, ttl_s, no_dedup, 
 @click.option("--where", help='A metadata filter, such as \'{"kind": "preference"}\' or \'{"n": {"$gt": 2}}\'.')
 @click.option("--min-score", type=float, help="Leave out memories less similar than this (-1 to 1).")
 @click.option("--stale", is_flag=True, help="Answer from this node's index at once (no read barrier).")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def memory_recall(ctx, namespace, query, k, where, min_score, stale, as_json) -> None:
     """The memories of NAMESPACE nearest QUERY in meaning, best first."""
@@ -103,7 +103,7 @@ def memory_forget(ctx, namespace, record_id) -> None:
 @click.option("--prefix", default="", help="Only ids starting with this.")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--start-after", help="The id to continue after (the previous page's last).")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def memory_list(ctx, namespace, prefix, limit, start_after, as_json) -> None:
     """A namespace's memories in id order."""

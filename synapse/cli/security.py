@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import ClientGroup, client_from, client_options, listing, print_json, run_call
+from synapse.cli.common import ClientGroup, output_option, client_from, client_options, listing, print_json, run_call
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -49,7 +49,7 @@ def principal_create(ctx, name, kind, roles, owner) -> None:
 
 
 @principal.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def principal_list(ctx, as_json) -> None:
     """Every principal with its kind, roles and owner."""
@@ -88,7 +88,7 @@ def role_create(ctx, name, allow, deny) -> None:
 
 
 @role.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def role_list(ctx, as_json) -> None:
     """Every role with the scopes it allows and denies."""
@@ -119,7 +119,7 @@ def token(**_connection) -> None:
 @click.option("--principal", "for_principal", help="Whose token (default: yours; another needs cluster:admin or ownership).")
 @click.option("--ttl", help="Lifetime: seconds, or with s, m, h, d (default: until revoked).")
 @click.option("--label", help="A note shown in lists.")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def token_create(ctx, scopes, deny, for_principal, ttl, label, as_json) -> None:
     """Mint a token, never wider than the one you use; its secret is printed once."""
@@ -135,7 +135,7 @@ def token_create(ctx, scopes, deny, for_principal, ttl, label, as_json) -> None:
 
 
 @token.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def token_list(ctx, as_json) -> None:
     """Tokens by accessor, never secrets: yours and your agents' (all with cluster:admin)."""

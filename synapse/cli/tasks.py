@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import ClientGroup, client_from, client_options, print_json, run_call, table
+from synapse.cli.common import ClientGroup, output_option, client_from, client_options, print_json, run_call, table
 
 _ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
 
@@ -47,7 +47,7 @@ def task(**_connection) -> None:
 @click.option("--backoff-ms", type=int, help="Pause before the first retry, doubling each time.")
 @click.option("--idempotency-key", help="Submitting twice with the same key gives the first task.")
 @click.option("--wait", "wait_s", type=float, default=None, help="Wait up to this many seconds for the task to end.")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def task_submit(ctx, argv, spec_file, entry, args_json, env, files, cpu_s, memory_mb, wall_s, output_bytes, processes,
                 network, read_path, write_path, label, priority, retries, backoff_ms, idempotency_key, wait_s,
@@ -106,7 +106,7 @@ def task_submit(ctx, argv, spec_file, entry, args_json, env, files, cpu_s, memor
 
 @task.command("status")
 @click.argument("task_id")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def task_status(ctx, task_id, as_json) -> None:
     """A task's state, attempts, result and history."""
@@ -121,7 +121,7 @@ def task_status(ctx, task_id, as_json) -> None:
 @task.command("list")
 @click.option("--state", type=click.Choice(["pending", "assigned", "running", *_ENDED]))
 @click.option("--limit", type=int, default=50)
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def task_list(ctx, state, limit, as_json) -> None:
     """Tasks in id order (the newest ended ones are kept: 100,000)."""
@@ -168,7 +168,7 @@ def task_logs(ctx, task_id, stream) -> None:
 @task.command("wait")
 @click.argument("task_id")
 @click.option("--timeout", type=float, default=600.0, help="Give up after this many seconds (exit 2).")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_context
 def task_wait(ctx, task_id, timeout, as_json) -> None:
     """Wait for a task to end. Exit 0 if it succeeded, 1 if it ended otherwise, 2 on timeout."""

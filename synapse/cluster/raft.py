@@ -579,13 +579,15 @@ class ReplicatedLog:
 
     def install_repaired(
         self, processor: CommandProcessor, at_index: int, replayed: list[tuple[int, bytes, bytes]]
-    ) -> tuple[int, _core.StateStore]:
+    ) -> tuple[int, _core.StateStore, _core.FrozenState]:
         """Swaps in a repaired processor whose state is at ``at_index``: under the entry lock
         (an entry boundary) it first replays the captured entries after ``at_index``, so the
         new state is at this node's applied index. ``replayed`` lists (index, chain, digest)
         of the entries the caller already replayed; the listener's ``state_repaired`` gets
         the applied index and them all (none, when no entry came after ``at_index``) before the
-        next entry applies. Returns (the applied index, the old store)."""
+        next entry applies. Returns (the applied index, the old store, a frozen view of the
+        new state at that index — the live store is the tick thread's from here on: touching
+        it from another thread without the lock raced an apply, "Already mutably borrowed")."""
         with self._entry_lock:
             records = list(replayed)
             for index, payload in self._captured or []:
@@ -598,11 +600,12 @@ class ReplicatedLog:
             self._captured = None
             applied = self.applied()[0]
             self._applied = (applied, processor.store.digest())
+            frozen = processor.store.freeze()
             try:
                 self._listener.state_repaired(applied, records)
             except Exception:
                 log.exception("node %s: a listener failed on the repaired state", self._raft_addr)
-            return applied, old
+            return applied, old, frozen
 
     def stop_capture(self) -> None:
         with self._entry_lock:

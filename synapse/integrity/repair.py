@@ -338,8 +338,8 @@ class Repairer:
         processor, replayed, records = await loop.run_in_executor(None, rebuild)
         step("rebuild")
         report.records = records
-        applied, old = raft.install_repaired(processor, replayed[-1][0] if replayed else at, replayed)
-        self._send_changes_to_view(old, processor.store, applied)
+        applied, old, installed = raft.install_repaired(processor, replayed[-1][0] if replayed else at, replayed)
+        self._send_changes_to_view(old, installed, applied)
         self._tracker.repaired(proof_after=applied + 1)
         step("install")
         await self._tracker.propose_checkpoint(label=f"repair of {self._node_id}")
@@ -353,9 +353,10 @@ class Repairer:
             except Exception:
                 await asyncio.sleep(0.05)
 
-    def _send_changes_to_view(self, old: _core.StateStore, new: _core.StateStore, index: int) -> None:
-        """The SQL view follows the state: send it the kv keys the repair changed."""
-        diff = old.freeze().diff(new.freeze())
+    def _send_changes_to_view(self, old: _core.StateStore, new: _core.FrozenState, index: int) -> None:
+        """The SQL view follows the state: send it the kv keys the repair changed (``old`` is
+        no one's any more; ``new`` is the installed state frozen at ``index``)."""
+        diff = old.freeze().diff(new)
         changes = []
         for key, value in diff.added + diff.changed:
             if key.startswith(keys.KV):
