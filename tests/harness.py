@@ -45,6 +45,17 @@ def post_json(node, path: str, body, token: str, method: str = "POST") -> tuple[
         return e.code, json.loads(e.read())
 
 
+def scrape(node, token: str) -> dict[str, float]:
+    """The node's /metrics samples: ``{'name{label="v"}': value}`` (labels as the text has them)."""
+    import urllib.request
+
+    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 class _Process:
     """A subprocess in its own session, with its output in ``log_path``."""
 

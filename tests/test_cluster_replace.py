@@ -14,22 +14,19 @@ from click.testing import CliRunner
 
 from synapse.cli.main import main
 from synapse.client import SynapseError
-from tests.harness import Cluster, free_ports, wait_until
+from tests.harness import Cluster, free_ports, scrape, wait_until
 
 
 def _cli(cluster: Cluster, node, *args: str):
     return CliRunner().invoke(main, ["cluster", "--url", node.url, "--token", cluster.token, *args])
 
 
-def _metrics(cluster: Cluster, node) -> str:
-    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return resp.read().decode()
+def _metrics(cluster: Cluster, node) -> dict[str, float]:
+    return scrape(node, cluster.token)
 
 
-def _gauge(text: str, name: str, node_id: str) -> float | None:
-    found = re.search(rf'^{name}{{node="{re.escape(node_id)}"}} (\S+)$', text, re.M)
-    return None if found is None else float(found.group(1))
+def _gauge(samples: dict[str, float], name: str, node_id: str) -> float | None:
+    return samples.get(f'{name}{{node="{node_id}"}}')
 
 
 def _voters(cluster: Cluster, node) -> list[tuple]:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from synapse.client import Client, SynapseError
-from tests.harness import Cluster, post_json, wait_until
+from tests.harness import Cluster, post_json, scrape, wait_until
 
 INTERVAL = 20  # log entries between periodic checkpoints in these tests
 
@@ -29,9 +29,9 @@ def test_checkpoints_are_agreed_by_every_node(cluster):
     everyone = wait_until(lambda: (r := c.checkpoints(1)[0]) and len(r["nodes"]) == 3 and r, 10, "three reports")
     assert {n["agrees"] for n in everyone["nodes"].values()} == {True}
     for node in cluster.nodes:  # /metrics: the checkpoint applied and agreed on every node
-        wait_until(lambda: _gauge(cluster, node, "synapse_checkpoint_agreed_index") >= made["index"], 10,
+        wait_until(lambda: scrape(node, cluster.token)["synapse_checkpoint_agreed_index"] >= made["index"], 10,
                    f"{node.node_id}'s agreed checkpoint in /metrics")
-        assert _gauge(cluster, node, "synapse_checkpoint_last_index") >= made["index"]
+        assert scrape(node, cluster.token)["synapse_checkpoint_last_index"] >= made["index"]
     for i in range(3 * INTERVAL):  # periodic checkpoints follow the writes
         c.put(f"ck/{i}", i)
     periodic = wait_until(lambda: [x for x in c.checkpoints() if x["label"] is None and x["agreed"]], 10, "a periodic checkpoint")
@@ -39,15 +39,6 @@ def test_checkpoints_are_agreed_by_every_node(cluster):
     status = c.status()
     assert all(m["checkpoint_agrees"] in (True, None) for m in status["members"])
     assert status["checkpoint"]["service"] == "serving"
-
-
-def _gauge(cluster, node, name: str) -> float:
-    import urllib.request
-
-    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return next(float(line.split()[-1]) for line in resp.read().decode().splitlines()
-                    if line.startswith(name + " "))
 
 
 def test_a_corrupted_replica_is_detected_and_repaired_while_clients_write(cluster):

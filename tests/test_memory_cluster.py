@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from synapse.client import Client, SynapseError
-from tests.harness import Cluster, post_json, wait_until
+from tests.harness import Cluster, post_json, scrape, wait_until
 
 INTERVAL = 20  # log entries between periodic checkpoints (repair follows the next one)
 
@@ -33,13 +33,6 @@ def cluster(tmp_path_factory):
 
 def _on(cluster, node) -> Client:
     return Client(node.url, cluster.token, timeout=15)
-
-
-def _index_metrics(node, token: str) -> list[str]:
-    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return [line for line in resp.read().decode().splitlines()
-                if line.startswith(("synapse_memory", "synapse_applied_index", "synapse_integrity"))]
 
 
 def _memory_state(node, token: str, ns: str, record_id: str) -> str:
@@ -169,7 +162,7 @@ def test_a_memory_damaged_behind_the_log_is_repaired_and_reindexed(cluster):
                    20, "the victim's index holding the repaired memory")
     except AssertionError as e:  # say where it stopped: the state, the index, the recall
         raise AssertionError(f"{e}; victim's memory {_memory_state(victim, cluster.token, ns, 'where')}, index "
-                             f"{_index_metrics(victim, cluster.token)}, recall {on_victim.recall(ns, 'warehouse', consistency='stale')}")
+                             f"{ {k: v for k, v in scrape(victim, cluster.token).items() if k.startswith(('synapse_memory', 'synapse_applied'))} }, recall {on_victim.recall(ns, 'warehouse', consistency='stale')}")
     assert len({s["state_hash"] for s in cluster.wait_converged().values()}) == 1
 
 
@@ -297,15 +290,12 @@ def test_concurrent_recalls_answer_exactly_as_one_at_a_time(cluster):
         vector, where = q
         return [(r["id"], r["score"]) for r in _on(cluster, node).recall(ns, vector=vector, k=7, where=where)]
 
-    def counted() -> dict[str, float]:
-        return {line.split()[0]: float(line.split()[1]) for line in _index_metrics(node, cluster.token)}
-
-    before = counted()
+    before = scrape(node, cluster.token)
     alone = [ask(q) for q in queries]
     with ThreadPoolExecutor(len(queries)) as pool:
         together = list(pool.map(ask, queries))
     assert together == alone
-    after = counted()
+    after = scrape(node, cluster.token)
     asked = after["synapse_memory_recall_index_questions"] - before["synapse_memory_recall_index_questions"]
     calls = after["synapse_memory_recall_index_calls"] - before["synapse_memory_recall_index_calls"]
     assert asked == 2 * len(queries) and calls <= asked  # /metrics counts them, batched or not

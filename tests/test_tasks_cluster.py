@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, wait_until
+from tests.harness import Cluster, scrape, wait_until
 
 HEARTBEAT_TIMEOUT = 2.0
 ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
@@ -65,29 +65,13 @@ def test_tasks_run_on_execution_nodes_and_report(cluster):
     # Every node's /metrics tells the same story from the log it applied.
     client.submit_task({"command": ["python3", "-c", "raise SystemExit(3)"]})
     for node in cluster.nodes:
-        wait_until(lambda: _metric(cluster, node, 'synapse_tasks_ended{outcome="failed"}') == 1, 30,
+        wait_until(lambda: scrape(node, cluster.token).get('synapse_tasks_ended{outcome="failed"}') == 1, 30,
                    f"{node.node_id} counting the failed task")
-        text = _metrics_text(cluster, node)
-        assert _metric(cluster, node, 'synapse_tasks_ended{outcome="succeeded"}', text) == 8
-        assert _metric(cluster, node, 'synapse_tasks{state="ended"}', text) == 9
-        assert _metric(cluster, node, 'synapse_tasks{state="pending"}', text) == 0
-        assert _metric(cluster, node, 'synapse_workers{state="up"}', text) == 2
-        assert _metric(cluster, node, "synapse_task_schedule_seconds_count", text) == 9
-
-
-def _metrics_text(cluster, node) -> str:
-    import urllib.request
-
-    req = urllib.request.Request(node.url + "/metrics", headers={"Authorization": f"Bearer {cluster.token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.read().decode()
-
-
-def _metric(cluster, node, name: str, text: str | None = None) -> float | None:
-    for line in (text if text is not None else _metrics_text(cluster, node)).splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return None
+        m = scrape(node, cluster.token)
+        assert m['synapse_tasks_ended{outcome="succeeded"}'] == 8
+        assert (m['synapse_tasks{state="ended"}'], m['synapse_tasks{state="pending"}']) == (9, 0)
+        assert m['synapse_workers{state="up"}'] == 2
+        assert m["synapse_task_schedule_seconds_count"] == 9
 
 
 def test_a_worker_killed_mid_task_is_marked_down_and_the_task_completes_once(cluster, shared_dir):
