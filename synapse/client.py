@@ -431,10 +431,7 @@ class Client(_Calls):
         tmp = path.with_name(path.name + ".part")
         last: Exception | None = None
         for url in self._endpoints.urls:
-            parts = urlsplit(url)
-            conn = (http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=max(self._timeout, 60),
-                                                context=self.ssl_context) if self.ssl_context is not None
-                    else http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=max(self._timeout, 60)))
+            conn = self._connection(url, max(self._timeout, 60))  # its own: a long stream, closed after
             try:
                 conn.request("GET", "/v1/snapshot", headers={"Authorization": f"Bearer {self._token}"})
                 resp = conn.getresponse()
@@ -502,15 +499,17 @@ class Client(_Calls):
             except (OSError, http.client.HTTPException, ValueError):
                 self._conns.pop(url, None)
 
+    def _connection(self, url: str, timeout: float) -> http.client.HTTPConnection:
+        parts = urlsplit(url)
+        if self.ssl_context is not None:
+            return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+                                               context=self.ssl_context)
+        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+
     def _send(self, url: str, req: _Request, timeout: float) -> tuple[int, bytes]:
         conn = self._conns.get(url)
         if conn is None:
-            parts = urlsplit(url)
-            if self.ssl_context is not None:
-                conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
-                                                   context=self.ssl_context)
-            else:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+            conn = self._connection(url, timeout)
             self._conns[url] = conn
             with self._all_lock:
                 self._all_conns.add(conn)

@@ -232,7 +232,7 @@ def _coerce(name: str, raw: Any) -> Any:
             split_address(name, str(raw))
             return str(raw)
         if name == "worker_driver":
-            if str(raw) not in ("auto", "bwrap", "process", "container"):
+            if str(raw) not in WORKER_DRIVERS:
                 raise ConfigError(name, f"{raw!r} is not auto, bwrap, process or container")
             return str(raw)
         if name == "memory_index":
@@ -258,6 +258,7 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 SETTINGS = tuple(f.name for f in fields(NodeConfig) if f.name != "tuning")
+WORKER_DRIVERS = ("auto", "bwrap", "process", "container")
 _BOOLEANS = ("insecure_no_cluster_secret", "raft_fsync", "debug_fault_injection")
 
 

@@ -126,8 +126,8 @@ async def metrics(request: web.Request) -> web.Response:
         m.catchup_full_dumps.labels(reason).set(count)
     m.repairs.set(ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
-    counts, workers, spaces = ctx.cluster.read(
-        lambda p: (p.task_counts(), [w["state"] for w in p.workers().values()], p.memory_namespaces()))
+    counts, workers, spaces, nodes = ctx.cluster.read(  # one read: the applier waits for none twice
+        lambda p: (p.task_counts(), [w["state"] for w in p.workers().values()], p.memory_namespaces(), p.nodes()))
     for state, n in counts.items():
         m.tasks.labels(state).set(n)
     for state in ("up", "down"):
@@ -144,7 +144,7 @@ async def metrics(request: web.Request) -> web.Response:
         m.memory_failing.set(1 if index.last_error else 0)
         m.recall_calls.set(index.recall_batches.calls)
         m.recall_questions.set(index.recall_batches.questions)
-    names = {info["raft"]: node_id for node_id, info in ctx.cluster.read(lambda p: p.nodes()).items()}
+    names = {info["raft"]: node_id for node_id, info in nodes.items()}
     now = time.time()
     m.voter_up.clear()  # a voter removed since the last scrape is no longer reported
     m.voter_contact.clear()

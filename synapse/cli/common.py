@@ -71,11 +71,18 @@ def _given(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+class LocalCommand(click.Command):
+    """A command of a ClientGroup that works on local files only: no connection options."""
+
+
 class ClientGroup(click.Group):
     """A group whose commands talk to a node: the connection options work before the
-    subcommand (on the group, ``client_options``) and after it (added to each command here)."""
+    subcommand (on the group, ``client_options``) and after it (added to each command here,
+    but a LocalCommand)."""
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if isinstance(cmd, LocalCommand):
+            return super().add_command(cmd, name)
         names = {p.name for p in cmd.params}
         for flag, text in _CLIENT_OPTIONS:
             option = click.Option([flag], help=text, expose_value=False, callback=_given)

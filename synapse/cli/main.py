@@ -9,16 +9,20 @@ import os
 import signal
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
-from synapse.cli.common import ClientGroup, client_from, client_options, listing, output_option, print_json, run_call, table
+from synapse.cli.common import ClientGroup, LocalCommand, client_from, client_options, listing, output_option, print_json, run_call, table
 from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
 from synapse.cli.tasks import task, worker
 from synapse.client import Client, SynapseError
-from synapse.config import ConfigError, check_node_id, load_config, parse_peers, split_address
+from synapse.config import (
+    WORKER_DRIVERS, ConfigError, NodeConfig, check_node_id, load_config, parse_peers, settings_reference,
+    split_address,
+)
 
 
 @click.group()
@@ -34,33 +38,27 @@ def node() -> None:
     """Run a node."""
 
 
+def _setting_options(command):
+    """A `synapse node start` flag per node setting, its help the setting's meaning as
+    synapse/config.py defines it (the one description; docs/configuration.md comes from it too)."""
+    kinds = {f.name: f.type for f in fields(NodeConfig)}
+    for row in reversed(settings_reference()):
+        name, kind = row["setting"], kinds[row["setting"]]
+        extra: dict = {}
+        if kind == "bool":
+            extra = {"is_flag": True, "default": None}
+        elif kind in ("int", "float"):
+            extra = {"type": int if kind == "int" else float}
+        elif name == "worker_driver":
+            extra = {"type": click.Choice(WORKER_DRIVERS)}
+        command = click.option(row["flag"], name, help=f"{row['doc']} Default: {row['default'].replace('`', '')}.",
+                               **extra)(command)
+    return command
+
+
 @node.command("start")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML settings file (flags and SYNAPSE_* variables override it).")
-@click.option("--id", "node_id", help="This node's id (default node1).")
-@click.option("--data-dir", help="Where the Raft log, snapshots, SQLite file and tokens live (default ./synapse-data).")
-@click.option("--api", help="HOST:PORT for the HTTP API (default 127.0.0.1:7070).")
-@click.option("--raft", help="HOST:PORT for Raft traffic (default 127.0.0.1:7071).")
-@click.option("--peers", help="The other voters: ID=HOST:PORT,... (their Raft addresses).")
-@click.option("--secret-file", help="Cluster secret (same file on every node); required with --peers.")
-@click.option("--insecure-no-cluster-secret", is_flag=True, default=None, help="Run a multi-node cluster with NO authentication or encryption of Raft traffic (anyone who reaches the Raft port can run code here). Test clusters only.")
-@click.option("--storage", help="'sqlite' (default) or a postgresql:// DSN.")
-@click.option("--embedding-cache", help="'off' (default) or redis://HOST:PORT/DB: a Redis the nodes share that caches query embeddings.")
-@click.option("--memory-index", help="Agent memory's vector index: 'chroma' (default: embedded, in the data dir), 'chroma+http://HOST:PORT' (a Chroma server) or 'off'.")
-@click.option("--root-token-file", help="File holding the API root token (default: generated, or derived from the cluster secret).")
-@click.option("--request-timeout", type=float, help="Seconds a request may wait for the cluster (default 5).")
-@click.option("--checkpoint-interval", type=int, help="Log entries between periodic checkpoints (default 1000; 0: on demand only).")
-@click.option("--checkpoint-seconds", type=float, help="Seconds between checkpoints while writes come in (default 60).")
-@click.option("--checkpoint-retain", type=int, help="Keep snapshots of the newest N checkpoints, the ones rollback can reach (default 5).")
-@click.option("--checkpoint-snapshot-seconds", type=float, help="Snapshot a periodic checkpoint only if the last snapshot is this old (default 30; 0: every one; on-demand checkpoints always).")
-@click.option("--debug-fault-injection", is_flag=True, default=None, help="Allow `synapse debug corrupt` against this node (tests and chaos runs only).")
-@click.option("--raft-fsync", is_flag=True, default=None, help="fdatasync each Raft log append before acknowledging it (survives power loss of a majority; slower).")
-@click.option("--heartbeat-timeout", type=float, help="Seconds of silence before an execution node is marked down and its tasks rescheduled (default 5).")
-@click.option("--worker-slots", type=int, help="Slots of the embedded execution node (-1 auto: the CPU count in local mode, none in a cluster; 0: none).")
-@click.option("--worker-driver", type=click.Choice(["auto", "bwrap", "process", "container"]), help="The embedded execution node's sandbox (default auto).")
-@click.option("--tls-cert", help="Serve HTTPS with this certificate (PEM; `synapse tls init` makes one per node).")
-@click.option("--tls-key", help="The private key of --tls-cert (PEM).")
-@click.option("--tls-client-ca", help="Require every client to present a certificate this CA signed (mutual TLS).")
-@click.option("--tls-ca", help="Verify the other nodes' certificates against this CA when calling them (default --tls-client-ca).")
+@_setting_options
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def node_start(config_file, log_level, **flags) -> None:
     """Start a node in the foreground; Ctrl-C stops it cleanly."""
@@ -180,6 +178,15 @@ def kv_scan(ctx, prefix, limit, as_json) -> None:
             lambda item: (item["key"], json.dumps(item["value"], ensure_ascii=False), str(item["version"])))
 
 
+_NEW_RAFT = "The new node's Raft HOST:PORT."
+
+
+def _new_node_addresses(command):
+    """--raft and --api of a node joining the cluster (cluster add, cluster replace)."""
+    command = click.option("--api", required=True, help="The new node's API HOST:PORT.")(command)
+    return click.option("--raft", required=True, help=_NEW_RAFT)(command)
+
+
 @main.group(cls=ClientGroup)
 @client_options
 def cluster(**_connection) -> None:
@@ -267,8 +274,7 @@ def _print_status(c: Client, s: dict) -> None:
 
 @cluster.command("add")
 @click.argument("node_id")
-@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
-@click.option("--api", required=True, help="The new node's API HOST:PORT.")
+@_new_node_addresses
 @click.pass_context
 def cluster_add(ctx, node_id, raft, api) -> None:
     """Add a voter (start it with --peers listing the current voters first)."""
@@ -288,8 +294,7 @@ def cluster_remove(ctx, node_id) -> None:
 @cluster.command("replace")
 @click.argument("dead")
 @click.argument("node_id")
-@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
-@click.option("--api", required=True, help="The new node's API HOST:PORT.")
+@_new_node_addresses
 @click.pass_context
 def cluster_replace(ctx, dead, node_id, raft, api) -> None:
     """Replace the dead voter DEAD with the new node NODE_ID in one step: remove DEAD, then add
@@ -434,7 +439,7 @@ def snapshot_save(ctx, file) -> None:
                f"{saved['bytes']:,} bytes")
 
 
-@snapshot.command("inspect")
+@snapshot.command("inspect", cls=LocalCommand)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @output_option
 def snapshot_inspect(file, as_json) -> None:
@@ -454,11 +459,11 @@ def snapshot_inspect(file, as_json) -> None:
     table([("KIND", "COUNT")] + [(k, str(n)) for k, n in info["counts"].items()])
 
 
-@snapshot.command("restore")
+@snapshot.command("restore", cls=LocalCommand)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The new node's data directory (new or empty).")
-@click.option("--raft", required=True, help="The new node's Raft HOST:PORT.")
+@click.option("--raft", required=True, help=_NEW_RAFT)
 @click.option("--peers", default="", help="The new cluster's other voters: ID=HOST:PORT,... (as `node start`).")
 def snapshot_restore(file, data_dir, raft, peers) -> None:
     """Make DATA_DIR a voter of a new cluster holding FILE's state (etcd's `snapshot

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from synapse.cli.common import ClientGroup, output_option, client_from, client_options, print_json, run_call, table
+from synapse.cli.common import ClientGroup, client_from, client_options, output_option, print_json, run_call, table
+from synapse.config import WORKER_DRIVERS
 
 _ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
 
@@ -235,7 +236,7 @@ def worker() -> None:
 @click.option("--slots", type=click.IntRange(1, 4096), help="Tasks run at once (default: the CPU count).")
 @click.option("--label", multiple=True, help="NAME=VALUE that tasks can ask for (repeatable).")
 @click.option("--memory-mb", type=click.IntRange(1), help="Memory offered to tasks (tasks' memory limits count against it).")
-@click.option("--driver", type=click.Choice(["auto", "bwrap", "process", "container"]), default="auto",
+@click.option("--driver", type=click.Choice(WORKER_DRIVERS), default="auto",
               help="Sandbox (auto: a container when SYNAPSE_TASK_IMAGE names an image a reachable Docker engine has, else bubblewrap when usable, else a plain process).")
 @click.option("--tls-ca", help="Verify https:// nodes against this CA certificate.")
 @click.option("--tls-cert", help="Client certificate for nodes that require one (mutual TLS).")
