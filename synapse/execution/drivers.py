@@ -22,14 +22,13 @@ from synapse.execution.sandbox import (
     STAGED_INIT_FILE,
     Driver,
     Job,
-    JobError,
     REASONS,
     STAGED_RUNNER_FILE,
     SandboxUnavailable,
     Outcome,
     task_environment,
 )
-from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, _may_write, unreachable_part, unsearchable
+from synapse.execution.supervisor import LAUNCHER_ENV, NOBODY, Supervisor, unreachable_part, unsearchable
 
 log = logging.getLogger(__name__)
 
@@ -256,18 +255,8 @@ class ContainerDriver(Supervisor):
             "grants_enforced": {"network": True, "read_paths": True, "write_paths": True},
         }
 
-    def task_uid(self) -> int:
-        return NOBODY
-
-    def _check(self, job: Job) -> None:
-        super()._check(job)
-        for path in job.grants.write_paths:
-            if not _may_write(path, NOBODY, NOBODY):
-                raise JobError(
-                    f"grants.write_paths[{path!r}]",
-                    f"is not writable by uid {NOBODY}, which the task runs as; `chown {NOBODY} {path}` "
-                    "(or make it group/world-writable) or drop the grant",
-                )
+    def task_ids(self) -> tuple[int, int]:
+        return NOBODY, NOBODY  # --user, whatever the worker's own uid
 
     def _task_env(self, job: Job, workdir: str) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}

@@ -479,8 +479,12 @@ class Supervisor:
 
     # -- what a driver says about itself ---------------------------------------------------
 
+    def task_ids(self) -> tuple[int, int]:
+        """The uid and gid the task runs as (what its write grants are checked for)."""
+        return self.identity or (os.geteuid(), os.getegid())
+
     def task_uid(self) -> int:
-        return self.identity[0] if self.identity else os.geteuid()
+        return self.task_ids()[0]
 
     def _limit_mechanisms(self) -> dict:
         c = self.cgroups
@@ -509,7 +513,7 @@ class Supervisor:
             )
         if job.entry is not None and self.entry_python is None:
             raise SandboxUnavailable(self.name, f"cannot run entry points: {self.entry_python_note}")
-        uid, gid = self.identity or (os.geteuid(), os.getegid())
+        uid, gid = self.task_ids()
         for path in job.grants.read_paths:
             if not os.path.exists(path):
                 raise JobError(f"grants.read_paths[{path!r}]", "does not exist; create it before the task starts or drop the grant")
