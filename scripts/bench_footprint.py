@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_memory as bm  # noqa: E402  (SingleNode: a local node as a subprocess)
 import bench_node as bn  # noqa: E402  (processes, ports, /proc readings)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,23 +152,17 @@ def tree_rss(pid: int) -> int:
 
 
 def run_local(tmp: Path, args) -> dict:
-    data = tmp / "local"
-    api_port, raft_port = bn.free_ports(2)
-    api = f"127.0.0.1:{api_port}"
-    cmd = bn.synapse_command() + ["node", "start", "--id", "node1", "--data-dir", str(data), "--api", api,
-                                  "--raft", f"127.0.0.1:{raft_port}"]
-    member = bn.Member("local", api, cmd, data, tmp / "local.log")
-    member.start()
+    node = bm.SingleNode(tmp, "local", worker_slots=-1)  # local mode's defaults: the embedded worker too
+    node.start()
     try:
-        token = _wait_ready_local(member, data, api)
         time.sleep(args.settle)
-        idle_mem, idle_disk = tree_rss(member.pid), bn.disk_bytes(data)
+        idle_mem, idle_disk = tree_rss(node.pid), bn.disk_bytes(node.data_dir)
         log(f"local idle: {mb(idle_mem)} MB memory, {mb(idle_disk)} MB disk")
-        client = Client(f"http://{api}", token, timeout=60)
-        with Sampler(lambda: tree_rss(member.pid)) as peak:
+        client = Client(node.url, node.token, timeout=60)
+        with Sampler(lambda: tree_rss(node.pid)) as peak:
             load = run_load(lambda i: client, args.keys, args.memories, args.tasks, args.task_timeout)
         time.sleep(args.settle)
-        mem, disk = tree_rss(member.pid), bn.disk_bytes(data)
+        mem, disk = tree_rss(node.pid), bn.disk_bytes(node.data_dir)
         log(f"local loaded: {mb(mem)} MB memory (peak {mb(peak.peak)}), {mb(disk)} MB disk; {load}")
         seed = SEED["local"]
         return {
@@ -177,36 +172,7 @@ def run_local(tmp: Path, args) -> dict:
                                            "loaded_peak": against(seed, peak.peak, disk)},
         }
     finally:
-        _stop_member(member)
-
-
-def _stop_member(member) -> None:
-    p = member.proc
-    if p is not None and p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def _wait_ready_local(member, data: Path, api: str, timeout: float = 180) -> str:
-    deadline, token, last = time.monotonic() + timeout, "", ""
-    while time.monotonic() < deadline:
-        if not member.alive():
-            raise RuntimeError(f"the local node exited:\n{member.log_tail()}")
-        if not token and (data / "root.token").exists():
-            token = (data / "root.token").read_text().strip()
-        if token:
-            try:
-                status, body = bn.http_json(api, "GET", "/ready", token, timeout=2.0)
-                if status == 200:
-                    return token
-                last = f"{status} {body}"
-            except OSError as e:
-                last = repr(e)
-        time.sleep(0.1)
-    raise RuntimeError(f"the local node was not ready within {timeout} s: {last}")
+        node.stop()
 
 
 # --- docker mode -----------------------------------------------------------------------------

@@ -314,14 +314,15 @@ class Records:
 class SingleNode:
     """``synapse node start`` as a subprocess (a single-node cluster) on free loopback ports."""
 
-    def __init__(self, root: Path, name: str, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, name: str, extra: tuple[str, ...] = (), worker_slots: int = 0) -> None:
+        """``worker_slots``: the embedded execution node's (0: none; -1: the node's default)."""
         self.name = name
         self.data_dir = root / name
         api_port, raft_port = bn.free_ports(2)
         self.api = f"{HOST}:{api_port}"
         args = bn.synapse_command() + ["node", "start", "--id", name, "--data-dir", str(self.data_dir),
-                                       "--api", self.api, "--raft", f"{HOST}:{raft_port}", "--worker-slots", "0",
-                                       *extra]
+                                       "--api", self.api, "--raft", f"{HOST}:{raft_port}",
+                                       "--worker-slots", str(worker_slots), *extra]
         self.member = bn.Member(name, self.api, args, self.data_dir, root / f"{name}.log")
         self.token = ""
 
