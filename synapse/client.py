@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,10 +424,12 @@ class Client(_Calls):
     def task_logs(self, task_id: str) -> dict:
         return self._call(self._task_logs(task_id))
 
-    def save_snapshot(self, path: str | Path) -> dict:
+    def save_snapshot(self, path: str | Path, progress: Callable[[int, int | None], None] | None = None) -> dict:
         """Writes a snapshot of the whole state (every write acknowledged before the call is
         in it) to ``path``, streamed, through a temp file renamed into place:
-        ``{"file", "index", "state_hash", "bytes"}``. Needs the ``cluster:admin`` scope."""
+        ``{"file", "index", "state_hash", "bytes"}``. Needs the ``cluster:admin`` scope.
+        ``progress(bytes received, bytes in all)`` is called as it arrives (the size None if
+        the node did not say it; from 0 again if another node is asked after a failure)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
         last: Exception | None = None
@@ -437,14 +440,19 @@ class Client(_Calls):
                 resp = conn.getresponse()
                 if resp.status != 200:
                     _interpret(resp.status, resp.read())  # raises the node's error
-                size = 0
+                size, length = 0, resp.headers.get("Content-Length")
+                total = int(length) if length is not None else None
+                if progress is not None:
+                    progress(0, total)
                 with open(tmp, "wb") as f:
                     while chunk := resp.read(1 << 20):
                         f.write(chunk)
                         size += len(chunk)
+                        if progress is not None:
+                            progress(size, total)
                     f.flush()
                     os.fsync(f.fileno())
-                if size != int(resp.headers.get("Content-Length", size)):
+                if total is not None and size != total:
                     raise SynapseError(503, "unavailable", f"{url}: the snapshot was cut off after {size} bytes")
                 os.replace(tmp, path)
                 return {"file": str(path), "index": int(resp.headers["X-Synapse-Index"]),

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -53,6 +54,7 @@ MEMORY_DIM = 8
 MEMORY_BATCH = (2, 4)  # records per batch (one log entry)
 MEMORY_RECALL_K = 5
 MEMORY_INDEX_SAMPLE = 8  # acknowledged records per namespace recalled on every node at the end
+_PROGRESS_EVERY = 0.5  # seconds between two reports of a run's progress
 
 
 @dataclass
@@ -441,14 +443,28 @@ class Run:
 
     # --- the run ---
 
-    def execute(self) -> RunResult:
-        """The whole run: faults on a random schedule for ``duration`` seconds."""
+    def execute(self, progress: Callable[[float, float], None] | None = None) -> RunResult:
+        """The whole run: faults on a random schedule for ``duration`` seconds.
+        ``progress(seconds of load so far, duration)`` about twice a second while the load
+        runs, the last time at the full duration (judging the history takes longer still)."""
         self.start(scheduled_faults=True)
         try:
-            time.sleep(self.config.duration)
+            self._hold(progress)
         finally:
             result = self.finish()
         return result
+
+    def _hold(self, progress: Callable[[float, float], None] | None) -> None:
+        """Sleeps for the run's duration, telling ``progress`` the seconds gone by."""
+        duration = self.config.duration
+        if progress is None:
+            time.sleep(duration)
+            return
+        began = time.monotonic()
+        while (elapsed := time.monotonic() - began) < duration:
+            progress(elapsed, duration)
+            time.sleep(min(_PROGRESS_EVERY, duration - elapsed))
+        progress(duration, duration)
 
     def start(self, scheduled_faults: bool = False) -> None:
         """Starts the cluster, the clients and the leader monitor (and, if asked, the random

@@ -433,8 +433,10 @@ def snapshot(**_connection) -> None:
 def snapshot_save(ctx, file) -> None:
     """Save the whole state at one applied index to FILE (every write acknowledged before the
     command is in it; needs cluster:admin)."""
-    with client_from(ctx) as c:
-        saved = run_call(lambda: c.save_snapshot(file))
+    from synapse.cli.progress import bar
+
+    with client_from(ctx) as c, bar(f"saving {file.name}", unit="bytes") as saving:
+        saved = run_call(lambda: c.save_snapshot(file, progress=saving))
     click.echo(f"saved {saved['file']}: log index {saved['index']}, state {saved['state_hash'][:16]}, "
                f"{saved['bytes']:,} bytes")
 
@@ -470,12 +472,14 @@ def snapshot_restore(file, data_dir, raft, peers) -> None:
     restore`). Run it for every voter of the new cluster with the same FILE and the same
     voters, then start each with `synapse node start --data-dir ... --raft ... --peers ...`
     (the same addresses). The old cluster's tokens work on the new one."""
+    from synapse.cli.progress import bar
     from synapse.integrity import backup
 
     try:
         split_address("--raft", raft)
         voters = [raft, *parse_peers(peers).values()] if peers else [raft]
-        restored = backup.restore(file, data_dir, voters)
+        with bar(f"restoring {file.name}", unit="steps") as restoring:
+            restored = backup.restore(file, data_dir, voters, progress=restoring)
     except ConfigError as e:
         raise click.UsageError(f"{e}; nothing was written") from None
     except backup.BackupError as e:
@@ -547,6 +551,7 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, me
 
     from synapse.chaos.netns import unavailable_reason
     from synapse.chaos.runner import ALL_NEMESES, LOOPBACK_NEMESES, Run, RunConfig, write_report
+    from synapse.cli.progress import bars
 
     reason = unavailable_reason() if mode != "loopback" else None
     if mode == "auto":
@@ -562,24 +567,37 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, me
     # SIGTERM tears down like Ctrl-C: clusters and namespaces are closed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
     failed = 0
-    for n in range(runs):
-        config = RunConfig(nodes=nodes, duration=duration, clients=clients, keys=keys, nemeses=tuple(chosen),
-                           mode=mode, seed=seed + n, mix=mix, memory_ops=memory_ops)
-        try:
-            result = Run(config, out / f"run-{seed + n}").execute()
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
-        _, html = write_report(result, out / f"run-{seed + n}")
-        verdicts = ", ".join(f"{k} {'ok' if v['ok'] else 'VIOLATION'}" for k, v in result.checks.items())
-        undecided = result.checks["linearizable"].get("undecided") or []
-        if undecided:  # the search budget ran out on some keys: not checked, and said so
-            verdicts += f" ({len(undecided)} keys UNDECIDED: use more --keys for fewer operations per key)"
-        click.echo(f"run {n + 1}/{runs} (seed {seed + n}): {'PASSED' if result.ok else 'FAILED'} — {verdicts}; "
-                   f"{sum(result.ops.values())} operations, {len(result.faults)} faults; report {html}")
-        for name, v in result.checks.items():
-            if not v["ok"]:
-                click.echo(json.dumps(v, indent=1, default=str)[:3000], err=True)
-        failed += not result.ok
+    with bars() as shown:
+        done = shown.bar("chaos runs", total=runs, unit="runs")
+        within = shown.bar("run", total=duration, unit="s")
+        for n in range(runs):
+            config = RunConfig(nodes=nodes, duration=duration, clients=clients, keys=keys, nemeses=tuple(chosen),
+                               mode=mode, seed=seed + n, mix=mix, memory_ops=memory_ops)
+            name = f"run {n + 1}/{runs} (seed {seed + n})"
+            within.restart(duration, f"{name}: load and faults")
+
+            def loading(elapsed: float, total: float, name: str = name) -> None:
+                within(elapsed, total)
+                if elapsed >= total:  # the load is over; healing and checking take a while longer
+                    within.describe(f"{name}: checking")
+
+            try:
+                result = Run(config, out / f"run-{seed + n}").execute(progress=loading)
+            except ValueError as e:
+                raise click.UsageError(str(e)) from None
+            _, html = write_report(result, out / f"run-{seed + n}")
+            verdicts = ", ".join(f"{k} {'ok' if v['ok'] else 'VIOLATION'}" for k, v in result.checks.items())
+            undecided = result.checks["linearizable"].get("undecided") or []
+            if undecided:  # the search budget ran out on some keys: not checked, and said so
+                verdicts += f" ({len(undecided)} keys UNDECIDED: use more --keys for fewer operations per key)"
+            with shown.paused():
+                click.echo(f"{name}: {'PASSED' if result.ok else 'FAILED'} — {verdicts}; "
+                           f"{sum(result.ops.values())} operations, {len(result.faults)} faults; report {html}")
+                for check, v in result.checks.items():
+                    if not v["ok"]:
+                        click.echo(json.dumps(v, indent=1, default=str)[:3000], err=True)
+            failed += not result.ok
+            done.advance()
     click.echo(f"chaos: {runs - failed} of {runs} runs passed")
     if failed:
         sys.exit(1)
@@ -597,9 +615,11 @@ def audit_verify(data_dir, as_json) -> None:
     """Replays the retained log from the node's dump through the command processor (no Raft,
     no network) and checks every entry against the node's audit trail and every agreed
     checkpoint against the replayed state. Exits 1 naming the first entry that fails."""
+    from synapse.cli.progress import bar
     from synapse.integrity.audit import verify
 
-    result = verify(data_dir)
+    with bar("replaying the log", unit="entries", show=False if as_json else None) as replaying:
+        result = verify(data_dir, progress=replaying)
     if as_json:
         print_json(result.as_dict())
     elif result.ok:

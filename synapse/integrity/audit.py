@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,10 +146,12 @@ class Verification:
         return {"ok": self.ok, **self.__dict__}
 
 
-def verify(data_dir: Path, strict: bool = True) -> Verification:
+def verify(data_dir: Path, strict: bool = True, progress: Callable[[int, int], None] | None = None) -> Verification:
     """``strict`` (the default, and ``synapse audit verify``): a state that differs from the
     replay fails. Otherwise such entries are listed in ``state_mismatches`` and the replay goes
-    on — for a node known to have been damaged on purpose and repaired (chaos runs)."""
+    on — for a node known to have been damaged on purpose and repaired (chaos runs).
+    ``progress(entries gone through, entries in the retained log)`` before each entry and at
+    the end (entries the dump already holds are gone through at once)."""
     data_dir = Path(data_dir)
     v = Verification(str(data_dir))
     try:
@@ -171,7 +174,10 @@ def verify(data_dir: Path, strict: bool = True) -> Verification:
         return v.fail(base + 1, f"the log starts at entry {journal[0][1]} but the dump ends at {base}: entries are missing")
     mine: dict[int, list[bytes]] = {}
     frozen_at: dict[int, _core.FrozenState] = {}
-    for pos in range(len(journal)):
+    total = len(journal)
+    for pos in range(total):
+        if progress is not None:
+            progress(pos, total)
         command, index, _term = journal.entry_at(pos)
         if index <= base:
             continue
@@ -220,6 +226,8 @@ def verify(data_dir: Path, strict: bool = True) -> Verification:
                                             f"is not the agreed {event[3][0].hex()[:16]}")
                 if event[1] not in v.checkpoints_verified:
                     v.checkpoints_verified.append(event[1])
+    if progress is not None:
+        progress(total, total)
     if journal.damage:
         first = journal.damage[0]
         index = int(first.split()[1].rstrip(":")) if first.startswith("entry ") else None

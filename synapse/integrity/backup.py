@@ -17,6 +17,7 @@ and a new cluster's data directory made from it (etcd's `snapshot save / status 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from synapse import _core
@@ -27,6 +28,10 @@ from synapse.state import keys, memory
 # starts after. The term is the first one; the new cluster's first election moves past it.
 _NOOP = b"\x01"
 _TERM = 1
+
+# The steps `restore` reports: each is one call into the core (load and verify the snapshot;
+# write the dump), which reports nothing finer.
+RESTORE_STEPS = 2
 
 # What `inspect` counts, by key prefix (synapse/state/keys.py).
 _KINDS = {
@@ -62,15 +67,20 @@ def inspect(path: Path) -> dict:
             "records": info.entry_count, "bytes": info.file_size, "counts": counts}
 
 
-def restore(path: Path, data_dir: Path, voters: list[str]) -> dict:
+def restore(path: Path, data_dir: Path, voters: list[str],
+            progress: Callable[[int, int], None] | None = None) -> dict:
     """Makes ``data_dir`` a voter's data directory holding the snapshot's state, in a new
-    cluster of ``voters`` (Raft addresses, this one's included)."""
+    cluster of ``voters`` (Raft addresses, this one's included). ``progress(steps done,
+    RESTORE_STEPS)`` after each step: the snapshot loaded and verified, the dump written."""
+    report = progress or (lambda done, total: None)
     if data_dir.exists() and any(data_dir.iterdir()):
         raise BackupError(f"data dir {data_dir} is not empty; restore into a new directory (a node's data is "
                           "never overwritten)")
     if len(set(voters)) != len(voters) or not voters:
         raise BackupError(f"voters {voters}: expected this node's Raft address and its peers', each once")
+    report(0, RESTORE_STEPS)
     store, info = load(path)
+    report(1, RESTORE_STEPS)
     index = info.log_index
     if index < 2:
         raise BackupError(f"{path}: the snapshot is at log index {index}; a snapshot of a running cluster is "
@@ -78,5 +88,6 @@ def restore(path: Path, data_dir: Path, voters: list[str]) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     dump = data_dir / "raft.dump"
     written = write_dump(dump, store, ((_NOOP, index, _TERM), (_NOOP, index - 1, _TERM), sorted(voters)))
+    report(2, RESTORE_STEPS)
     return {"data_dir": str(data_dir), "index": index, "state_hash": written.state_digest.hex(),
             "voters": sorted(voters)}
