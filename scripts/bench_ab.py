@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_node as bn  # noqa: E402
 
+from synapse.cli.progress import bars  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -162,20 +164,25 @@ def main() -> None:
     failed: BaseException | None = None
     result: dict = {"machine": bn.machine_info(), "settings": vars(args)}
     try:
-        for name, ref in (("a", args.a), ("b", args.b)):
-            tree, label = checkout(ref, tmp)
-            log(f"starting version {name} ({label})")
-            versions.append(Version(name, ref, tree, label, tmp, scoped=name in args.scoped, tls=name in args.tls))
-        for n in range(args.rounds):
-            order = versions if n % 2 == 0 else versions[::-1]
-            rows = {v.name: {} for v in versions}
-            for mode in ("put", "get"):
-                for v in order:
-                    rows[v.name][mode] = r = window(v, mode, args, f"ab/{n}")
-                    log(f"round {n + 1}/{args.rounds} {v.name} {mode}: {r['per_s']}/s p99 {r['p99_ms']} ms, "
-                        f"{r['cpu_us_per_op']} µs CPU per op")
-            for v in versions:
-                v.rounds.append(rows[v.name])
+        with bars() as shown:
+            # Each version built and started, then every round's four windows.
+            steps = shown.bar("bench-ab", total=2 + 4 * args.rounds, unit="steps")
+            for name, ref in (("a", args.a), ("b", args.b)):
+                steps.step(f"bench-ab: building and starting version {name}")
+                tree, label = checkout(ref, tmp)
+                log(f"starting version {name} ({label})")
+                versions.append(Version(name, ref, tree, label, tmp, scoped=name in args.scoped, tls=name in args.tls))
+            for n in range(args.rounds):
+                order = versions if n % 2 == 0 else versions[::-1]
+                rows = {v.name: {} for v in versions}
+                for mode in ("put", "get"):
+                    for v in order:
+                        steps.step(f"bench-ab: round {n + 1}/{args.rounds}, {v.name} {mode}")
+                        rows[v.name][mode] = r = window(v, mode, args, f"ab/{n}")
+                        log(f"round {n + 1}/{args.rounds} {v.name} {mode}: {r['per_s']}/s p99 {r['p99_ms']} ms, "
+                            f"{r['cpu_us_per_op']} µs CPU per op")
+                for v in versions:
+                    v.rounds.append(rows[v.name])
         a, b = (summary(v) for v in versions)
         result.update({"a": a, "b": b})
         ratios = {}

@@ -84,6 +84,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_node as bn  # noqa: E402  (processes, clusters, load generator: shared)
 
+from synapse.cli.progress import bars  # noqa: E402
+
 SYSTEMS = ("synapse", "etcd", "pysyncobj", "pysyncobj_nobatch")
 PHASES = ("writes", "reads", "failover", "rss", "fsync")
 ETCD = "/usr/bin/etcd"
@@ -769,16 +771,19 @@ def main() -> None:
     failed = None
     try:
         systems = [s for s in SYSTEMS if s not in skip]
-        for system in systems:
-            if not {"writes", "reads", "failover"} <= skip:
+        measured = ((systems if not {"writes", "reads", "failover"} <= skip else [])
+                    + (["synapse_fsync"] if "synapse" not in skip and "fsync" not in skip else []))
+        # pysyncobj_nobatch holds the same dict as pysyncobj: no memory figure of its own
+        loaded = [s for s in systems if s != "pysyncobj_nobatch"] if "rss" not in skip and args.rss_keys > 0 else []
+        with bars() as shown:
+            steps = shown.bar("bench-cluster", total=len(measured) + len(loaded), unit="steps")
+            for system in measured:
+                steps.step(f"bench-cluster: {system}")
                 bench_system(system, args, skip, tmp, result["systems"],
                              Path(args.profile).resolve() if args.profile and system == "synapse" else None)
-        if "synapse" not in skip and "fsync" not in skip:
-            bench_system("synapse_fsync", args, skip, tmp, result["systems"], None)
-        if "rss" not in skip and args.rss_keys > 0:
-            for system in systems:
-                if system != "pysyncobj_nobatch":  # the same dict as pysyncobj
-                    rss_system(system, args, tmp, result["systems"])
+            for system in loaded:
+                steps.step(f"bench-cluster: {system}, memory")
+                rss_system(system, args, tmp, result["systems"])
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         failed = e
         result["error"] = f"{type(e).__name__}: {e}"[:4000]

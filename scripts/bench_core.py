@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from synapse import _core
+from synapse.cli.progress import bars
 from synapse.reference import ReferenceStore
 
 TARGETS = {
@@ -197,11 +198,13 @@ def main() -> None:
         print(json.dumps(MEASUREMENTS[args.only](args)))
         return
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, bars() as shown:
         args.workdir = tmp
         result: dict = {}
+        measured = shown.bar("bench-core", total=len(MEASUREMENTS), unit="measurements")
         for name in MEASUREMENTS:
             print(f"bench-core: {name} ...", file=sys.stderr)
+            measured.step(f"bench-core: {name}")
             result.update(run_isolated(name, args))
     result["update_speedup"] = result["reference_update_ns_per_op"] / result["update_ns_per_op"]
     result["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}

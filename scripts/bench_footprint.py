@@ -44,6 +44,7 @@ import bench_node as bn  # noqa: E402  (processes, ports, /proc readings)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from synapse.cli.progress import bars  # noqa: E402
 from synapse.client import Client  # noqa: E402
 from synapse.state.tasks import TERMINAL as ENDED  # noqa: E402
 from tests.docker_stack import NODES, Stack  # noqa: E402
@@ -285,9 +286,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     result: dict = {"machine": bn.machine_info(), "commit": _commit(), "args": vars(args)}
     try:
-        for mode in modes:
-            log(f"{mode} mode")
-            result[mode] = run_local(tmp, args) if mode == "local" else run_docker(tmp, args)
+        with bars() as shown:
+            steps = shown.bar("bench-footprint", total=len(modes), unit="modes")
+            for mode in modes:
+                steps.step(f"bench-footprint: {mode} mode")
+                log(f"{mode} mode")
+                result[mode] = run_local(tmp, args) if mode == "local" else run_docker(tmp, args)
     finally:
         bn.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,6 +81,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_node as bn  # noqa: E402  (processes, ports, /proc readings, machine info)
 
+from synapse.cli.progress import Bars, bars  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 PARTS = ("embed", "single", "batched", "vectors", "sizes", "stale", "bare", "accuracy", "rebuild", "cache")
@@ -1012,11 +1014,15 @@ def commit() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def run_all(args, skip: set[str], tmp: Path, result: dict) -> None:
+def run_all(args, skip: set[str], tmp: Path, result: dict, shown: Bars) -> None:
     sentences = Sentences(SEED)
     sizes = sorted(args.sizes)
     need_data = "sizes" not in skip or "vectors" not in skip
+    remember_parts = [p for p in ("single", "batched", "vectors") if p not in skip]
+    steps = shown.bar("bench-memory", unit="phases", total=1 + need_data + len(remember_parts) + ("cache" not in skip)
+                      + (len(sizes) if "sizes" not in skip else 0))
     query_count = min(MAX_QUERY_SENTENCES, max(args.queries, ACCURACY_QUERIES))
+    steps.step("bench-memory: embedding the data set")
     log("embedding the data set" + (" (and timing the model)" if "embed" not in skip else ""))
     load_before = round(os.getloadavg()[0], 2)
     emb, data = run_embed(sentences, "embed" not in skip, query_count)
@@ -1028,6 +1034,7 @@ def run_all(args, skip: set[str], tmp: Path, result: dict) -> None:
     recs = None
     if need_data:
         n_max = max(sizes) if "sizes" not in skip else 20_000
+        steps.step("bench-memory: making the record vectors")
         log(f"making {n_max} record vectors and their JSON")
         recs = Records(data, n_max, SEED + 1)
         result["vectors"] = {
@@ -1039,7 +1046,6 @@ def run_all(args, skip: set[str], tmp: Path, result: dict) -> None:
             "records_made": n_max, "json_encode_s": r3(recs.encode_s),
             "example_sentences": data["base_texts"][:3],
         }
-    remember_parts = [p for p in ("single", "batched", "vectors") if p not in skip]
     if remember_parts:
         node = SingleNode(tmp, "remember")
         log("remember phases: starting a node")
@@ -1048,18 +1054,21 @@ def run_all(args, skip: set[str], tmp: Path, result: dict) -> None:
         result["remember_node_rss_mb_at_start"] = node.mem()["rss_mb"]
         try:
             if "single" in remember_parts:
+                steps.step("bench-memory: remember single")
                 log(f"remember single: {args.clients} clients, {args.duration} s")
                 single = run_single(node, sentences, args)
                 result["remember_per_s_single"] = single["remember_per_s_single"]
                 single["node_rss_mb_after"] = node.mem()["rss_mb"]
                 result["remember_single"] = single
             if "batched" in remember_parts:
+                steps.step("bench-memory: remember batched")
                 log(f"remember batched (node embeds): {args.clients} clients")
                 batched = run_batched_texts(node, sentences, args, emb.get("embed_per_s_all_threads"))
                 result["remember_per_s_batched"] = batched["remember_per_s_batched"]
                 batched["node_rss_mb_after"] = node.mem()["rss_mb"]
                 result["remember_batched"] = batched
             if "vectors" in remember_parts:
+                steps.step("bench-memory: remember batched vectors")
                 log(f"remember batched (caller vectors): {args.clients} clients, {args.duration} s")
                 vec = run_batched_vectors(node, recs, args)
                 result["remember_vectors_per_s_batched"] = vec["remember_vectors_per_s_batched"]
@@ -1070,11 +1079,13 @@ def run_all(args, skip: set[str], tmp: Path, result: dict) -> None:
             node.stop()
             shutil.rmtree(node.data_dir, ignore_errors=True)
     if "cache" not in skip:
+        steps.step("bench-memory: query-embedding cache")
         log("query-embedding cache: two nodes, without and with Redis")
         result["embedding_cache"] = run_cache(tmp, sentences, args)
     if "sizes" not in skip:
         result["sizes"] = {}
         for n in sizes:
+            steps.step(f"bench-memory: recall over {n:,} records")
             size = run_size(n, n == sizes[-1], tmp, recs, args, skip)
             result["sizes"][str(n)] = size
             rebuild = size.get("index_rebuild")
@@ -1127,7 +1138,8 @@ def main() -> None:
     t_start = time.monotonic()
     failed = None
     try:
-        run_all(args, skip, tmp, result)
+        with bars() as shown:
+            run_all(args, skip, tmp, result, shown)
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         failed = e
         result["error"] = f"{type(e).__name__}: {e}"[:4000]

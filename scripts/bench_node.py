@@ -83,6 +83,8 @@ import time
 import uuid
 from pathlib import Path
 
+from synapse.cli.progress import Bar, bars
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 VALUE_CHARS = 98  # JSON text of the value: 100 bytes
@@ -1306,7 +1308,10 @@ def main() -> None:
     t_start = time.monotonic()
     failed = None
     try:
-        run_phases(args, skip, tmp, result)
+        with bars() as shown:
+            planned = [p for p in PHASES if p not in skip]
+            planned += ["baseline_password"] if args.baseline_password and "baseline" in planned else []
+            run_phases(args, skip, tmp, result, shown.bar("bench-node", total=len(planned), unit="phases"))
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         failed = e
         result["error"] = f"{type(e).__name__}: {e}"[:4000]
@@ -1348,10 +1353,12 @@ def publish(result: dict, json_path: str | None, tmp: Path, keep: bool, failed: 
         sys.exit(1)
 
 
-def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
+def run_phases(args, skip: set[str], tmp: Path, result: dict, phases: Bar) -> None:
+    """The phases not in ``skip``, each a ``phases.step``."""
     if "baseline" not in skip:
         variants = [("baseline", None)] + ([("baseline_password", uuid.uuid4().hex)] if args.baseline_password else [])
         for name, password in variants:
+            phases.step(f"bench-node: {name}")
             log(f"{name}: starting 3 bare PySyncObj nodes")
             base = BaselineCluster(tmp / name, password=password).start()
             leader = base.leader()
@@ -1374,6 +1381,7 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
         cluster.wait_converged(30)
         pids = {m.name: m.pid for m in cluster.members}
         if "writes" not in skip:
+            phases.step("bench-node: writes")
             leader = cluster.leader()
             log(f"writes: {args.clients} clients, PUT, {args.duration:g} s (leader {leader.name})")
             m0 = scrape_metrics(leader.api, cluster.token)
@@ -1387,6 +1395,7 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
                 f"{r['load_generator_cpu_pct']} %, nodes CPU {r['node_cpu_pct']} %, nodes waiting for a CPU "
                 f"{r['node_runqueue_wait_pct']} %, errors {r['errors']}")
         if "reads" not in skip:
+            phases.step("bench-node: reads")
             leader = cluster.leader()
             if "writes" in skip:  # the readers need keys to read
                 log("reads: writing the keys to read first")
@@ -1406,6 +1415,7 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
                 f"{r['load_generator_cpu_pct']} %, nodes CPU {r['node_cpu_pct']} %, nodes waiting for a CPU "
                 f"{r['node_runqueue_wait_pct']} %, errors {r['errors']}")
         if "failover" not in skip and args.failover_trials > 0:
+            phases.step("bench-node: failover")
             log(f"failover: {args.failover_trials} SIGKILLs of the leader")
             result.update(run_failover(cluster, args.failover_trials, args.failover_pause))
             log(f"failover: median {result['failover_median_s']} s, p90 {result['failover_p90_s']} s, "
@@ -1414,6 +1424,7 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
 
     if "failover-tls" not in skip and args.failover_trials > 0:
         # The same trials on a cluster with mutual TLS on the API and the Raft port.
+        phases.step("bench-node: failover-tls")
         log("failover-tls: starting a 3-node cluster with TLS (API and Raft port)")
         cluster = SynapseCluster(tmp / "synapse-tls", tls=True).start()
         cluster.wait_converged(30)
@@ -1423,9 +1434,11 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
         stop_cluster(cluster)
 
     if "checkpoint" not in skip:
-        result.update(run_checkpoint_overhead(args, tmp))
+        phases.step("bench-node: checkpoint")
+        result.update(run_checkpoint_overhead(args, tmp, phases))
 
     if "rss" not in skip and args.rss_keys > 0:
+        phases.step("bench-node: rss")
         log("rss: starting a fresh 3-node cluster")
         cluster = SynapseCluster(tmp / "synapse-rss", extra=["--debug-fault-injection"]).start()
         cluster.wait_converged(30)
@@ -1470,8 +1483,10 @@ def run_phases(args, skip: set[str], tmp: Path, result: dict) -> None:
         })
         log(f"rss: leader {leader_now.name} RSS {rss} MB holding {loaded} keys; all nodes {mem}")
         if "repair" not in skip:
+            phases.step("bench-node: repair")
             result.update(run_repair(cluster, loaded, args.repair_keys))
         if "catchup" not in skip:
+            phases.step("bench-node: catchup")
             result.update(run_catchup(cluster, loaded, args.catchup_fraction))
         stop_cluster(cluster)
 
@@ -1547,7 +1562,7 @@ def stop_cluster(cluster: SynapseCluster) -> None:
             m.proc.wait(10)
 
 
-def run_checkpoint_overhead(args, tmp: Path) -> dict:
+def run_checkpoint_overhead(args, tmp: Path, phase: Bar) -> dict:
     """Write throughput with a checkpoint every 1,000 entries vs none: two clusters, runs
     alternated (off, on, off, on, ...) so drift on a shared machine hits both alike."""
     log("checkpoint: starting two 3-node clusters (checkpoints off / every 1,000 entries)")
@@ -1567,6 +1582,7 @@ def run_checkpoint_overhead(args, tmp: Path) -> dict:
         made_before = http_json(leader.api, "GET", "/v1/checkpoints?limit=256", clusters["on"].token)[1]["checkpoints"]
         for rnd in range(args.checkpoint_rounds):
             for name in ("off", "on"):
+                phase.describe(f"bench-node: checkpoint, round {rnd + 1}/{args.checkpoint_rounds}, checkpoints {name}")
                 c = clusters[name]
                 leader = c.leader()
                 pids = {m.name: m.pid for m in c.members}

@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_node as bn  # noqa: E402  (the cluster and process plumbing, shared)
 
+from synapse.cli.progress import bars  # noqa: E402
 from synapse.client import Client  # noqa: E402
 
 ENDED = ("succeeded", "failed", "timed-out", "cancelled", "lost")
@@ -240,34 +241,41 @@ def main() -> None:
         "heartbeat_timeout_s": args.heartbeat_timeout, "latency_tasks": args.latency_tasks}}
     failed = None
     try:
-        cluster = bn.SynapseCluster(tmp / "cluster", 3, ["--heartbeat-timeout", str(args.heartbeat_timeout)]).start()
-        workers = Workers(cluster, tmp, args.slots)
-        for w in ("w1", "w2"):
-            workers.start(w)
-        with _client(cluster) as c:
-            _wait_workers(c, {"w1", "w2"})
-            result["sandbox"] = {w["worker_id"]: w["driver"] for w in c.status()["workers"]}
-        log("latency")
-        result.update(run_latency(cluster, args.latency_tasks))
-        log("throughput")
-        result.update(run_throughput(cluster, workers, args.tasks, args.submitters))
-        workers.stop("w1")
-        workers.stop("w2")
-        if args.process_driver:
-            # The same with the process driver (rlimits and cgroups, no namespaces): what the
-            # bubblewrap sandbox itself costs per task on this machine.
-            log("throughput, process driver")
-            for w in ("p1", "p2"):
-                workers.start(w, driver="process")
+        with bars() as shown:
+            steps = shown.bar("bench-tasks", total=4 + args.process_driver, unit="phases")
+            steps.step("bench-tasks: starting 3 nodes and 2 workers")
+            cluster = bn.SynapseCluster(tmp / "cluster", 3, ["--heartbeat-timeout", str(args.heartbeat_timeout)]).start()
+            workers = Workers(cluster, tmp, args.slots)
+            for w in ("w1", "w2"):
+                workers.start(w)
             with _client(cluster) as c:
-                _wait_workers(c, {"p1", "p2"})
-            other = run_throughput(cluster, workers, args.tasks, args.submitters)
-            result["tasks_per_s_process_driver"] = other["tasks_per_s"]
-            result["throughput_detail_process_driver"] = other["throughput_detail"]
-            workers.stop("p1")
-            workers.stop("p2")
-        log("reschedule")
-        result.update(run_reschedule(cluster, workers, args.reschedule_trials, args.heartbeat_timeout))
+                _wait_workers(c, {"w1", "w2"})
+                result["sandbox"] = {w["worker_id"]: w["driver"] for w in c.status()["workers"]}
+            steps.step("bench-tasks: latency")
+            log("latency")
+            result.update(run_latency(cluster, args.latency_tasks))
+            steps.step("bench-tasks: throughput")
+            log("throughput")
+            result.update(run_throughput(cluster, workers, args.tasks, args.submitters))
+            workers.stop("w1")
+            workers.stop("w2")
+            if args.process_driver:
+                # The same with the process driver (rlimits and cgroups, no namespaces): what the
+                # bubblewrap sandbox itself costs per task on this machine.
+                steps.step("bench-tasks: throughput, process driver")
+                log("throughput, process driver")
+                for w in ("p1", "p2"):
+                    workers.start(w, driver="process")
+                with _client(cluster) as c:
+                    _wait_workers(c, {"p1", "p2"})
+                other = run_throughput(cluster, workers, args.tasks, args.submitters)
+                result["tasks_per_s_process_driver"] = other["tasks_per_s"]
+                result["throughput_detail_process_driver"] = other["throughput_detail"]
+                workers.stop("p1")
+                workers.stop("p2")
+            steps.step("bench-tasks: reschedule")
+            log("reschedule")
+            result.update(run_reschedule(cluster, workers, args.reschedule_trials, args.heartbeat_timeout))
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         failed = e
         result["error"] = f"{type(e).__name__}: {e}"[:4000]
