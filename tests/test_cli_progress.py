@@ -95,8 +95,12 @@ def test_bars_are_drawn_on_a_terminal():
         for i in range(6):
             entries(i, 5)
         size(1_000_000, 2_000_000)
+        phases = shown.bar("bench", total=3, unit="phases")
+        for name in ("writes", "reads"):  # a step is counted when the next one begins
+            phases.step(f"bench: {name}")
     text = _ESCAPE.sub("", out.getvalue())
     assert "replaying the log" in text and "5/5 entries" in text
+    assert "bench: reads" in text and "1/3 phases" in text
     assert "saving x.snap" in text and "1.0 MB/2.0 MB" in text
 
 
