@@ -41,6 +41,7 @@ from synapse.state import keys
 from synapse.state.processor import CommandProcessor, EntryOutcome
 from synapse.storage import open_storage
 from synapse.storage.materializer import Materializer
+from synapse.timeline import Timeline
 
 log = logging.getLogger("synapse.node")
 
@@ -67,6 +68,9 @@ class Node:
         self.root_token: str = ""
         self.token_was_created = False
         self.started = False
+        # What happened to this node, for operators (/ui, GET /v1/cluster/events).
+        self.timeline = Timeline(self.config.node_id)
+        self._had_leader = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # The parts, in the order start() builds them; each None until built.
@@ -130,6 +134,8 @@ class Node:
             await self.stop()
             raise
         self.started = True
+        self.timeline.record("started", f"started at entry {self._cluster.applied()[0]}",
+                             index=self._cluster.applied()[0])
         log.info("node %s: API on %s, Raft on %s, data in %s", self.config.node_id, self.api_url,
                  self.config.raft, self.config.data_dir)
 
@@ -170,6 +176,7 @@ class Node:
             cfg.node_id, loop, self._propose_when_ready, lambda fn: self._replica.read(fn), self._diverged,
             CheckpointPolicy(cfg.checkpoint_interval, cfg.checkpoint_seconds, cfg.checkpoint_snapshot_seconds),
             is_leader=lambda: self._replica is not None and self._replica.is_leader(),
+            timeline=self.timeline,
         )
         if cfg.memory_index != "off":
             # Before the replica too: it follows the log replayed at start (synapse/memory).
@@ -206,14 +213,14 @@ class Node:
         serving = lambda: integrity.service == Service.SERVING  # noqa: E731
         self._scheduler = Scheduler(cfg.node_id, cluster, serving, cfg.heartbeat_timeout)
         self._scheduler.start()
-        self._repairer = Repairer(cfg.node_id, cluster, integrity, self._materializer.submit, peers)
+        self._repairer = Repairer(cfg.node_id, cluster, integrity, self._materializer.submit, peers, self.timeline)
         if self._unrepaired is not None:
             self._repairer.start(self._unrepaired)
         context = ApiContext(
             node_id=cfg.node_id, request_timeout=cfg.request_timeout, debug_fault_injection=cfg.debug_fault_injection,
             cluster=cluster, integrity=integrity, repairer=self._repairer, repair_sessions=RepairSessions(replica),
             snapshots=self._snapshots, scheduler=self._scheduler, catchup=self._catchup.stats,
-            peers=peers, memory=self._memory,
+            peers=peers, timeline=self.timeline, memory=self._memory,
         )
         try:
             self._api = await start_api(context, *cfg.api_host_port(), tls=cfg)
@@ -353,7 +360,12 @@ class Node:
             # damage had removed out of the index for good (a test caught it under load).
             self._memory_index.resync(index)
 
-    def state_replaced(self, index: int, store: _core.StateStore) -> None:
+    def state_replaced(self, index: int, store: _core.StateStore, cause: str) -> None:
+        if cause == "rollback":
+            self.timeline.record("rollback", f"rolled back to a checkpoint's state at entry {index}", index=index)
+        elif self.started:  # a dump loaded at start is the node's own, not a catch-up
+            how = "a diff of the leader's state" if cause == "catchup" else "the leader's whole state"
+            self.timeline.record("caught_up", f"caught up to entry {index} from {how}", index=index, by=cause)
         if self._integrity is not None:
             self._integrity.state_replaced(index)
         if self._materializer is not None:
@@ -369,6 +381,13 @@ class Node:
 
     def role_changed(self, leader: str | None, is_leader: bool) -> None:
         log.info("node %s: leader is now %s%s", self.config.node_id, leader, " (this node)" if is_leader else "")
+        if leader is None and not self._had_leader:
+            return  # a node starting has no leader yet: not news
+        self._had_leader = True
+        # By node id where the configuration names it (a voter added since: its Raft address).
+        name = {raft: node_id for node_id, raft in self.config.peers.items()}.get(leader, leader)
+        self.timeline.record("leader", "this node leads" if is_leader else
+                             (f"leader is now {name}" if leader else "lost its leader"), leader_raft=leader)
 
     # --- wiring ---
 

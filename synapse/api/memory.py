@@ -6,6 +6,7 @@ without ambiguity.
 - ``POST /v1/memory/{namespace}`` ``{"records": [...], "dedup"?, "model"?}`` — one log entry
 - ``GET`` / ``DELETE /v1/memory/{namespace}/{id}``
 - ``GET /v1/memory/{namespace}?prefix&limit&start_after&consistency`` — list
+- ``GET /v1/memory`` — the namespaces the caller may read, with their model and record count
 - ``POST /v1/memory/{namespace}/recall`` ``{"query" | "vector", "k", "where", "min_score", "consistency"}``
 """
 
@@ -21,6 +22,7 @@ from synapse.api.pipeline import confirm
 from synapse.memory.embedding import EmbeddingUnavailable
 from synapse.memory.index import IndexUnavailable
 from synapse.memory.service import CommandRefused, MemoryService, ModelMismatch, NamespaceNotFound
+from synapse.state.security import Scope
 from synapse.state.validation import CommandError, LimitError
 
 MAX_LIST_LIMIT = 1000
@@ -115,6 +117,16 @@ async def list_memory(request: web.Request) -> web.Response:
     return web.json_response(page)
 
 
+async def list_namespaces(request: web.Request) -> web.Response:
+    """Every namespace holding records that the caller's token may read (others are left out,
+    not refused: a token scoped to one agent's memory lists that agent's), as this node applied."""
+    ctx, caller = context_of(request), request[IDENTITY_KEY]
+    spaces = ctx.cluster.read(lambda p: p.memory_namespaces())
+    return web.json_response({"namespaces": [
+        {"namespace": ns, **space} for ns, space in spaces
+        if caller.grant.missing([Scope("memory:read", ns)]) is None]})
+
+
 async def recall(request: web.Request) -> web.Response:
     body = await json_body(request, _RECALL, limit=MAX_MEMORY_BODY)
     with _answers():
@@ -126,6 +138,7 @@ async def recall(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/memory", list_namespaces)
     app.router.add_post("/v1/memory/{ns}/recall", recall)
     app.router.add_put("/v1/memory/{ns}/{id}", put_memory)
     app.router.add_get("/v1/memory/{ns}/{id}", get_memory)

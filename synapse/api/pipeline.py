@@ -20,8 +20,10 @@ from synapse.security import tokens
 from synapse.state import security
 from synapse.state.security import Grant, Scope
 
-# Answered without a token.
-PUBLIC_PATHS = frozenset({"/health"})
+# Answered without a token: liveness, and the dashboard's files (they hold no data; the page
+# asks for a token and calls the API with it — api/ui.py).
+# By matched route, not path: no path outside these routes is ever answered without a token.
+PUBLIC_ROUTES = frozenset({"/health", "/", "/ui", "/ui/", "/ui/{file}"})
 # Answered from this node's state: refused while it is known to differ from the agreed one.
 STATE_PATHS = ("/v1/kv", "/v1/txn", "/v1/tasks", "/v1/workers", "/v1/memory")
 
@@ -75,6 +77,8 @@ ROUTE_SCOPES: dict[tuple[str, str], Callable[[dict, dict], list[Scope]]] = {
     ("GET", "/v1/kv"): lambda match, query: [Scope("kv:read", query.get("prefix", ""), range=True)],
     ("POST", "/v1/txn"): _none,
     ("GET", "/v1/cluster/status"): _none,
+    ("GET", "/v1/cluster/events"): _none,
+    ("GET", "/v1/cluster/overview"): _none,
     ("GET", "/ready"): _none,
     ("GET", "/metrics"): _none,
     ("POST", "/v1/cluster/members"): _need(Scope("cluster:admin")),
@@ -110,6 +114,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Callable[[dict, dict], list[Scope]]] = {
     ("POST", "/v1/memory/{ns}"): _memory("memory:write"),
     ("GET", "/v1/memory/{ns}/{id}"): _memory("memory:read"),
     ("GET", "/v1/memory/{ns}"): _memory("memory:read"),
+    ("GET", "/v1/memory"): _none,  # the handler lists only the namespaces the caller may read
     ("POST", "/v1/memory/{ns}/recall"): _memory("memory:read"),
 }
 for _route in ("/v1/internal/repair/sessions", "/v1/internal/repair/sessions/{session}/children",
@@ -134,7 +139,7 @@ class RequestPipeline:
         known to differ from the agreed state) before anything of it is read or done.
         ``route``: the matched route (None: no route matched — any valid token may hear so)."""
         identity = None
-        if path not in PUBLIC_PATHS:
+        if route not in PUBLIC_ROUTES:
             try:
                 identity = self.authenticate(authorization)
                 scopes = ROUTE_SCOPES.get((method, route), _ADMIN) if route is not None else _none

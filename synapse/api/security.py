@@ -14,7 +14,8 @@ from synapse.api.common import ApiError, identified, json_body, now_ms, propose,
 from synapse.api.context import IDENTITY_KEY, ApiContext, context_of
 from synapse.security import tokens
 from synapse.state import keys
-from synapse.state.security import PRINCIPAL_KINDS, ROOT, Scope, principal_key, token_key
+from synapse.state.security import PRINCIPAL_KINDS, ROOT, Scope, parse_scope, principal_key, token_key
+from synapse.state.validation import CommandError
 
 MAX_TTL_S = 10 * 365 * 86_400
 
@@ -174,14 +175,24 @@ async def _wait_everywhere(ctx: ApiContext, index: int) -> list[str]:
 
 
 async def whoami(request: web.Request) -> web.Response:
+    """Who the token is; with ``?can=SCOPE`` (repeatable, e.g. ``can=kv:write:app/config``),
+    whether it may do each: the dashboard offers only what the token may do."""
     ctx, caller = context_of(request), request[IDENTITY_KEY]
+    can = {}
+    for text in request.query.getall("can", []):
+        try:
+            scope = parse_scope(text, "can")
+        except CommandError as e:
+            raise ApiError(400, "bad_request", e.message, field="can") from None
+        can[text] = caller.grant.missing([scope]) is None
     raw_token, raw_principal = ctx.cluster.read(lambda p: (p.store.get(token_key(caller.accessor)),
                                                            p.store.get(principal_key(caller.principal))))
     token = keys.unpack(raw_token) if raw_token else None
     principal = keys.unpack(raw_principal) if raw_principal else {}
     return web.json_response({"principal": caller.principal, "kind": principal.get("kind"),
                               "roles": principal.get("roles", []),
-                              "token": token_json(caller.accessor, token) if token else None})
+                              "token": token_json(caller.accessor, token) if token else None,
+                              **({"can": can} if can else {})})
 
 
 def add_routes(app: web.Application) -> None:

@@ -86,12 +86,25 @@ async def list_tasks(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in TASK_STATES:
         raise ApiError(400, "bad_request", f"state must be one of {', '.join(TASK_STATES)}, got {state!r}")
+    order = request.query.get("order", "id")
+    if order not in ("id", "recent"):
+        raise ApiError(400, "bad_request", f"order must be id (every task, in id order, by pages) or recent "
+                       f"(running, then queued, then the newest ended), got {order!r}")
+    if order == "recent" and (state is not None or "start_after" in request.query):
+        raise ApiError(400, "bad_request", "order=recent takes neither state nor start_after: it is one page "
+                       "of the running, queued and newest ended tasks")
     limit = int_query(request, "limit", 1, 1000) or 100
     after = request.query.get("start_after")
     await ctx.cluster.barrier()
-    rows = ctx.cluster.read(lambda p: p.tasks(state, limit, after))
+    if order == "recent":
+        applied = ctx.cluster.applied()[0]
+        rows, counts = ctx.cluster.read(lambda p: (p.recent_tasks(limit, applied), p.task_counts()))
+        return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows], "next": None,
+                                  "counts": counts})
+    rows, counts = ctx.cluster.read(lambda p: (p.tasks(state, limit, after), p.task_counts()))
+    # counts: the whole state's pending (queued), leased (assigned or running) and ended (kept).
     return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows],
-                              "next": rows[-1][0] if len(rows) == limit else None})
+                              "next": rows[-1][0] if len(rows) == limit else None, "counts": counts})
 
 
 async def cancel_task(request: web.Request) -> web.Response:

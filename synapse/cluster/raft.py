@@ -179,7 +179,9 @@ FAILURES = {
 
 class ApplyListener(Protocol):
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None: ...
-    def state_replaced(self, index: int, store: _core.StateStore) -> None: ...
+    # cause: "rollback" (a rollback entry), "dump" (a whole state loaded: at start, or the
+    # leader's), "catchup" (a diff of the leader's state applied to this one).
+    def state_replaced(self, index: int, store: _core.StateStore, cause: str) -> None: ...
     def state_repaired(self, index: int, records: list[tuple[int, bytes, bytes]]) -> None: ...
     def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None: ...
     def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore: ...
@@ -444,7 +446,7 @@ class ReplicatedLog:
             return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
         try:
             if replaced is not None:
-                self._listener.state_replaced(index, replaced)
+                self._listener.state_replaced(index, replaced, "rollback")
             if checkpoint is not None:
                 self._listener.checkpoint_made(index, checkpoint)
             self._listener.entry_applied(index, outcome, digest)
@@ -652,7 +654,7 @@ class ReplicatedLog:
             self._applied = (dump.info.log_index, dump.store.digest())
         log.info("node %s: loaded Raft dump at index %d", self._raft_addr, dump.info.log_index)
         try:
-            self._listener.state_replaced(dump.info.log_index, dump.store)
+            self._listener.state_replaced(dump.info.log_index, dump.store, "dump")
         except Exception:
             log.exception("node %s: a listener failed on state replacement", self._raft_addr)
         # PySyncObj drops its own node from this list by comparing Node objects with what we
@@ -680,7 +682,7 @@ class ReplicatedLog:
         previous.unlink(missing_ok=True)
         log.info("node %s: caught up to index %d by diff", self._raft_addr, index)
         try:
-            self._listener.state_replaced(index, self._processor.store)
+            self._listener.state_replaced(index, self._processor.store, "catchup")
         except Exception:
             log.exception("node %s: a listener failed on state replacement", self._raft_addr)
         me = self._raft_addr

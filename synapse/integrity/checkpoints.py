@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from synapse.background import TaskGroup
 from synapse.cluster.committer import ProposalError
+from synapse.timeline import Timeline
 
 if TYPE_CHECKING:
     from synapse.state.processor import CommandProcessor, EntryOutcome
@@ -58,6 +59,7 @@ class CheckpointTracker:
         on_diverged: Callable[[int], None],
         policy: CheckpointPolicy = CheckpointPolicy(),
         is_leader: Callable[[], bool] = lambda: False,
+        timeline: Timeline | None = None,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
@@ -66,6 +68,7 @@ class CheckpointTracker:
         self._read = read
         self._on_diverged = on_diverged
         self._is_leader = is_leader
+        self._timeline = timeline or Timeline(node_id)
         self._lock = threading.Lock()  # the tick thread writes, the loop reads
         self._mine: OrderedDict[int, list[bytes]] = OrderedDict()
         self.service = Service.SERVING
@@ -125,11 +128,14 @@ class CheckpointTracker:
                     self.last_agreed = checkpoint
                 if self.service == Service.PROVING and checkpoint >= self.proof_after:
                     self.service, self.diverged_at = Service.SERVING, None
+                    self._changed(f"checkpoint {checkpoint} agrees with this node again: serving", checkpoint)
                     log.warning("node %s: checkpoint %d agrees with this node again; serving", self.node_id, checkpoint)
                 return
             if self.service not in (Service.SERVING, Service.PROVING):
                 return
             self.service, self.diverged_at = Service.DIVERGED, checkpoint
+            self._changed(f"diverged: at checkpoint {checkpoint} this node's digest differs from the agreed one",
+                          checkpoint)
         log.error(
             "node %s: DIVERGED: at checkpoint %d this node's digest %s differs from the agreed %s; "
             "refusing kv requests until repaired",
@@ -144,8 +150,13 @@ class CheckpointTracker:
             if self.service not in (Service.SERVING, Service.PROVING):
                 return
             self.service, self.diverged_at = Service.DIVERGED, index
+            self._changed(f"diverged: could not apply entry {index} as the others did ({why})", index)
         log.error("node %s: DIVERGED at entry %d: %s; repairing from a peer", self.node_id, index, why)
         self._call(self._on_diverged, index)
+
+    def _changed(self, message: str, index: int | None) -> None:
+        """Under the lock, right after ``service`` changed: on the timeline in the order it changed."""
+        self._timeline.record("service", message, service=self.service, index=index)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -158,12 +169,15 @@ class CheckpointTracker:
     def repairing(self) -> None:
         with self._lock:
             self.service = Service.REPAIRING
+            self._changed("repairing from a peer", self.diverged_at)
 
     def repaired(self, proof_after: int) -> None:
         """The state was repaired at index ``proof_after - 1``: serve again once a checkpoint at
         or after ``proof_after`` agrees with this node."""
         with self._lock:
             self.service, self.proof_after = Service.PROVING, proof_after
+            self._changed(f"repaired; proving: serves again once a checkpoint from entry {proof_after} on agrees",
+                          proof_after)
             # Digests recorded before the repaired state was installed describe the damaged
             # state: judged after the repair, they would declare it diverged again.
             for index in [i for i in self._mine if i < proof_after]:

@@ -31,6 +31,7 @@ from synapse.state import keys
 from synapse.state.processor import CommandProcessor
 from synapse.security.tls import PeerAccess
 from synapse.state.records import KvChange
+from synapse.timeline import Timeline
 
 log = logging.getLogger("synapse.integrity")
 
@@ -156,12 +157,14 @@ class Repairer:
     ``token`` authenticates this node to its peers."""
 
     def __init__(self, node_id: str, cluster: RepairingCluster, tracker: CheckpointTracker,
-                 send_to_view: Callable[[int, list[KvChange]], None], peers: PeerAccess) -> None:
+                 send_to_view: Callable[[int, list[KvChange]], None], peers: PeerAccess,
+                 timeline: Timeline | None = None) -> None:
         self._node_id = node_id
         self._cluster = cluster
         self._tracker = tracker
         self._send_to_view = send_to_view
         self._peers = peers  # this node's own token (never the root token), TLS when served
+        self._timeline = timeline or Timeline(node_id)
         self._task: asyncio.Task | None = None
         self.last: RepairReport | None = None
         self.repairs = 0
@@ -198,6 +201,10 @@ class Repairer:
                     self._node_id, report.peer, report.index, report.differing_buckets, report.records,
                     report.bytes_received, report.seconds,
                 )
+                self._timeline.record(
+                    "repaired", f"repaired from {report.peer}: {report.records} records, "
+                    f"{report.bytes_received} bytes in {report.seconds:.2f} s", peer=report.peer, index=report.index,
+                    records=report.records, bytes=report.bytes_received, seconds=report.seconds)
                 again, self._again = self._again, None
                 if again is None or self._tracker.service != Service.DIVERGED:
                     return
@@ -212,6 +219,8 @@ class Repairer:
                 report.outcome, report.error = "failed", f"{type(e).__name__}: {e}"
                 report.seconds = round(time.monotonic() - started, 3)
                 log.error("node %s: repair attempt failed: %s; retrying in %.1f s", self._node_id, report.error, delay)
+                self._timeline.record("repair_failed", f"a repair attempt failed ({report.error}); retrying",
+                                      peer=report.peer)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

@@ -310,6 +310,29 @@ class CommandProcessor:
             start = rows[-1][0] + b"\x00"
         return out
 
+    def recent_tasks(self, limit: int, applied_index: int) -> list[tuple[str, dict]]:
+        """The leased tasks, then the pending ones in scheduling order, then the ended ones
+        newest first — at most ``limit`` in all, in O(limit) rather than over every task kept
+        (the ended tasks' index sorts by the entry that ended each: scanned from a window of
+        recent entries, doubled until it holds enough)."""
+        ids = [keys.task_lease_task(k) for k, _ in self.store.scan_prefix(keys.TASK_LEASE, limit)]
+        if len(ids) < limit:
+            ids += [keys.task_queue_task(k) for k, _ in self.store.scan_prefix(keys.TASK_QUEUE, limit - len(ids))]
+        wanted, window = limit - len(ids), 256
+        while wanted > 0:
+            start = keys.task_done_key(max(0, applied_index - window), "")
+            rows = self.store.scan(start, keys.prefix_end(keys.TASK_DONE), None)
+            if len(rows) >= wanted or window > applied_index:
+                ids += [keys.task_done_task(k) for k, _ in reversed(rows[-wanted:])]
+                break
+            window *= 4
+        out = []
+        for task_id in ids[:limit]:
+            raw = self.store.get(keys.task_key(task_id))
+            if raw is not None:
+                out.append((task_id, keys.unpack(raw)))
+        return out
+
     def task_counts(self) -> dict[str, int]:
         """{"pending", "leased" (assigned or running), "ended"} without decoding any task: the
         queue's keys, the leases' keys (O(queued + leased)), the ended tasks' kept count."""
