@@ -108,6 +108,7 @@ def test_the_wheel_carries_the_launcher_fresh_and_executable(wheel):
         assert z.read(LAUNCHER) == (REPO / "target/release/synapse-launch").read_bytes()
         assert any(re.fullmatch(r"synapse/_core\.cpython-.*\.so", n) for n in names)
         assert "synapse/api/openapi.yaml" in names  # the package's data files too
+        assert {"synapse/ui/index.html", "synapse/ui/app.js", "synapse/ui/app.css"} <= set(names)  # the dashboard
 
 
 def _node_cli(venv: Path, cwd: Path, env: dict, url: str, token_file: Path, *args: str) -> str:
@@ -179,6 +180,8 @@ def test_an_installed_wheel_runs_a_node_outside_the_checkout(wheel, tmp_path):
         cli("memory", "remember", "--id", "m2", "prefs", "Deployments happen on Tuesdays")
         recalled = json.loads(cli("memory", "recall", "--json", "-k", "1", "prefs", "what does the user drink?"))
         assert [m["id"] for m in recalled] == ["m1"], recalled
+        with urllib.request.urlopen(f"{url}/ui/app.js", timeout=5) as resp:  # the dashboard, from the package
+            assert resp.status == 200 and b"VIEWS.cluster" in resp.read()
         done = time.monotonic()
     finally:
         node.terminate()

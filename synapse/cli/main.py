@@ -113,6 +113,7 @@ def _announce(node) -> None:
     if node.token_was_created:
         click.echo(f"synapse: root token (shown once; also in {token_file}): {node.root_token}")
     click.echo(f"synapse: authenticate with: Authorization: Bearer $(cat {token_file})")
+    click.echo(f"synapse: dashboard at {node.api_url}/ui/ (sign in with that token)")
     sys.stdout.flush()
 
 

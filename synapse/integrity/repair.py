@@ -202,7 +202,7 @@ class Repairer:
                     report.bytes_received, report.seconds,
                 )
                 self._timeline.record(
-                    "repaired", f"repaired from {report.peer}: {report.records} records, "
+                    "repaired", f"repaired from {report.peer}: {report.records} record{'s' * (report.records != 1)}, "
                     f"{report.bytes_received} bytes in {report.seconds:.2f} s", peer=report.peer, index=report.index,
                     records=report.records, bytes=report.bytes_received, seconds=report.seconds)
                 again, self._again = self._again, None

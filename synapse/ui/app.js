@@ -475,7 +475,7 @@ VIEWS.tasks = (arg) => {
           location.hash = `#/tasks/${encodeURIComponent(t.task_id)}`;
         } catch (e) { err.textContent = e.message; }
       } }, command, h("button", { type: "submit" }, "Submit task")), err,
-      h("div", { class: "split" },
+      h("div", { class: "split even" },
         h("div", { class: "pane" }, h("div", { class: "toolbar" }, h("h2", {}, "Tasks"), h("select", { id: "task-filter", onchange: (ev) => { view.filter = ev.target.value; refresh(); } },
           ["all", "active", "ended", "failed"].map((f) => h("option", { value: f }, f)))), h("div", { id: "task-list" })),
         h("div", { class: "pane" }, h("div", { id: "task-detail" }, h("p", { class: "hint" }, "Select a task to follow it: its attempts, state and logs.")))),
@@ -493,7 +493,8 @@ VIEWS.tasks = (arg) => {
     fill($("#task-list"), table(["Task", "State", "Command", "Worker", "Attempts", "Submitted", "Ended"], shown.map((t) =>
       h("tr", { class: t.task_id === view.task ? "selected" : "", dataset: { task: t.task_id, state: t.state } },
         h("td", {}, h("a", { href: `#/tasks/${encodeURIComponent(t.task_id)}` }, short(t.task_id, 10))), h("td", {}, badge(t.state, TASK_KIND[t.state])),
-        h("td", {}, h("code", {}, Array.isArray(t.what) ? t.what.join(" ") : String(t.what || ""))), h("td", {}, t.worker || "—"),
+        h("td", { class: "command" }, h("code", { title: Array.isArray(t.what) ? t.what.join(" ") : String(t.what || "") },
+          Array.isArray(t.what) ? t.what.join(" ") : String(t.what || ""))), h("td", {}, t.worker || "—"),
         h("td", {}, t.attempts), h("td", {}, when(t.submitted_ms)), h("td", {}, when(t.finished_ms))))));
     fill($("#task-workers"), table(["Worker", "State", "Driver", "Slots", "Running", "Heartbeat", "Labels"], workers.workers.map((w) =>
       h("tr", { dataset: { worker: w.worker_id } }, h("td", {}, w.worker_id), h("td", {}, badge(w.state, w.state === "up" ? "ok" : "bad")),
