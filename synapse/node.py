@@ -360,9 +360,10 @@ class Node:
             # damage had removed out of the index for good (a test caught it under load).
             self._memory_index.resync(index)
 
-    def state_replaced(self, index: int, store: _core.StateStore, cause: str) -> None:
+    def state_replaced(self, index: int, store: _core.StateStore, cause: str, checkpoint: int | None = None) -> None:
         if cause == "rollback":
-            self.timeline.record("rollback", f"rolled back to a checkpoint's state at entry {index}", index=index)
+            self.timeline.record("rollback", f"rolled back to checkpoint {checkpoint} at entry {index}", index=index,
+                                 checkpoint=checkpoint)
         elif self.started:  # a dump loaded at start is the node's own, not a catch-up
             how = "a diff of the leader's state" if cause == "catchup" else "the leader's whole state"
             self.timeline.record("caught_up", f"caught up to entry {index} from {how}", index=index, by=cause)

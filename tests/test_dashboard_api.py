@@ -154,3 +154,23 @@ def test_status_says_each_nodes_role(cluster):
         status = c.status()
     assert status["role"] in ("leader", "follower")
     assert status["checkpoint"]["service"] == "serving"
+
+
+def test_every_node_records_a_rollback_on_its_timeline(tmp_path):
+    c = Cluster.create(tmp_path, 3, extra=["--memory-index", "off", "--checkpoint-interval", "0",
+                                           "--checkpoint-retain", "3"]).start()
+    try:
+        client = c.client()
+        client.put("k", "good")
+        point = client.checkpoint(label="known good", wait=True)
+        client.put("k", "bad")
+        client.rollback(point["index"])
+        c.wait_converged()
+        for node in c.nodes:
+            status, _, body = _get(node.url + "/v1/cluster/events", c.token)
+            rolled = [e for e in json.loads(body)["events"] if e["kind"] == "rollback"]
+            assert status == 200 and len(rolled) == 1, (node.node_id, rolled)
+            assert rolled[0]["checkpoint"] == point["index"]
+            assert rolled[0]["message"].startswith(f"rolled back to checkpoint {point['index']} at entry ")
+    finally:
+        c.close()

@@ -179,9 +179,9 @@ FAILURES = {
 
 class ApplyListener(Protocol):
     def entry_applied(self, index: int, outcome: EntryOutcome, digest: bytes) -> None: ...
-    # cause: "rollback" (a rollback entry), "dump" (a whole state loaded: at start, or the
-    # leader's), "catchup" (a diff of the leader's state applied to this one).
-    def state_replaced(self, index: int, store: _core.StateStore, cause: str) -> None: ...
+    # cause: "rollback" (a rollback entry, to checkpoint ``checkpoint``), "dump" (a whole state
+    # loaded: at start, or the leader's), "catchup" (a diff of the leader's state applied here).
+    def state_replaced(self, index: int, store: _core.StateStore, cause: str, checkpoint: int | None = None) -> None: ...
     def state_repaired(self, index: int, records: list[tuple[int, bytes, bytes]]) -> None: ...
     def checkpoint_made(self, index: int, frozen: _core.FrozenState) -> None: ...
     def checkpoint_state(self, index: int, digest: bytes) -> _core.StateStore: ...
@@ -446,7 +446,8 @@ class ReplicatedLog:
             return [{"ok": False, "error": "internal", "message": f"entry {index} could not be applied"}]
         try:
             if replaced is not None:
-                self._listener.state_replaced(index, replaced, "rollback")
+                target = next(e[1] for e in outcome.events if e[0] == "rollback")
+                self._listener.state_replaced(index, replaced, "rollback", target)
             if checkpoint is not None:
                 self._listener.checkpoint_made(index, checkpoint)
             self._listener.entry_applied(index, outcome, digest)
