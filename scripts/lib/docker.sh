@@ -8,6 +8,9 @@ DOCKER_CACHE="$DOCKER_DIR/.build"          # gitignored: wheelhouse, stamps, the
 DOCKER_SECRETS="$DOCKER_DIR/secrets"       # gitignored: cluster secret, root token, PostgreSQL password
 SYNAPSE_IMAGE_REPO="synapse"
 BASE_IMAGE_REPO="synapse-base"
+PROMETHEUS_IMAGE_REPO="synapse-prometheus"
+# The stack's Prometheus (deploy/monitoring/prometheus.yml), from Debian like the rest.
+PROMETHEUS_PACKAGES=(prometheus)
 DEBIAN_MIRROR="${SYNAPSE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # The uid the node, Chroma and the worker's files belong to inside the images.
 SYNAPSE_UID=10001
@@ -165,11 +168,12 @@ build_wheelhouse() {
 }
 
 # docker build with the classic builder (the engine has no BuildKit/buildx here); its log
-# is shown only when the build fails.
+# is shown only when the build fails. --force-rm: a failed step's container goes too (the
+# classic builder otherwise leaves it, exited, for someone to find).
 docker_build() {
     local log
     log=$(mktemp)
-    if ! DOCKER_BUILDKIT=0 docker build --build-arg "BASE=$BASE_IMAGE" "$@" >"$log" 2>&1; then
+    if ! DOCKER_BUILDKIT=0 docker build --force-rm --build-arg "BASE=$BASE_IMAGE" "$@" >"$log" 2>&1; then
         grep -vE 'DEPRECATED|BuildKit is currently disabled|environment-variable' "$log" | tail -n 40 >&2
         rm -f "$log"
         echo "error: docker build $* failed (see above)" >&2
@@ -211,18 +215,85 @@ build_synapse_image() {
         docker_log "docker build $tag"
         docker_build --label "org.synapse.inputs=$inputs" --tag "$tag" "$ctx"
         docker_log "image $tag built in $((SECONDS - started)) s"
-        local old
-        for old in $(docker images --filter "label=org.synapse.deps" --format '{{.Repository}}:{{.Tag}}' "$SYNAPSE_IMAGE_REPO-deps"); do
-            [ "$old" = "$deps_tag" ] || docker image rm "$old" >/dev/null 2>&1 || true
-        done
+        drop_older_tags org.synapse.deps "$deps_tag"
     fi
     docker tag "$tag" "$SYNAPSE_IMAGE_REPO:latest"
     SYNAPSE_IMAGE="$tag"
-    # Older builds: their tags go (an image a container still uses stays; the engine says no).
-    local old
-    for old in $(docker images --filter "label=org.synapse.inputs" --format '{{.Repository}}:{{.Tag}}' "$SYNAPSE_IMAGE_REPO"); do
-        [ "$old" = "$tag" ] || [ "$old" = "$SYNAPSE_IMAGE_REPO:latest" ] || docker image rm "$old" >/dev/null 2>&1 || true
+    drop_older_tags org.synapse.inputs "$tag"
+}
+
+# Older builds of an image (those of REPO, the tag's repository, with LABEL): their tags go
+# but TAG's and REPO:latest (an image a container still uses stays; the engine says no).
+drop_older_tags() {
+    local label="$1" tag="$2" repo="${2%%:*}" old
+    for old in $(docker images --filter "label=$label" --format '{{.Repository}}:{{.Tag}}' "$repo"); do
+        [ "$old" = "$tag" ] || [ "$old" = "$repo:latest" ] || docker image rm "$old" >/dev/null 2>&1 || true
     done
+}
+
+# The Debian packages the Prometheus image installs: prometheus and what of its dependencies
+# the base lacks, as apt's own solver picks them against the base's dpkg status (alternatives
+# resolved as apt-get install would, nothing the base has), downloaded on the host into
+# $DOCKER_CACHE/prometheus/debs. Redone only when the base, the package or the host's apt
+# lists change (resolving takes ~1.5 s; the warm build must not pay it).
+fetch_prometheus_debs() {
+    local dir="$DOCKER_CACHE/prometheus"
+    mkdir -p "$dir/debs"
+    [ "$(cat "$dir/debs/.inputs" 2>/dev/null)" = "$(prometheus_debs_inputs)" ] && return 0
+    local status="$dir/status-${BASE_IMAGE#*:}" plan
+    [ -s "$status" ] || docker run --rm --network none "$BASE_IMAGE" cat /var/lib/dpkg/status >"$status"
+    plan=$(prometheus_debs_plan "$status")
+    if ! grep -q '^prometheus=' <<<"$plan"; then  # no apt lists on this host yet
+        [ "$(id -u)" = 0 ] || { echo "error: apt knows no prometheus package here; run apt-get update" >&2; exit 1; }
+        apt-get update -qq >&2
+        plan=$(prometheus_debs_plan "$status")
+        grep -q '^prometheus=' <<<"$plan" || { echo "error: apt could not resolve prometheus against the base image" >&2; exit 1; }
+    fi
+    docker_log "apt-get download (the Prometheus image's packages): $(tr '\n' ' ' <<<"$plan")"
+    rm -f "$dir/debs/"*.deb
+    # shellcheck disable=SC2046,SC2086  # one word per package=version
+    (cd "$dir/debs" && apt-get download -qq $plan >/dev/null) || {
+        echo "error: apt-get download of the Prometheus image's packages failed" >&2
+        exit 1
+    }
+    prometheus_debs_inputs >"$dir/debs/.inputs"
+}
+
+# What the downloaded set depends on: the base, the package list, the host's apt lists.
+prometheus_debs_inputs() {
+    { echo "$BASE_IMAGE" "${PROMETHEUS_PACKAGES[*]}"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha
+}
+
+# package=version per line: what `apt-get install` would add to a system with dpkg status $1.
+# (An absolute path: apt takes a relative one from /var/lib/apt, found nothing there, and
+# planned every package of the closure, libc6 included, as new.)
+prometheus_debs_plan() {
+    apt-get -s -q -o Dir::State::status="$(realpath "$1")" install --no-install-recommends "${PROMETHEUS_PACKAGES[@]}" 2>&1 \
+        | sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) .*/\1=\2/p'
+}
+
+# The Prometheus image (deploy/docker/Dockerfile.prometheus): the base plus Debian's prometheus.
+# Tagged synapse-prometheus:<inputs hash> and :latest; skipped when that tag exists.
+build_prometheus_image() {
+    local ctx="$DOCKER_CACHE/prometheus/context" inputs tag
+    fetch_prometheus_debs
+    rm -rf "$ctx"
+    mkdir -p "$ctx/debs"
+    ln -f "$DOCKER_CACHE"/prometheus/debs/*.deb "$ctx/debs/"
+    cp "$DOCKER_DIR/Dockerfile.prometheus" "$ctx/Dockerfile"
+    inputs=$( { echo "$BASE_IMAGE"; cd "$ctx" && find . -type f | LC_ALL=C sort | xargs sha256sum; } | sha)
+    tag="$PROMETHEUS_IMAGE_REPO:$inputs"
+    if image_exists "$tag"; then
+        docker_log "image $tag exists (inputs unchanged)"
+    else
+        local started=$SECONDS
+        docker_log "docker build $tag"
+        docker_build --label "org.synapse.prometheus-inputs=$inputs" --tag "$tag" "$ctx"
+        docker_log "image $tag built in $((SECONDS - started)) s"
+    fi
+    docker tag "$tag" "$PROMETHEUS_IMAGE_REPO:latest"
+    SYNAPSE_PROMETHEUS_IMAGE="$tag"
+    drop_older_tags org.synapse.prometheus-inputs "$tag"
 }
 
 # The files the stack's Compose secrets point at, made once (kept across runs: the cluster
@@ -248,12 +319,14 @@ ensure_docker_secrets() {
     fi
 }
 
-# Everything: base image, wheelhouse, synapse image. Exports SYNAPSE_IMAGE.
+# Everything: base image, wheelhouse, synapse and Prometheus images. Exports SYNAPSE_IMAGE and
+# SYNAPSE_PROMETHEUS_IMAGE.
 docker_build_all() {
     require_docker_engine
     mkdir -p "$DOCKER_CACHE"
     build_base_image
     build_wheelhouse
     build_synapse_image
-    export SYNAPSE_IMAGE
+    build_prometheus_image
+    export SYNAPSE_IMAGE SYNAPSE_PROMETHEUS_IMAGE
 }
