@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Stack:
         self.project = project or f"synapse-test-{os.getpid()}"
         self._network = network
         self.ports = {n: free_port() for n in NODES}
+        self.prometheus_port = free_port()  # docker mode's Prometheus (deploy/monitoring/)
         self.prefix = free_subnet_prefix()
         self.raft_prefix = free_subnet_prefix(taken=(self.prefix,))  # distributed mode's second network
         self.secrets = Path(tempfile.mkdtemp(prefix="synapse-docker-test-secrets-"))
@@ -74,7 +76,8 @@ class Stack:
         self.env = {
             **os.environ,
             "SYNAPSE_NODE1_PORT": str(self.ports["node1"]), "SYNAPSE_NODE2_PORT": str(self.ports["node2"]),
-            "SYNAPSE_NODE3_PORT": str(self.ports["node3"]), "SYNAPSE_SUBNET_PREFIX": self.prefix,
+            "SYNAPSE_NODE3_PORT": str(self.ports["node3"]), "SYNAPSE_PROMETHEUS_PORT": str(self.prometheus_port),
+            "SYNAPSE_SUBNET_PREFIX": self.prefix,
             "SYNAPSE_RAFT_SUBNET_PREFIX": self.raft_prefix,
             "SYNAPSE_SECRETS_DIR": str(self.secrets), "SYNAPSE_TASK_DIR": self.task_dir,
         }
@@ -140,6 +143,12 @@ class Stack:
             return e.code, e.read()
         except (urllib.error.URLError, OSError) as e:
             return 0, str(e)
+
+    def prometheus(self, path: str, **params) -> dict:
+        """A GET of the stack's Prometheus API (published on 127.0.0.1), its JSON answer."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.prometheus_port}{path}{query}", timeout=15) as r:
+            return json.loads(r.read())
 
     def inside(self, node: str, path: str) -> int:
         """The HTTP status of a GET made inside the node's own container (on its loopback:

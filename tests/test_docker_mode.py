@@ -1,6 +1,6 @@
 """Docker mode for real (deploy/docker/): the images scripts/docker-build makes, the Compose
 stack of deploy/docker/compose.yaml (3 voters, PostgreSQL, Chroma, Redis, a worker that runs
-tasks in containers), brought up from nothing under a project name of this session's own
+tasks in containers, Prometheus scraping the voters), brought up from nothing under a project name of this session's own
 (synapse-test-<pid>, free host ports, a /24 no other network uses), so it never collides with
 `./scripts/up --mode docker`. Everything it made (containers, networks, volumes, the task
 directory) is removed at the end, also on failure.
@@ -17,10 +17,14 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from tests.docker_stack import HEALTHY_S, NODES, ROOT, Stack, build_images, require_engine
+from tests.test_monitoring import dashboard_panels, grafana_expr
 
 COMPOSE_FILE = ROOT / "deploy" / "docker" / "compose.yaml"
+GRAFANA_COMPOSE_FILE = ROOT / "deploy" / "monitoring" / "grafana" / "compose.yaml"
+HEALTHY = (*NODES, "postgres", "chroma", "redis", "prometheus")
 
 require_engine()
 
@@ -55,7 +59,7 @@ def assert_all_acked(stack: Stack, node: str) -> None:
 @pytest.fixture(scope="module")
 def stack():
     build_images()
-    s = Stack(COMPOSE_FILE, healthy=(*NODES, "postgres", "chroma", "redis"), running=("worker",))
+    s = Stack(COMPOSE_FILE, healthy=HEALTHY, running=("worker",))
     try:
         s.up()
         yield s
@@ -65,17 +69,29 @@ def stack():
         assert left == [] and volumes == [], f"the test stack left containers {left} or volumes {volumes}"
 
 
+def test_the_grafana_compose_file_adds_grafana_to_the_stack():
+    # Grafana cannot run here (no image: deploy/monitoring/README.md); its Compose file must at
+    # least merge with the stack's, with its mounts resolving to the provisioning and dashboards.
+    done = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "-f", str(GRAFANA_COMPOSE_FILE), "config"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    grafana = yaml.safe_load(done.stdout)["services"]["grafana"]
+    assert grafana["depends_on"]["prometheus"] == {"condition": "service_healthy"}
+    sources = [v.split(":")[0] for v in grafana["volumes"] if v.startswith("/")]
+    assert sorted(sources) == [str(ROOT / "deploy/monitoring/grafana/dashboards"), str(ROOT / "deploy/monitoring/grafana/provisioning")]
+
+
 def test_stack_comes_up_healthy_from_nothing(stack):
     h = stack.health()
-    assert {s: h[s] for s in (*NODES, "postgres", "chroma", "redis")} == dict.fromkeys((*NODES, "postgres", "chroma", "redis"), "healthy")
+    assert {s: h[s] for s in HEALTHY} == dict.fromkeys(HEALTHY, "healthy")
     assert h["worker"] == "running"
     status, body = stack.http("node1", "GET", "/v1/cluster/status")
     assert status == 200 and body["leader"] in NODES, body
-    # Only the APIs are published, on 127.0.0.1.
+    # Only the APIs and Prometheus are published, on 127.0.0.1.
     ports = subprocess.run(["docker", "ps", "--filter", f"label=com.docker.compose.project={stack.project}",
                             "--format", "{{.Names}} {{.Ports}}"], capture_output=True, text=True).stdout
     published = sorted(p.split("->")[0] for line in ports.splitlines() for p in line.split()[1:] if "->" in p)
-    assert published == sorted(f"127.0.0.1:{stack.ports[n]}" for n in NODES), ports
+    assert published == sorted([*(f"127.0.0.1:{stack.ports[n]}" for n in NODES), f"127.0.0.1:{stack.prometheus_port}"]), ports
     # The state view is in PostgreSQL, one schema per node.
     sql = "select schema_name from information_schema.schemata where schema_name like 'synapse_%'"
     done = subprocess.run(["docker", "exec", stack.container("postgres"), "sh", "-c",
@@ -102,6 +118,28 @@ def test_memory_recall_through_the_chroma_container(stack):
     out = subprocess.run(["docker", "exec", stack.container("chroma"), "curl", "-fsS",
                           "http://127.0.0.1:8000/api/v2/tenants/default_tenant/databases"], capture_output=True, text=True).stdout
     assert {d["name"] for d in json.loads(out)} >= {"synapse-node1", "synapse-node2", "synapse-node3"}, out
+
+
+def test_prometheus_scrapes_every_node_and_the_dashboard_sees_them(stack):
+    deadline = time.monotonic() + 30  # a scrape every 5 s
+    while True:
+        targets = stack.prometheus("/api/v1/targets")["data"]["activeTargets"]
+        health = {t["labels"]["instance"]: t["health"] for t in targets if t["labels"]["job"] == "synapse"}
+        if health == dict.fromkeys(NODES, "up"):
+            break
+        assert time.monotonic() < deadline, f"Prometheus's targets are not all up: {targets}"
+        time.sleep(0.5)
+    panels = {p["title"]: p for p in dashboard_panels()}
+
+    def answer(title: str) -> list[dict]:
+        body = stack.prometheus("/api/v1/query", query=grafana_expr(panels[title]["targets"][0]["expr"]))
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    # A series per node, named as the nodes name each other; the leader sees all three voters up.
+    assert sorted(r["metric"]["instance"] for r in answer("Applied index lag")) == list(NODES)
+    (voters_up,) = answer("Voters up (leader's view)")
+    assert voters_up["value"][1] == "3", voters_up
 
 
 def _run_task(stack: Stack, spec: dict) -> dict:
