@@ -104,14 +104,22 @@ def test_rollback_is_refused_for_an_unknown_unagreed_or_unretained_checkpoint(cl
         c.put(f"r/{i}", i)
         c.checkpoint(wait=True)
     wait_until(lambda: all(first["index"] not in _retained(n, cluster.token) for n in cluster.nodes), 10, "pruning")
-    # A majority agreed; the last node's report is an entry too: let it land before comparing.
-    wait_until(lambda: len(c.checkpoints(1)[0]["nodes"]) == len(cluster.nodes), 10, "every node's report")
-    before = c.status()["state_hash"]
+    # A majority agreed; every node's report is an entry too — of each of the four checkpoints:
+    # a slow node's report of an earlier one can land after the last one's (seen once under
+    # load, when only the last one's were waited for) — let them all land before comparing.
+    wait_until(lambda: all(len(ck["nodes"]) == len(cluster.nodes) for ck in c.checkpoints(4)), 10,
+               "every node's reports")
+    # One node's state before and after (the client may move between nodes, which need not be
+    # at the same index); a linearizable read first: that node applied everything committed.
+    # Not in between: a read's barrier is a log entry too.
+    one = Client(cluster.nodes[0].url, cluster.token)
+    assert one.get("r/2")["value"] == 2
+    before = one.status()["state_hash"]
     for target, status, error in [(first["index"], 409, "not_retained"), (10**9, 404, "unknown_checkpoint")]:
         with pytest.raises(SynapseError) as e:
             c.rollback(target)
         assert e.value.status == status and e.value.error == error, e.value
-    assert c.status()["state_hash"] == before
+    assert one.status()["state_hash"] == before
     assert c.get("r/2")["value"] == 2
 
 
