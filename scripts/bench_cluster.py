@@ -18,9 +18,14 @@ The systems:
 Every system is driven by the SAME load generator (``bench_node.run_load``: separate Python
 processes, asyncio + uvloop + aiohttp, N clients each with one request in flight, only requests
 completed inside the measured window count); only the spelling of a request differs (see
-``bench_node._loadgen``'s ``protocol``). Values are the same 100 bytes everywhere. All requests
-go to the leader of each system (found through its status API before each level), so none pays
-a forwarding hop the others do not.
+``bench_node._loadgen``'s ``protocol``). Values are the same 100 bytes everywhere. With
+``--target leader`` (the default) all requests go to the leader of each system (found through
+its status API before each level), so none pays a forwarding hop the others do not; with
+``--target spread`` client c sends its k-th request to member (c + k) mod 3 of every system,
+as users connecting to any node do (followers forward or redirect, each system its own way).
+Each level reports ``cpu_us_per_op``: the CPU time of all three members over the measured
+window divided by the requests acknowledged in it — on a CPU-bound machine, the cost that
+sets throughput.
 
 Per system and concurrency level (``--levels``, default 1,16,64,256): write throughput and
 latency (each write a new key ``bench/c<level>/w<worker>/<n>``), then linearizable read
@@ -61,7 +66,7 @@ Every process this script starts is in its own session, gets SIGKILL if this scr
 is torn down on exit, Ctrl-C or SIGTERM. Only 127.0.0.1 is used. All data dirs are in one
 temporary directory (one file system).
 
-Usage: ./scripts/bench-cluster --json FILE --plots DIR [--levels 1,16,64,256] [--duration 10]
+Usage: ./scripts/bench-cluster --json FILE --plots DIR [--levels 1,16,64,256] [--duration 10] [--target leader|spread]
        [--skip etcd,pysyncobj,pysyncobj_nobatch,synapse,fsync,writes,reads,failover,rss]
        [--profile FILE] [--keep]
 """
@@ -386,9 +391,10 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
         leader = cluster.leader()
         gens = generators_for(args, level)
         m0 = bn.scrape_metrics(leader.api, token) if system.startswith("synapse") else {}
-        extra = {"protocol": protocol, "prefix": prefix_of(level), **(extra_of(level) if extra_of else {})}
+        urls = ([f"http://{m.api}" for m in cluster.members] if args.target == "spread" else [f"http://{leader.api}"])
+        extra = {"protocol": protocol, "prefix": prefix_of(level), "urls": urls, **(extra_of(level) if extra_of else {})}
         p0, t0 = pressure_totals(), time.monotonic()
-        r = bn.run_load(mode, f"http://{leader.api}", token, level, gens, pids, args.warmup, args.duration,
+        r = bn.run_load(mode, urls[0], token, level, gens, pids, args.warmup, args.duration,
                         extra=extra, percentiles=CDF_PCTS)
         p1, dt = pressure_totals(), time.monotonic() - t0
         # Share of the run (warm-up included) in which tasks stalled on CPU / I/O: a run slowed
@@ -399,6 +405,9 @@ def bench_levels(system: str, cluster, protocol: str, token: str, args, mode: st
             r["leader_metrics"] = bn.server_side(m0, bn.scrape_metrics(leader.api, token), route)
         out[str(level)] = s = summarize(r, leader.name)
         s["keys_per_worker_min"] = r.get("min_keys_per_worker")
+        s["target"] = args.target
+        if r["ops"] and r.get("node_cpu_pct"):
+            s["cpu_us_per_op"] = round(sum(r["node_cpu_pct"].values()) / 100.0 * args.duration / r["ops"] * 1e6, 1)
         log(f"{system} {mode} x{level}: {r['per_s']} /s (cv {r.get('per_second_cv')}), p50 {r['p50_ms']} ms, p99 "
             f"{r['p99_ms']} ms, errors {r['errors']}, generator CPU {r['load_generator_cpu_pct']} % ({gens} proc), "
             f"nodes CPU {r['node_cpu_pct']}, stalls {r['pressure_pct']}")
@@ -623,8 +632,11 @@ def evaluate(result: dict) -> None:
     result["synapse_over_etcd_reads_64"] = _ratio(w("synapse", "reads", 64), w("etcd", "reads", 64))
     result["synapse_fsync_writes_64"] = w("synapse_fsync", "writes", 64)
     result["synapse_fsync_over_etcd_writes_64"] = _ratio(w("synapse_fsync", "writes", 64), w("etcd", "writes", 64))
+    result["synapse_over_etcd_cpu_per_write_64"] = _ratio(w("synapse", "writes", 64, "cpu_us_per_op"),
+                                                          w("etcd", "writes", 64, "cpu_us_per_op"))
     fo = lambda system: ((s.get(system) or {}).get("failover") or {}).get("median_s")  # noqa: E731
     p99 = w("synapse", "writes", 64, "p99_ms")
+    etcd_p99 = w("etcd", "writes", 64, "p99_ms")
     checks = {
         "synapse_over_etcd_writes_64": (">= 1.0", result["synapse_over_etcd_writes_64"],
                                         lambda v: v >= 1.0),
@@ -633,6 +645,13 @@ def evaluate(result: dict) -> None:
         "synapse_write_p99_ms_64": ("<= 20", p99, lambda v: v <= 20.0),
         "synapse_failover_median_s": (f"<= etcd's ({fo('etcd')})", fo("synapse"),
                                       lambda v: fo("etcd") is not None and v <= fo("etcd")),
+        # Issue 19's, for the --target of this run.
+        "synapse_over_etcd_writes_64_x1.5": (">= 1.5", result["synapse_over_etcd_writes_64"], lambda v: v >= 1.5),
+        "synapse_over_etcd_reads_64_x1.5": (">= 1.5", result["synapse_over_etcd_reads_64"], lambda v: v >= 1.5),
+        "synapse_write_p99_ms_64_vs_etcd": (f"<= etcd's ({etcd_p99})", p99,
+                                            lambda v: etcd_p99 is not None and v <= etcd_p99),
+        "synapse_over_etcd_cpu_per_write_64": ("<= 0.6", result["synapse_over_etcd_cpu_per_write_64"],
+                                               lambda v: v <= 0.6),
     }
     result["targets"] = {k: {"target": t, "value": v, "met": None if v is None else bool(ok(v))}
                          for k, (t, v, ok) in checks.items()}
@@ -716,6 +735,8 @@ def main() -> None:
     p.add_argument("--json", help="also write the JSON object to this file")
     p.add_argument("--plots", help="write the PNG plots to this directory")
     p.add_argument("--levels", default="1,16,64,256", help="concurrency levels (default 1,16,64,256)")
+    p.add_argument("--target", choices=("leader", "spread"), default="leader",
+                   help="leader: every request to the leader; spread: client c's k-th request to member (c + k) mod 3")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each (default 2)")
     p.add_argument("--generators", type=int, default=1, help="load-generator processes below --more-generators-from (default 1)")
@@ -758,7 +779,7 @@ def main() -> None:
     result: dict = {
         "machine": {**bn.machine_info(), "etcd": etcd_version},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "settings": {"levels": args.levels, "duration_s": args.duration, "warmup_s": args.warmup,
+        "settings": {"levels": args.levels, "target": args.target, "duration_s": args.duration, "warmup_s": args.warmup,
                      "generators": args.generators, "generators_high": args.generators_high,
                      "more_generators_from": args.more_generators_from, "value_bytes": bn.VALUE_CHARS + 2,
                      "failover_trials": args.failover_trials, "rss_keys_requested": args.rss_keys,
