@@ -219,6 +219,15 @@ class Cluster:
                     pass
                 n.stop()
 
+    @classmethod
+    def quiet(cls, root: Path) -> "Cluster":
+        """One started node nothing else writes to (no periodic checkpoints, no embedded
+        worker): its state hash changes only by the requests of the test."""
+        c = cls.create(root, 1, extra=["--worker-slots", "0", "--checkpoint-interval", "0"]).start()
+        # The node's last write of its own: registering itself, once it has a leader.
+        wait_until(lambda: c.client().status()["members"][0]["node_id"] == "n1", 10, "the node to register itself")
+        return c
+
     def node(self, node_id: str) -> NodeProc:
         return next(n for n in self.nodes if n.node_id == node_id)
 

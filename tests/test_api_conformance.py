@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conformance import SCHEMATHESIS_VERSION, SPEC, failures, run_schemathesis
-from tests.harness import Cluster, wait_until
+from tests.harness import Cluster
 
 # Destructive to the run itself with a valid token (see the module docstring).
 EXCLUDED_WITH_TOKEN = ["POST /v1/cluster/members"]
@@ -52,12 +52,7 @@ def node(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quiet_node(tmp_path_factory):
-    """A node nothing else writes to (no periodic checkpoints, no workers): its state hash
-    changes only by the requests of the test."""
-    c = Cluster.create(tmp_path_factory.mktemp("quiet"), 1,
-                       extra=["--worker-slots", "0", "--checkpoint-interval", "0"]).start()
-    # The node's last write of its own: registering itself, once it has a leader.
-    wait_until(lambda: c.client().status()["members"][0]["node_id"] == "n1", 10, "the node to register itself")
+    c = Cluster.quiet(tmp_path_factory.mktemp("quiet"))
     yield c
     c.close()
 

@@ -46,7 +46,8 @@ function short(hex, n = 12) { return hex ? hex.slice(0, n) : "—"; }
 function when(ms) {
   if (!ms) return "—";
   const d = new Date(ms);
-  return d.toLocaleTimeString([], { hour12: false }) + (Date.now() - ms > 86400000 ? " " + d.toLocaleDateString() : "");
+  // The time alone today; with the date otherwise (a token expiring tomorrow, a task of last week).
+  return d.toLocaleTimeString([], { hour12: false }) + (d.toDateString() !== new Date().toDateString() ? " " + d.toLocaleDateString() : "");
 }
 
 function ago(ms) {
