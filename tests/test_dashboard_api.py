@@ -174,3 +174,19 @@ def test_every_node_records_a_rollback_on_its_timeline(tmp_path):
             assert rolled[0]["message"].startswith(f"rolled back to checkpoint {point['index']} at entry ")
     finally:
         c.close()
+
+
+def test_cluster_events_prints_every_nodes_timeline_newest_first(cluster):
+    import subprocess
+
+    from tests.harness import SYNAPSE
+
+    base = SYNAPSE + ["cluster", "events", "--url", cluster.nodes[0].url, "--token", cluster.token]
+    out = subprocess.run(base + ["-o", "json", "-n", "20"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["not_answering"] == [] and 0 < len(answer["events"]) <= 20
+    assert [e["at"] for e in answer["events"]] == sorted((e["at"] for e in answer["events"]), reverse=True)
+    text = subprocess.run(base, capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0 and text.stdout.splitlines()[0].split() == ["WHEN", "NODE", "KIND", "WHAT"]
+    assert "started at entry" in text.stdout

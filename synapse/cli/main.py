@@ -207,6 +207,25 @@ def cluster_status(ctx, as_json) -> None:
         _print_status(c, s)
 
 
+@cluster.command("events")
+@click.option("--limit", "-n", type=click.IntRange(1, 1000), default=50, show_default=True, help="Newest events shown.")
+@output_option
+@click.pass_context
+def cluster_events(ctx, limit, as_json) -> None:
+    """Every node's timeline, newest first: leader changes, divergences, repairs, rollbacks."""
+    with client_from(ctx) as c:
+        overview = run_call(lambda: c.request("GET", f"/v1/cluster/overview?events={limit}"))
+    silent = [f"{n['node_id'] or n['raft']} ({n['error']})" for n in overview["nodes"] if not n["reachable"]]
+    if as_json:
+        print_json({"events": overview["events"], "not_answering": silent})
+        return
+    listing(overview["events"], False, ("WHEN", "NODE", "KIND", "WHAT"), lambda e: (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["node"], e.get("service") or e["kind"],
+        e["message"]))
+    if silent:
+        click.echo(f"not answering, so not in the list: {', '.join(silent)}")
+
+
 def _voter_health(c: Client, s: dict) -> tuple[str, dict[str, dict]]:
     """Whose view of the voters' health to show, and that view by Raft address: the leader's
     (it is the one that needs a majority), else this node's when there is no leader or it
