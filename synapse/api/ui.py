@@ -22,7 +22,8 @@ _HEADERS = {
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    # A node upgraded in place serves its new files at once.
+    # Revalidated on every load: after an upgrade the browser runs the new page, never a
+    # cached old one against the new API.
     "Cache-Control": "no-cache",
 }
 
