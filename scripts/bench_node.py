@@ -300,7 +300,7 @@ def server_side(before: dict, after: dict, route: str) -> dict:
                 return None if le == float("inf") else le * 1000
         return None
 
-    entries, commands = d("synapse_entries_proposed"), d("synapse_commands_proposed")
+    entries, commands = d("synapse_entries_proposed_total"), d("synapse_commands_proposed_total")
     return {
         "requests": int(count),
         "mean_ms": r3(1000 * d(f'synapse_http_request_seconds_sum{{route="{route}"}}') / count) if count else None,

@@ -296,8 +296,8 @@ def test_concurrent_recalls_answer_exactly_as_one_at_a_time(cluster):
         together = list(pool.map(ask, queries))
     assert together == alone
     after = scrape(node, cluster.token)
-    asked = after["synapse_memory_recall_index_questions"] - before["synapse_memory_recall_index_questions"]
-    calls = after["synapse_memory_recall_index_calls"] - before["synapse_memory_recall_index_calls"]
+    asked = after["synapse_memory_recall_index_questions_total"] - before["synapse_memory_recall_index_questions_total"]
+    calls = after["synapse_memory_recall_index_calls_total"] - before["synapse_memory_recall_index_calls_total"]
     assert asked == 2 * len(queries) and calls <= asked  # /metrics counts them, batched or not
     held = sum(len(_on(cluster, node).memories(space, limit=1000)["items"]) for space in (ns,))
     assert after["synapse_memory_records"] >= held == len(records) and after["synapse_memory_namespaces"] >= 1

@@ -34,7 +34,7 @@ PROMTOOL, PROMETHEUS = Path("/usr/bin/promtool"), Path("/usr/bin/prometheus")
 VARIABLES = {"job": "synapse", "instance": ".+", "__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 # Series that only an event produces, absent on a healthy node that just started: a catch-up
 # by whole dump (labelled by reason) and answers 5xx.
-EVENT_ONLY = (re.compile(r"synapse_catchup_full_dumps"), re.compile(r'status=~"5\.\."'))
+EVENT_ONLY = (re.compile(r"synapse_catchup_full_dumps_total"), re.compile(r'status=~"5\.\."'))
 
 
 def grafana_expr(expr: str, variables: dict[str, str] = VARIABLES) -> str:

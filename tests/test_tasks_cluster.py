@@ -65,10 +65,10 @@ def test_tasks_run_on_execution_nodes_and_report(cluster):
     # Every node's /metrics tells the same story from the log it applied.
     client.submit_task({"command": ["python3", "-c", "raise SystemExit(3)"]})
     for node in cluster.nodes:
-        wait_until(lambda: scrape(node, cluster.token).get('synapse_tasks_ended{outcome="failed"}') == 1, 30,
+        wait_until(lambda: scrape(node, cluster.token).get('synapse_tasks_ended_total{outcome="failed"}') == 1, 30,
                    f"{node.node_id} counting the failed task")
         m = scrape(node, cluster.token)
-        assert m['synapse_tasks_ended{outcome="succeeded"}'] == 8
+        assert m['synapse_tasks_ended_total{outcome="succeeded"}'] == 8
         assert (m['synapse_tasks{state="ended"}'], m['synapse_tasks{state="pending"}']) == (9, 0)
         assert m['synapse_workers{state="up"}'] == 2
         assert m["synapse_task_schedule_seconds_count"] == 9

@@ -15,11 +15,39 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from synapse.api.cluster import contact
 from synapse.api.context import context_of
 
 METRICS_KEY: web.AppKey["Metrics"] = web.AppKey("metrics")
+
+
+class Totals:
+    """Running totals the node's parts keep themselves (entries proposed, repairs done, bytes
+    sent, tasks ended): read at each scrape and exposed as Prometheus counters
+    (``<name>_total``), so rate() and increase() apply and a restarted node, starting again
+    from zero, reads as a counter reset."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._declared: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._values: dict[str, dict[tuple[str, ...], float]] = {}
+        registry.register(self)
+
+    def declare(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> str:
+        self._declared[name] = (documentation, labels)
+        self._values[name] = {}
+        return name
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        self._values[name][labels] = value
+
+    def collect(self):
+        for name, (documentation, labels) in self._declared.items():
+            family = CounterMetricFamily(name, documentation, labels=list(labels))
+            for values, total in list(self._values[name].items()):
+                family.add_metric(list(values), total)
+            yield family
 
 
 class Metrics:
@@ -34,16 +62,19 @@ class Metrics:
         self.commit_index = Gauge("synapse_commit_index", "Raft commit index", registry=self.registry)
         self.term = Gauge("synapse_raft_term", "Raft term", registry=self.registry)
         self.is_leader = Gauge("synapse_is_leader", "1 if this node is the Raft leader", registry=self.registry)
-        self.entries = Gauge("synapse_entries_proposed", "Log entries proposed by this node", registry=self.registry)
-        self.commands = Gauge("synapse_commands_proposed", "Commands proposed by this node", registry=self.registry)
+        self.totals = t = Totals(self.registry)
+        self.entries = t.declare("synapse_entries_proposed", "Log entries proposed by this node")
+        self.commands = t.declare("synapse_commands_proposed", "Commands proposed by this node")
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
-        self.repairs = Gauge("synapse_repairs", "Repairs completed by this node since it started", registry=self.registry)
-        self.catchup_sent = Gauge("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers", registry=self.registry)
-        self.catchup_received = Gauge("synapse_catchup_bytes_received", "Bytes of catch-up containers received from the leader", registry=self.registry)
-        self.catchup_full_dumps = Gauge(
+        self.repairs = t.declare("synapse_repairs", "Repairs completed by this node since it started")
+        self.catchup_sent = t.declare("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers")
+        self.catchup_received = t.declare("synapse_catchup_bytes_received",
+                                          "Bytes of catch-up containers received from the leader")
+        self.catchup_full_dumps = t.declare(
             "synapse_catchup_full_dumps", "Whole dumps sent to lagging followers instead of a catch-up container, "
-            "by reason", ["reason"], registry=self.registry)
-        self.catchup_probe = Gauge("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan catch-ups", ["direction"], registry=self.registry)
+            "by reason", ("reason",))
+        self.catchup_probe = t.declare("synapse_catchup_probe_bytes", "Bytes exchanged with followers to plan "
+                                       "catch-ups", ("direction",))
         self.repair_bytes = Gauge("synapse_repair_bytes", "Bytes received by the last repair", registry=self.registry)
         # Each voter as this node sees it (the leader's view is the one that counts: a voter
         # down there is one `synapse cluster replace` candidate). node: its id, or its Raft
@@ -58,14 +89,13 @@ class Metrics:
                                     "in this node's vector index", registry=self.registry)
         self.memory_whole = Gauge("synapse_memory_index_whole", "1 while the vector index holds the whole state "
                                   "(0: reconciling after a start, rollback, repair or failure)", registry=self.registry)
-        self.memory_reconciles = Gauge("synapse_memory_index_reconciles", "Reconciles of the vector index against "
-                                       "the state since the node started", registry=self.registry)
+        self.memory_reconciles = t.declare("synapse_memory_index_reconciles", "Reconciles of the vector index "
+                                           "against the state since the node started")
         self.memory_failing = Gauge("synapse_memory_index_failing", "1 while the last index write or reconcile "
                                     "failed (the node log says why)", registry=self.registry)
-        self.recall_calls = Gauge("synapse_memory_recall_index_calls", "Index calls that answered recalls (each "
-                                  "a batch of concurrent ones)", registry=self.registry)
-        self.recall_questions = Gauge("synapse_memory_recall_index_questions", "Recalls answered by the index",
-                                      registry=self.registry)
+        self.recall_calls = t.declare("synapse_memory_recall_index_calls", "Index calls that answered recalls (each "
+                                      "a batch of concurrent ones)")
+        self.recall_questions = t.declare("synapse_memory_recall_index_questions", "Recalls answered by the index")
         self.checkpoint_last = Gauge("synapse_checkpoint_last_index", "The newest checkpoint this node applied",
                                      registry=self.registry)
         self.checkpoint_agreed = Gauge("synapse_checkpoint_agreed_index", "The newest checkpoint whose digest a "
@@ -76,8 +106,8 @@ class Metrics:
         # node applied since it started.
         self.tasks = Gauge("synapse_tasks", "Tasks in the state: pending (queued), leased (assigned or "
                            "running), ended (kept, newest 100,000)", ["state"], registry=self.registry)
-        self.tasks_ended = Gauge("synapse_tasks_ended", "Tasks ended by entries this node applied since it "
-                                 "started, by outcome", ["outcome"], registry=self.registry)
+        self.tasks_ended = t.declare("synapse_tasks_ended", "Tasks ended by entries this node applied since it "
+                                     "started, by outcome", ("outcome",))
         self.task_wait = Histogram("synapse_task_schedule_seconds", "How long each task waited to be placed on a "
                                    "worker (from its submission or its retry's backoff end), as applied here",
                                    registry=self.registry,
@@ -111,20 +141,21 @@ async def metrics(request: web.Request) -> web.Response:
     m.commit_index.set(raft["commit_index"])
     m.term.set(raft["term"])
     m.is_leader.set(1 if raft["is_leader"] else 0)
-    m.entries.set(ctx.cluster.entries_proposed)
-    m.commands.set(ctx.cluster.commands_proposed)
+    totals = m.totals
+    totals.set(m.entries, ctx.cluster.entries_proposed)
+    totals.set(m.commands, ctx.cluster.commands_proposed)
     m.serving.set(1 if ctx.serving else 0)
     integrity = ctx.integrity.status()
     m.checkpoint_last.set(integrity["last_checkpoint"] or 0)
     m.checkpoint_agreed.set(integrity["last_agreed"] or 0)
     st = ctx.catchup
-    m.catchup_sent.set(st.container_bytes_sent)
-    m.catchup_received.set(st.container_bytes_received)
-    m.catchup_probe.labels("sent").set(st.probe_bytes_sent)
-    m.catchup_probe.labels("received").set(st.probe_bytes_received)
+    totals.set(m.catchup_sent, st.container_bytes_sent)
+    totals.set(m.catchup_received, st.container_bytes_received)
+    totals.set(m.catchup_probe, st.probe_bytes_sent, "sent")
+    totals.set(m.catchup_probe, st.probe_bytes_received, "received")
     for reason, count in list(st.full_dumps.items()):
-        m.catchup_full_dumps.labels(reason).set(count)
-    m.repairs.set(ctx.repairer.repairs)
+        totals.set(m.catchup_full_dumps, count, reason)
+    totals.set(m.repairs, ctx.repairer.repairs)
     m.repair_bytes.set(ctx.repairer.last.bytes_received if ctx.repairer.last else 0)
     counts, workers, spaces, nodes = ctx.cluster.read(  # one read: the applier waits for none twice
         lambda p: (p.task_counts(), [w["state"] for w in p.workers().values()], p.memory_namespaces(), p.nodes()))
@@ -133,17 +164,17 @@ async def metrics(request: web.Request) -> web.Response:
     for state in ("up", "down"):
         m.workers.labels(state).set(workers.count(state))
     for outcome, n in list(ctx.scheduler.ended.items()):
-        m.tasks_ended.labels(outcome).set(n)
+        totals.set(m.tasks_ended, n, outcome)
     m.memory_records.set(sum(space["count"] for _, space in spaces))
     m.memory_namespaces.set(len(spaces))
     if ctx.memory is not None:
         index = ctx.memory.index
         m.memory_indexed.set(index.indexed_upto)
         m.memory_whole.set(1 if index.whole else 0)
-        m.memory_reconciles.set(index.reconciles)
+        totals.set(m.memory_reconciles, index.reconciles)
         m.memory_failing.set(1 if index.last_error else 0)
-        m.recall_calls.set(index.recall_batches.calls)
-        m.recall_questions.set(index.recall_batches.questions)
+        totals.set(m.recall_calls, index.recall_batches.calls)
+        totals.set(m.recall_questions, index.recall_batches.questions)
     names = {info["raft"]: node_id for node_id, info in nodes.items()}
     now = time.time()
     m.voter_up.clear()  # a voter removed since the last scrape is no longer reported
