@@ -571,6 +571,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#sign-out").addEventListener("click", () => signOut(""));
   window.addEventListener("hashchange", route);
   document.addEventListener("visibilitychange", refresh);
-  if (app.token) signIn(app.token).catch((e) => signOut(e instanceof ApiError ? `The node refused the saved token: ${e.message}` : ""));
+  if (app.token) {
+    signIn(app.token).catch((e) => signOut(e instanceof ApiError ? `The node refused the saved token: ${e.message}`
+      : `Cannot reach this node (${e.message}); sign in again once it answers, or open another node's /ui/.`));
+  }
   else signOut("");
 });
