@@ -53,8 +53,9 @@ def populate(cluster: Cluster) -> str:
     code, body = post_json(victim, "/v1/debug/corrupt", {"key": "app/name", "value": "rot"}, cluster.token)
     assert code == 200, body
     c.checkpoint(label="daily")
-    wait_until(lambda: Client(victim.url, cluster.token).status()["checkpoint"].get("repairs", 0) >= 1
-               and Client(victim.url, cluster.token).status()["checkpoint"]["service"] == "serving", 60, "the repair")
+    on_victim = Client(victim.url, cluster.token)
+    wait_until(lambda: (ck := on_victim.status()["checkpoint"]).get("repairs", 0) >= 1 and ck["service"] == "serving",
+               60, "the repair")
     c.checkpoint(label="after the repair", wait=True)
     return shown
 

@@ -99,12 +99,13 @@ async def list_tasks(request: web.Request) -> web.Response:
     if order == "recent":
         applied = ctx.cluster.applied()[0]
         rows, counts = ctx.cluster.read(lambda p: (p.recent_tasks(limit, applied), p.task_counts()))
-        return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows], "next": None,
-                                  "counts": counts})
-    rows, counts = ctx.cluster.read(lambda p: (p.tasks(state, limit, after), p.task_counts()))
+        after_last = None  # one page
+    else:
+        rows, counts = ctx.cluster.read(lambda p: (p.tasks(state, limit, after), p.task_counts()))
+        after_last = rows[-1][0] if len(rows) == limit else None
     # counts: the whole state's pending (queued), leased (assigned or running) and ended (kept).
-    return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows],
-                              "next": rows[-1][0] if len(rows) == limit else None, "counts": counts})
+    return web.json_response({"tasks": [task_view(t, task, brief=True) for t, task in rows], "next": after_last,
+                              "counts": counts})
 
 
 async def cancel_task(request: web.Request) -> web.Response:
