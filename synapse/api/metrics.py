@@ -65,6 +65,8 @@ class Metrics:
         self.totals = t = Totals(self.registry)
         self.entries = t.declare("synapse_entries_proposed", "Log entries proposed by this node")
         self.commands = t.declare("synapse_commands_proposed", "Commands proposed by this node")
+        self.merged = t.declare("synapse_entries_merged", "Entries this node, as leader, joined into another "
+                                "entry's log entry (its own and those followers forwarded)")
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
         self.repairs = t.declare("synapse_repairs", "Repairs completed by this node since it started")
         self.catchup_sent = t.declare("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers")
@@ -144,6 +146,7 @@ async def metrics(request: web.Request) -> web.Response:
     totals = m.totals
     totals.set(m.entries, ctx.cluster.entries_proposed)
     totals.set(m.commands, ctx.cluster.commands_proposed)
+    totals.set(m.merged, raft["entries_merged"])
     m.serving.set(1 if ctx.serving else 0)
     integrity = ctx.integrity.status()
     m.checkpoint_last.set(integrity["last_checkpoint"] or 0)

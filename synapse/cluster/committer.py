@@ -27,6 +27,10 @@ from synapse.state.commands import encode_entry
 log = logging.getLogger("synapse.cluster")
 
 
+# The largest entry a committer makes, and the leader's merge of queued entries too (merge.py).
+MAX_ENTRY_COMMANDS = 1024
+MAX_ENTRY_BYTES = 4 << 20
+
 # How long to wait before proposing again when there is no leader (an election takes ~0.3-0.6 s).
 _ELECTION_RETRY = 0.05
 
@@ -61,8 +65,8 @@ class GroupCommitter:
     def __init__(
         self,
         raft: EntryLog,
-        max_commands: int = 1024,
-        max_bytes: int = 4 << 20,
+        max_commands: int = MAX_ENTRY_COMMANDS,
+        max_bytes: int = MAX_ENTRY_BYTES,
         # Two: one entry filling while one commits. With one, 64 small-write clients ran
         # within the noise of two (8 alternated rounds, scripts/bench-cluster's load), but
         # 128-put transactions from 8 clients loaded ~1.5x slower: the next entry waited for

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pysyncobj.serializer import Serializer
 from pysyncobj.transport import TCPTransport
 
 from synapse import _core
-from synapse.cluster import wire
+from synapse.cluster import merge, wire
 from synapse.cluster.dump import PLAN_PENDING, DumpJob, read_dump
 from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
 from synapse.cluster.raft_tls import contexts
@@ -221,6 +222,9 @@ class Voter(SyncObj):
                 super().__init__(raft_addr, peers, conf, transportClass=transport)
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
+        self._apply_entry_id = self._methodToID[self._getFuncName("apply_entry")]
+        # Entries this node, as leader, joined into another's log entry (merge.py).
+        self.entries_merged = 0
         self.addOnTickCallback(self._on_tick)
         poll = self._poller.poll
         # The tick thread sleeps in poll up to autoTickPeriod (50 ms): wake it when a held-back
@@ -272,6 +276,14 @@ class Voter(SyncObj):
             # the leader planned a catch-up). The commit index may only move with a checked
             # batch, so these messages do not move it.
             message = dict(message, commit_index=min(message.get("commit_index", 0), self.raftCommitIndex))
+        if isinstance(message, dict) and message.get("type") == "apply_command_response" and "slot" in message:
+            # The leader merged this node's entry with others (merge.py): the waiting callback
+            # is to get only its own commands' results.
+            waiting = self._SyncObj__commandsWaitingReply
+            callback = waiting.get(message.get("request_id"))
+            slot = message["slot"]
+            if callback is not None and _is_slot(slot):
+                waiting[message["request_id"]] = merge.sliced(callback, tuple(slot))
         if isinstance(message, dict) and message.get("type") == "request_vote" and node not in self.otherNodes:
             # Third: a voter removed from the cluster (`synapse cluster remove`) but still
             # running hears no leader, calls elections with ever higher terms, and — with no
@@ -280,6 +292,54 @@ class Voter(SyncObj):
             # the current members' vote requests count.
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _checkCommandsToApply(self) -> None:  # noqa: N802 (PySyncObj's name)
+        """On the leader: PySyncObj's own step (append each queued command as a log entry,
+        answer each follower that forwarded one with its index), except that consecutive
+        entries of ours leave as one (merge.py) and the followers get one AppendEntries for
+        all that was appended, not one per entry. Elsewhere PySyncObj's own step, unchanged
+        (a follower forwards, a node without a leader fails the commands)."""
+        if not self._isLeader():
+            SyncObj._checkCommandsToApply(self)
+            return
+        commands, waiting = self._SyncObj__commandsQueue, []
+        while True:
+            try:
+                waiting.append(commands.get_nowait())
+            except queue.Empty:
+                break
+        if not waiting:
+            return
+        for outgoing in merge.plan(waiting, self._apply_entry_id):
+            self._append_as_leader(outgoing)
+            self.entries_merged += len(outgoing.members) - 1
+        if not self._SyncObj__conf.appendEntriesUseBatch:
+            self._SyncObj__sendAppendEntries()
+
+    def _append_as_leader(self, outgoing: merge.Outgoing) -> None:
+        # PySyncObj's leader branch of _checkCommandsToApply for one entry, with slots.
+        idx, term = self._SyncObj__getCurrentLogIndex() + 1, self.raftCurrentTerm
+        change = (self._SyncObj__parseChangeClusterRequest(outgoing.command)
+                  if self._SyncObj__conf.dynamicMembershipChange else None)
+        transport = self._SyncObj__transport
+        if change is not None and not self._SyncObj__changeCluster(change):
+            for callback, _ in outgoing.members:
+                if isinstance(callback, tuple):
+                    transport.send(callback[0], {"type": "apply_command_response", "request_id": callback[1],
+                                                 "error": FAIL_REASON.REQUEST_DENIED})
+                elif callback is not None:
+                    callback(None, FAIL_REASON.REQUEST_DENIED)
+            return
+        self._SyncObj__raftLog.add(outgoing.command, idx, term)
+        for callback, slot in outgoing.members:
+            if isinstance(callback, tuple):  # a follower's (node, request id): it waits for the index
+                response = {"type": "apply_command_response", "request_id": callback[1], "log_idx": idx, "log_term": term}
+                if slot is not None:
+                    response["slot"] = list(slot)
+                transport.send(callback[0], response)
+            elif callback is not None:
+                self._SyncObj__commandsWaitingCommit[idx].append(
+                    (term, callback if slot is None else merge.sliced(callback, slot)))
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 (PySyncObj's name)
         # PySyncObj, with batch mode off, sends every follower an AppendEntries as soon as the
@@ -737,6 +797,7 @@ class ReplicatedLog:
             "last_contact": {str(n.id): (None if str(n.id) not in heard else round(now - heard[str(n.id)], 3))
                              for n in others},
             "uptime": round(now - raft.started, 3),
+            "entries_merged": raft.entries_merged,
             # Silent longer than this, a peer's link is dropped (tuning.connection_timeout).
             "contact_timeout": self._tuning.connection_timeout,
         }
@@ -757,6 +818,11 @@ class ReplicatedLog:
         else:
             raft.destroy()
         raft._SyncObj__serializer.wait()
+
+
+def _is_slot(slot) -> bool:
+    return (isinstance(slot, (list, tuple)) and len(slot) == 3 and all(type(x) is int and x >= 0 for x in slot)
+            and slot[0] + slot[1] <= slot[2])
 
 
 class RaftError(RuntimeError):

@@ -114,6 +114,21 @@ def decode_entry(payload: bytes) -> list[Any]:
     return commands
 
 
+def shareable_commands(payload: bytes) -> list[Any] | None:
+    """The commands of an entry that may share a log entry with other entries' commands (the
+    leader merges entries waiting in its queue), or None: an entry that does not decode stays
+    as it is (every node then fails it the same way), and a rollback must be alone in its
+    entry. Each command is applied on its own (in a savepoint), so a command's result does
+    not depend on which other commands share its entry."""
+    try:
+        commands = decode_entry(payload)
+    except EntryError:
+        return None
+    if any(isinstance(c, dict) and c.get("op") == "rollback" for c in commands):
+        return None
+    return commands
+
+
 def validate_command(command: Any, *, check_json: bool = True) -> None:
     """Raise ``CommandError`` unless ``command`` is a valid schema-1 command.
 
