@@ -1,5 +1,6 @@
-"""Our guards against four PySyncObj 0.3.17 defects, checked on the messages PySyncObj's own
-handler receives (the end-to-end reproductions are tests/test_partition.py and the chaos runs)."""
+"""Our guards against PySyncObj 0.3.17 defects, checked on the messages PySyncObj's own
+handler receives (the end-to-end reproductions are tests/test_partition.py, tests/test_large_entries.py and the
+chaos runs)."""
 
 from __future__ import annotations
 

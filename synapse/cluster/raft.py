@@ -24,7 +24,7 @@ from pysyncobj.serializer import Serializer
 from pysyncobj.transport import TCPTransport
 
 from synapse import _core
-from synapse.cluster import merge, wire
+from synapse.cluster import merge, transmission, wire
 from synapse.cluster.dump import PLAN_PENDING, DumpJob, read_dump
 from synapse.cluster.journal import SegmentedJournal, import_pysyncobj_journal
 from synapse.cluster.raft_tls import contexts
@@ -244,7 +244,7 @@ class Voter(SyncObj):
         self._guarded_message(node, message)
 
     def _guarded_message(self, node, message) -> None:
-        """Fixes four PySyncObj 0.3.17 defects before its handler sees the message.
+        """Fixes five PySyncObj 0.3.17 defects before its handler sees the message.
 
         First, a catch-up livelock.
 
@@ -261,6 +261,13 @@ class Voter(SyncObj):
             current = self._SyncObj__raftNextIndex.get(node)
             if current is not None and message["next_node_idx"] > current:
                 message = dict(message, next_node_idx=current)
+        if isinstance(message, dict) and message.get("type") == "append_entries" and "transmission" in message:
+            # Fifth: a large entry's chunks, its end found by content rather than by the
+            # leader's label, which can come a chunk early (transmission.py). The chunk that
+            # completes it goes on as an ordinary batch, checked by the next guard.
+            message = transmission.receive_chunk(self, message)
+            if message is None:
+                return
         if (isinstance(message, dict) and message.get("type") == "append_entries" and "prevLogIdx" in message
                 and "transmission" not in message and message.get("term", -1) >= self.raftCurrentTerm):
             message = _cut_only_on_conflict(self, node, message)
