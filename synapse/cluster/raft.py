@@ -118,9 +118,9 @@ class BackgroundSerializer(Serializer):
         self._job = None
         # PySyncObj drops the log up to the entry before the dump's last one (it keeps both).
         if job.error is None and not job.cancelled:
-            for transmission in self._Serializer__transmissions.values():
-                if "file" in transmission:
-                    transmission["file"].close()
+            for sending in self._Serializer__transmissions.values():
+                if "file" in sending:
+                    sending["file"].close()
             self._Serializer__transmissions = {}
             self._containers = {}
             return SERIALIZER_STATE.SUCCESS, job.index - 1
