@@ -224,9 +224,18 @@ class Cluster:
         """One started node nothing else writes to (no periodic checkpoints, no embedded
         worker): its state hash changes only by the requests of the test."""
         c = cls.create(root, 1, extra=["--worker-slots", "0", "--checkpoint-interval", "0"]).start()
-        # The node's last write of its own: registering itself, once it has a leader.
-        wait_until(lambda: c.client().status()["members"][0]["node_id"] == "n1", 10, "the node to register itself")
+        c.wait_registered()
         return c
+
+    def wait_registered(self, timeout: float = 15.0) -> dict[str, dict]:
+        """Until every node has registered itself, then converged. Registering is the last
+        write a node makes of its own after a start (after its root principal and tokens,
+        written by the same task, retried every 0.5 s while there is no leader); without a
+        worker or periodic checkpoints, the state then changes only by the test's requests."""
+        ids = {n.node_id for n in self.nodes}
+        wait_until(lambda: ids <= {m["node_id"] for m in self.client().status()["members"]}, timeout,
+                   f"nodes {sorted(ids)} to register themselves")
+        return self.wait_converged(timeout)
 
     def node(self, node_id: str) -> NodeProc:
         return next(n for n in self.nodes if n.node_id == node_id)

@@ -17,6 +17,9 @@ from tests.harness import SECRET, Cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = Cluster.create(tmp_path_factory.mktemp("raft-hostile"), 3, extra=["--checkpoint-interval", "0"]).start()
+    # Each node's own writes after a start (its tokens, registering itself) must be in before
+    # the test compares states across the attack.
+    c.wait_registered()
     c.client().put("before", "the attack")
     c.wait_converged()
     yield c
