@@ -214,6 +214,11 @@ class Voter(SyncObj):
         # Raft address, monotonic; set on the tick thread, read by status().
         self.heard: dict[str, float] = {}
         self.started = time.monotonic()
+        # PySyncObj's id of apply_entry, known once SyncObj.__init__ has listed the methods;
+        # until then (its tick thread already runs) the leader's step is PySyncObj's own.
+        self._apply_entry_id: int | None = None
+        # Entries this node, as leader, joined into another's log entry (merge.py).
+        self.entries_merged = 0
         with _CONSTRUCTION_HOOK:
             create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
@@ -223,8 +228,6 @@ class Voter(SyncObj):
             finally:
                 pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer = create_journal, serializer
         self._apply_entry_id = self._methodToID[self._getFuncName("apply_entry")]
-        # Entries this node, as leader, joined into another's log entry (merge.py).
-        self.entries_merged = 0
         self.addOnTickCallback(self._on_tick)
         poll = self._poller.poll
         # The tick thread sleeps in poll up to autoTickPeriod (50 ms): wake it when a held-back
@@ -306,7 +309,7 @@ class Voter(SyncObj):
         entries of ours leave as one (merge.py) and the followers get one AppendEntries for
         all that was appended, not one per entry. Elsewhere PySyncObj's own step, unchanged
         (a follower forwards, a node without a leader fails the commands)."""
-        if not self._isLeader():
+        if not self._isLeader() or self._apply_entry_id is None:
             SyncObj._checkCommandsToApply(self)
             return
         commands, waiting = self._SyncObj__commandsQueue, []
