@@ -1,4 +1,5 @@
-"""PySyncObj's log entry encoding, read without running PySyncObj (offline audit, tail).
+"""PySyncObj's log entry encoding, read without running PySyncObj (offline audit, tail, the
+leader's merge, a follower's reassembly of a large entry).
 
 An entry's command is one type byte and a pickle: ``0`` regular (a replicated method call
 ``(method id, (args...))`` — ours is ``apply_entry(payload)``), ``1`` no-op (a new leader's
@@ -59,6 +60,7 @@ class RaftCommand:
     kind: str  # regular, no-op, membership, version
     payload: bytes | None = None  # ours: the argument of apply_entry
     detail: object = None  # membership: [op, address, ...]
+    method: int | None = None  # regular: PySyncObj's id of the replicated method
 
 
 def decode_command(command: bytes) -> RaftCommand:
@@ -82,4 +84,15 @@ def decode_command(command: bytes) -> RaftCommand:
     if not (isinstance(value, tuple) and len(value) >= 2 and isinstance(value[1], tuple) and len(value[1]) == 1
             and isinstance(value[1][0], bytes)):
         raise EntryDecodeError("a regular entry that is not apply_entry(payload)")
-    return RaftCommand("regular", payload=value[1][0])
+    return RaftCommand("regular", payload=value[1][0], method=value[0])
+
+
+def decode_log_entry(data: bytes) -> tuple[bytes, int, int]:
+    """A log entry as PySyncObj pickles it to send it, ``(command, index, term)``, read with
+    the same data-only unpickler; raises ``EntryDecodeError`` for anything else (a prefix of
+    one included)."""
+    value = _load(data)
+    if not (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], bytes)
+            and all(type(x) is int for x in value[1:])):
+        raise EntryDecodeError("not a log entry (command, index, term)")
+    return value

@@ -20,16 +20,14 @@ only *consecutive* entries join, so the log's order of commands is the queue's o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pysyncobj import pickle
 
 from synapse.cluster.committer import MAX_ENTRY_BYTES, MAX_ENTRY_COMMANDS
+from synapse.cluster.entries import REGULAR, EntryDecodeError, decode_command
 from synapse.state.commands import encode_entry, shareable_commands
-
-# PySyncObj's command types (its _COMMAND_TYPE, private): a call of a replicated method.
-_REGULAR = 0
 
 Slot = tuple[int, int, int]  # (offset, count, total) into the merged entry's results
 
@@ -43,9 +41,11 @@ class Outgoing:
     members: list[tuple[object, Slot | None]] = field(default_factory=list)
 
 
-def plan(waiting: Iterable[tuple[bytes, object]], method_id: int) -> list[Outgoing]:
+def plan(waiting: list[tuple[bytes, object]], method_id: int) -> list[Outgoing]:
     """The log entries for the queue's ``(command, callback)`` pairs, in order. ``method_id``
     is PySyncObj's id of the replicated ``apply_entry``."""
+    if len(waiting) < 2:  # the common case on a lightly loaded leader: nothing to decode
+        return [Outgoing(command, [(callback, None)]) for command, callback in waiting]
     out: list[Outgoing] = []
     group: list[tuple[bytes, object, list]] = []  # mergeable commands not yet emitted
     size = count = 0
@@ -80,6 +80,14 @@ def plan(waiting: Iterable[tuple[bytes, object]], method_id: int) -> list[Outgoi
     return out
 
 
+def slot_of(value: object) -> Slot | None:
+    """The slot an ``apply_command_response`` carries, or None if it is not a valid one."""
+    if (isinstance(value, (list, tuple)) and len(value) == 3 and all(type(x) is int and x >= 0 for x in value)
+            and value[0] + value[1] <= value[2]):
+        return (value[0], value[1], value[2])
+    return None
+
+
 def sliced(callback: Callable[[object, int], None], slot: Slot) -> Callable[[object, int], None]:
     """``callback`` as PySyncObj calls it (result, error), given only its slot of a merged
     entry's results. A result that is not one per command of the whole entry (the processor
@@ -96,19 +104,19 @@ def sliced(callback: Callable[[object, int], None], slot: Slot) -> Callable[[obj
 
 
 def _commands(command: bytes, method_id: int) -> list | None:
-    """The commands of a queued ``apply_entry`` call that may share its entry, else None."""
-    if not command or command[0] != _REGULAR:
+    """The commands of a queued ``apply_entry`` call that may share its entry, else None.
+    Read with the data-only unpickler (entries.py): a queued command can come from a follower."""
+    if not command or command[0] != REGULAR:
         return None
     try:
-        call = pickle.loads(command[1:])
-    except Exception:  # not ours to judge: PySyncObj appends it as it is
+        call = decode_command(command)
+    except EntryDecodeError:  # not ours to judge: PySyncObj appends it as it is
         return None
-    if not (isinstance(call, tuple) and len(call) == 2 and call[0] == method_id
-            and isinstance(call[1], tuple) and len(call[1]) == 1 and isinstance(call[1][0], bytes)):
+    if call.method != method_id:
         return None
-    return shareable_commands(call[1][0])
+    return shareable_commands(call.payload)
 
 
 def _call(method_id: int, payload: bytes) -> bytes:
     """The command bytes of ``apply_entry(payload)``, as PySyncObj's ``@replicated`` makes them."""
-    return bytes([_REGULAR]) + pickle.dumps((method_id, (payload,)))
+    return bytes([REGULAR]) + pickle.dumps((method_id, (payload,)))

@@ -291,9 +291,9 @@ class Voter(SyncObj):
             # is to get only its own commands' results.
             waiting = self._SyncObj__commandsWaitingReply
             callback = waiting.get(message.get("request_id"))
-            slot = message["slot"]
-            if callback is not None and _is_slot(slot):
-                waiting[message["request_id"]] = merge.sliced(callback, tuple(slot))
+            slot = merge.slot_of(message["slot"])
+            if callback is not None and slot is not None:
+                waiting[message["request_id"]] = merge.sliced(callback, slot)
         if isinstance(message, dict) and message.get("type") == "request_vote" and node not in self.otherNodes:
             # Third: a voter removed from the cluster (`synapse cluster remove`) but still
             # running hears no leader, calls elections with ever higher terms, and — with no
@@ -828,11 +828,6 @@ class ReplicatedLog:
         else:
             raft.destroy()
         raft._SyncObj__serializer.wait()
-
-
-def _is_slot(slot) -> bool:
-    return (isinstance(slot, (list, tuple)) and len(slot) == 3 and all(type(x) is int and x >= 0 for x in slot)
-            and slot[0] + slot[1] <= slot[2])
 
 
 class RaftError(RuntimeError):

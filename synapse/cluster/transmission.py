@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 
-from pysyncobj import pickle
+from synapse.cluster.entries import EntryDecodeError, decode_log_entry
 
 log = logging.getLogger("synapse.cluster")
 
@@ -93,9 +93,8 @@ def complete_entry(data: bytes) -> tuple | None:
     if data[-1:] != _STOP:
         return None  # cheap: a prefix cut inside the command's text rarely ends in STOP
     try:
-        entry = pickle.loads(data)  # PySyncObj's own loads (with its Python 2 fallback)
-    except Exception:  # a prefix raises EOFError, UnpicklingError, UnicodeDecodeError, ...
+        # Data only (entries.py): a global in the bytes is refused, never called (PySyncObj's
+        # own pickle.loads would call it).
+        return decode_log_entry(data)
+    except EntryDecodeError:  # a prefix, or not an entry: PySyncObj gets it as 'process'
         return None
-    if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[0], bytes)):
-        return None
-    return entry
