@@ -5,7 +5,7 @@ crosses the Python/Rust boundary once; long work runs with the GIL released.
 """
 
 from os import PathLike
-from typing import Sequence
+from typing import Any, Sequence
 
 BUCKETS: int  # 65536 buckets at the tree's last level
 FANOUT: int  # 16 children per tree node
@@ -64,6 +64,12 @@ class StateStore:
 
         The batch is validated (types) before anything changes; a bad batch raises TypeError
         and changes nothing."""
+    def apply_kv_entry(
+        self, index: int, payload: bytes, dedup_capacity: int
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, bytes | None, int, int, int, int]], bytes] | None:
+        """Apply a log entry of plain puts and deletes whole (commands, dedup bound, audit
+        chain link) as ``CommandProcessor.apply_entry`` would, and return ``(results, changes,
+        chain)``; or return None having changed nothing (the Python processor applies it)."""
     def get(self, key: bytes) -> bytes | None: ...
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
     def scan(

@@ -350,7 +350,7 @@ def test_changes_in_apply_order(log):
 
 def test_one_rust_batch_per_entry_in_first_write_order():
     store = CountingStore()
-    proc = CommandProcessor(store)
+    proc = CommandProcessor(store, kv_fast_path=False)  # the Python path's batch
     proc.apply_entry(
         1, encode_entry([put("b"), put("a"), put("b", b"2"), {"op": "noop", "rid": "r"}, delete("a")])
     )
@@ -448,7 +448,9 @@ def test_an_unexpected_exception_mid_transaction(log, proc, monkeypatch):
 
 def test_a_failing_store_apply_gives_internal_results_and_changes_nothing():
     store = CountingStore()
-    proc = CommandProcessor(store)
+    # The Python path's own failure handling (the Rust fast path changes nothing when its
+    # store batch fails, and leaves the entry to this path).
+    proc = CommandProcessor(store, kv_fast_path=False)
     store.fail_next_apply = True
     outcome = proc.apply_entry(1, encode_entry([put("a"), put("b")]))
     assert [r["error"] for r in outcome.results] == ["internal", "internal"]
@@ -798,7 +800,9 @@ def test_the_store_lock_is_held_only_around_the_entrys_one_batch():
             return super().apply(ops)
 
     store = WatchedStore()
-    proc = CommandProcessor(store, store_lock=Probe())
+    # The Python path (an entry of puts and deletes goes to Rust whole, under the lock, when
+    # the fast path is on: tests/test_kv_fast_path.py).
+    proc = CommandProcessor(store, store_lock=Probe(), kv_fast_path=False)
     outcome = proc.apply_entry(1, encode_entry([put(f"k{i}", rid=f"r{i}") for i in range(200)] + [delete("k3")]))
     assert all(r["ok"] for r in outcome.results)
     assert Probe.entered == 1 and len(store.applies) == 1

@@ -71,21 +71,36 @@ class CommandProcessor:
     ``dedup_capacity`` is part of the replicated behaviour: every node must use the same one."""
 
     def __init__(self, store: StateStore, dedup_capacity: int = DEDUP_CAPACITY,
-                 store_lock: AbstractContextManager | None = None) -> None:
+                 store_lock: AbstractContextManager | None = None, kv_fast_path: bool = True) -> None:
         """``store_lock`` is held around each change to the store, and only then: readers on
         other threads that hold it see the state between two entries, and wait for no more
-        than the one Rust batch an entry ends with (its commands run before, outside it)."""
+        than the one Rust batch an entry ends with (its commands run before, outside it) — or
+        the one Rust call that applies a whole entry of puts and deletes.
+
+        ``kv_fast_path``: such entries are applied by ``StateStore.apply_kv_entry`` (Rust),
+        which proves the ordinary case only and leaves every other entry, unchanged, to the
+        Python code below — the definition, which tests run it against (DESIGN.md). Off: every
+        entry is applied here."""
         if type(dedup_capacity) is not int or dedup_capacity < 0:
             raise ValueError(f"dedup_capacity: expected an integer >= 0, got {dedup_capacity!r}")
         self.store = store
         self.dedup_capacity = dedup_capacity
         self._store_lock = store_lock if store_lock is not None else nullcontext()
+        self.kv_fast_path = kv_fast_path
+        self.fast_entries = 0  # entries the Rust fast path applied (the rest: this module)
 
     def apply_entry(self, index: int, payload: bytes) -> EntryOutcome:
         """Apply the entry at log ``index``. Never raises (an exception here would make
         PySyncObj re-apply the entry forever); every failure is a result."""
         if type(index) is not int or not 0 <= index <= MAX_UINT64:
             return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
+        if self.kv_fast_path and type(payload) is bytes:
+            with self._store_lock:
+                fast = self.store.apply_kv_entry(index, payload, self.dedup_capacity)
+            if fast is not None:
+                self.fast_entries += 1
+                results, changes, chain = fast
+                return EntryOutcome(results, [KvChange(*c) for c in changes], chain)
         count, changes, events, memory_changes = 1, [], (), ()
         try:
             # PySyncObj hands over bytes; anything else is chained as empty (and is a bad entry).

@@ -6,6 +6,8 @@ pub mod diff;
 mod error;
 pub mod hashing;
 pub mod key;
+pub mod kv_apply;
+pub mod msgpack;
 pub mod snapshot;
 pub mod store;
 pub mod tree;
@@ -15,6 +17,7 @@ pub use diff::{merge_sorted, Change, DiffRecord, StateDiff};
 pub use error::{CoreError, Result};
 pub(crate) use error::hex;
 pub use hashing::{bucket_of, chain, element_hash};
+pub use kv_apply::{apply_kv_entry, KvChange, KvOutcome, KvResult};
 pub use snapshot::{
     load_snapshot, load_snapshot_at, read_snapshot_info, write_snapshot, write_snapshot_with_prefix, SnapshotEntries, SnapshotInfo,
 };

@@ -315,6 +315,53 @@ state_class!(StateStore {
         Ok(n)
     }
 
+    /// A log entry of plain puts, deletes and noops applied whole in Rust (core `kv_apply`): its
+    /// commands, the dedup bound and the audit chain link, as `CommandProcessor.apply_entry`
+    /// would. Returns `(results, changes, chain)` — result dicts, `KvChange` field tuples —
+    /// or None having changed nothing: the entry is the Python processor's to apply.
+    fn apply_kv_entry<'py>(
+        &mut self,
+        py: Python<'py>,
+        index: u64,
+        payload: &[u8],
+        dedup_capacity: u64,
+    ) -> PyResult<Option<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyBytes>)>> {
+        let store = &mut self.0;
+        let Some(out) = py.allow_threads(|| core::apply_kv_entry(store, index, payload, dedup_capacity)) else {
+            return Ok(None);
+        };
+        let results: Vec<Bound<'py, PyDict>> = out
+            .results
+            .iter()
+            .map(|r| {
+                let d = PyDict::new(py);
+                d.set_item("ok", true)?;
+                match r {
+                    core::KvResult::Put { key, version } => {
+                        d.set_item("key", key)?;
+                        d.set_item("version", version)?;
+                    }
+                    core::KvResult::Delete { key, deleted } => {
+                        d.set_item("key", key)?;
+                        d.set_item("deleted", deleted)?;
+                    }
+                    core::KvResult::Noop => {}
+                }
+                d.set_item("index", index)?;
+                Ok(d)
+            })
+            .collect::<PyResult<_>>()?;
+        let changes: Vec<Bound<'py, PyTuple>> = out
+            .changes
+            .iter()
+            .map(|c| {
+                let value = c.value.as_deref().map(|v| bytes(py, v).into_any()).unwrap_or_else(|| py.None().into_bound(py));
+                (c.key.as_str(), value, c.version, c.create_index, c.mod_index, index).into_pyobject(py)
+            })
+            .collect::<PyResult<_>>()?;
+        Ok(Some((PyList::new(py, results)?, PyList::new(py, changes)?, bytes(py, &out.chain))))
+    }
+
     #[pyo3(signature = (start = b"".as_slice(), end = None, limit = None))]
     fn scan<'py>(&self, py: Python<'py>, start: &[u8], end: Option<&[u8]>, limit: Option<i64>) -> PyResult<Bound<'py, PyList>> {
         pairs(py, &self.0.scan(start, end, limit_arg(limit)?))
