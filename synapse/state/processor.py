@@ -96,7 +96,8 @@ class CommandProcessor:
             return EntryOutcome([_error("internal", f"index: {index!r} is not a log index (0 to 2**64-1)")], [])
         if self.kv_fast_path and type(payload) is bytes:
             with self._store_lock:
-                fast = self.store.apply_kv_entry(index, payload, self.dedup_capacity)
+                # The rid count never nears 2**64: a larger capacity bounds nothing more.
+                fast = self.store.apply_kv_entry(index, payload, min(self.dedup_capacity, MAX_UINT64))
             if fast is not None:
                 self.fast_entries += 1
                 results, changes, chain = fast

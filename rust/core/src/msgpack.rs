@@ -46,10 +46,13 @@ impl<'a> Value<'a> {
         }
     }
 
-    /// The value of a string key of a map (None: not a map, or no such key).
+    /// The value of a string key of a map (None: not a map, no such key, or the key more
+    /// than once — Python would read the last; a state this code wrote never repeats one).
     pub fn field(&self, name: &str) -> Option<&Value<'a>> {
-        match self {
-            Value::Map(pairs) => pairs.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v),
+        let Value::Map(pairs) = self else { return None };
+        let mut found = pairs.iter().filter(|(k, _)| k.as_str() == Some(name));
+        match (found.next(), found.next()) {
+            (Some((_, v)), None) => Some(v),
             _ => None,
         }
     }
@@ -291,5 +294,7 @@ mod tests {
         assert_eq!(decode(&deep), None);
         assert_eq!(decode(&[0xd0, 0xff]), Some(Value::Int(-1)));
         assert_eq!(decode(&[0xc3]), Some(Value::Bool(true)));
+        let repeated = decode(&[0x82, 0xa1, b'a', 0x01, 0xa1, b'a', 0x02]).unwrap();
+        assert_eq!(repeated.field("a"), None, "a repeated key is not read");
     }
 }
