@@ -22,6 +22,8 @@ from collections import Counter
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from synapse._core import StateStore
 from synapse.state import keys
@@ -1096,4 +1098,57 @@ def test_the_store_lock_is_held_whenever_the_store_changes():
             assert lock.enters - before == 1  # the one Rust call, nothing else
     assert pair.store_a.changes_unlocked == 0
     assert pair.a.fast_entries >= 50 and pair.store_a.bails > 0
+    pair.assert_same_state()
+
+
+# --- hypothesis: command-shaped documents of any content --------------------------------------
+
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.binary(max_size=20)
+    | st.text(max_size=12) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+# A valid put, delete or noop, with optional fields (valid values, and then a few at a limit),
+# and now and then one field replaced by anything at all: most documents get past the first
+# checks, so the fast path is reached, and the broken ones probe each check.
+_OPTIONAL = {
+    "key": st.sampled_from(["k", "a/b", "é", "x" * 1024, "x" * 1025, "k\x00", ""]),
+    "value": st.binary(max_size=30),
+    "if_version": st.integers(min_value=0, max_value=3),
+    "rid": st.sampled_from(["r1", "r2", "é" * 128, "e" * 129]),
+    "request_hash": st.binary(min_size=15, max_size=17),
+    "auth": st.sampled_from(["root", "nobody"]),
+    "auth_ms": st.integers(min_value=0, max_value=2**64 - 1),
+}
+
+
+def _command(op: str, extras: dict, broken: dict) -> dict:
+    command = {"op": op}
+    if op != "noop":
+        command["key"] = "k"
+    if op == "put":
+        command["value"] = b"1"
+    return {**command, **extras, **broken}
+
+
+_COMMANDS = st.builds(
+    _command,
+    st.sampled_from(["put", "delete", "noop"]),
+    st.fixed_dictionaries({}, optional=_OPTIONAL),
+    st.just({}) | st.dictionaries(st.sampled_from([*_OPTIONAL, "op", "ttl"]), _ANY, max_size=1),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(_COMMANDS, min_size=1, max_size=4), min_size=1, max_size=4))
+def test_any_command_shaped_entries_give_what_the_python_processor_gives(entries):
+    pair = Pair(dedup_capacity=2)
+    pair.feed(encode_entry([{"op": "security_bootstrap", "secret_hash": bytes(32), "now_ms": 1}]))
+    for commands in entries:
+        try:
+            payload = msgpack.packb([1, commands], use_bin_type=True)
+        except (OverflowError, ValueError):  # an integer msgpack cannot carry
+            continue
+        pair.feed(payload)
     pair.assert_same_state()
