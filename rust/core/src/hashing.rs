@@ -3,7 +3,8 @@
 use crate::{Digest, BUCKETS, DIGEST_SIZE};
 
 pub const LANES: usize = 1024;
-const EXPANSION_BYTES: usize = LANES * 2;
+const EXPANSION_BYTES: usize = crate::expand::EXPANSION_BYTES;
+const _: () = assert!(EXPANSION_BYTES == LANES * 2);
 
 const ELEMENT_TAG: &[u8; 8] = b"SYNELEM1";
 const LANES_TAG: &[u8; 8] = b"SYNLANE1";
@@ -48,9 +49,7 @@ impl Lattice {
         seed[..8].copy_from_slice(LANES_TAG);
         seed[8..].copy_from_slice(element);
         let mut expansion = [0u8; EXPANSION_BYTES];
-        hasher.reset();
-        hasher.update(&seed);
-        hasher.finalize_xof().fill(&mut expansion);
+        crate::expand::expand(&seed, &mut expansion, hasher);
         let lanes = expansion.chunks_exact(2).map(|p| u16::from_le_bytes([p[0], p[1]]));
         // Two loops rather than a branch per lane, so each one vectorizes.
         if subtract {

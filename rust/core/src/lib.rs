@@ -4,6 +4,7 @@
 mod codec;
 pub mod diff;
 mod error;
+mod expand;
 pub mod hashing;
 pub mod key;
 pub mod kv_apply;
