@@ -88,7 +88,7 @@ pub fn apply_kv_entry(store: &mut StateStore, index: u64, payload: &[u8], dedup_
     let commands: Vec<Command> = commands.iter().map(command).collect::<Option<_>>()?;
     let prev_chain = stored_chain(store)?;
 
-    let mut run = Run { store, index, writes: Overlay::default(), results: Vec::new(), changes: Vec::new() };
+    let mut run = Run { store, index, writes: Overlay::default(), results: Vec::new(), changes: Vec::new(), grants: HashMap::new() };
     for c in &commands {
         run.apply(c)?;
     }
@@ -223,6 +223,7 @@ struct Run<'s> {
     writes: Overlay,
     results: Vec<KvResult>,
     changes: Vec<KvChange>,
+    grants: HashMap<String, Option<Grant>>,
 }
 
 impl Run<'_> {
@@ -234,10 +235,14 @@ impl Run<'_> {
             }
         }
         if let Some((accessor, now_ms)) = c.auth {
-            let get = |k: &[u8]| self.writes.get(self.store, k);
+            if !self.grants.contains_key(accessor) {
+                let get = |k: &[u8]| self.writes.get(self.store, k);
+                let grant = grant_of(&get, accessor);
+                self.grants.insert(accessor.to_owned(), grant);
+            }
             // A noop needs no scope, only a live token (security.required_scopes).
             let scope = (c.kind != Kind::Noop).then_some(c.key);
-            if !grants_kv_write(&get, accessor, now_ms, scope)? {
+            if !self.grants[accessor].as_ref()?.allows(now_ms, scope) {
                 return None;
             }
         }
@@ -357,12 +362,33 @@ fn bound_dedup(store: &StateStore, writes: &mut Overlay, capacity: u64) -> Optio
     Some(())
 }
 
-/// Whether the token `accessor` is live at `now_ms` and provably grants `kv:write:<key>`
-/// (`key` None: no scope) — security.py `grant_of` + `Grant.missing`; None: not provable here
-/// (the Python processor decides, and writes the refusal if there is one).
-fn grants_kv_write<'s>(get: &dyn Fn(&[u8]) -> Option<&'s [u8]>, accessor: &str, now_ms: u64, key: Option<&str>) -> Option<bool> {
-    let mut layers: Vec<Vec<Scope>> = Vec::new();
-    let mut denies: Vec<Scope> = Vec::new();
+/// A token's grant as far as this path can prove it (security.py `grant_of`): every layer's
+/// allows, every deny, and the earliest expiry along its chain. Kept for the whole entry: the
+/// fast path never writes a security record, so an entry's commands all see the same ones.
+struct Grant {
+    layers: Vec<Vec<Scope>>,
+    denies: Vec<Scope>,
+    expires_ms: Option<u64>,
+}
+
+impl Grant {
+    /// Whether the token is live at `now_ms` and grants `kv:write:<key>` (`key` None: no
+    /// scope) — `Grant.missing`; false: not provable here.
+    fn allows(&self, now_ms: u64, key: Option<&str>) -> bool {
+        if self.expires_ms.is_some_and(|at| now_ms >= at) {
+            return false;
+        }
+        let Some(key) = key else { return true };
+        let denied = self.denies.iter().any(|d| d.touches_kv_write(key));
+        !denied && self.layers.iter().all(|layer| layer.iter().any(|g| g.covers_kv_write(key)))
+    }
+}
+
+/// The grant of the token `accessor`, or None: the records do not prove one (a token, its
+/// principal or a record gone or malformed, the chain too long); the Python processor then
+/// decides, and writes the refusal if there is one.
+fn grant_of<'s>(get: &dyn Fn(&[u8]) -> Option<&'s [u8]>, accessor: &str) -> Option<Grant> {
+    let mut grant = Grant { layers: Vec::new(), denies: Vec::new(), expires_ms: None };
     let mut principal: Option<String> = None;
     let mut current = Some(accessor.to_owned());
     let mut seen = 0;
@@ -372,14 +398,15 @@ fn grants_kv_write<'s>(get: &dyn Fn(&[u8]) -> Option<&'s [u8]>, accessor: &str, 
         let (expires_ms, owner, parent) = (token.field("expires_ms")?, token.field("principal")?, token.field("parent")?);
         let (allow, deny) = (scopes(token.field("allow")?)?, scopes(token.field("deny")?)?);
         token.field("hash")?;
-        if *expires_ms != Value::Nil && now_ms >= expires_ms.as_uint()? {
-            return None;
+        if *expires_ms != Value::Nil {
+            let at = expires_ms.as_uint()?;
+            grant.expires_ms = Some(grant.expires_ms.map_or(at, |e| e.min(at)));
         }
         if principal.is_none() {
             principal = Some(owner.as_str()?.to_owned());
         }
-        layers.push(allow);
-        denies.extend(deny);
+        grant.layers.push(allow);
+        grant.denies.extend(deny);
         current = match parent {
             Value::Nil => None,
             Value::Str(parent) => Some((*parent).to_owned()),
@@ -397,14 +424,11 @@ fn grants_kv_write<'s>(get: &dyn Fn(&[u8]) -> Option<&'s [u8]>, accessor: &str, 
         if let Some(raw) = get(&[SEC_ROLE, role.as_str()?.as_bytes()].concat()) {
             let role = decode(raw)?;
             role_allows.extend(scopes(role.field("allow")?)?);
-            denies.extend(scopes(role.field("deny")?)?);
+            grant.denies.extend(scopes(role.field("deny")?)?);
         }
     }
-    layers.push(role_allows);
-    let Some(key) = key else { return Some(true) };
-    let denied = denies.iter().any(|d| d.touches_kv_write(key));
-    let allowed = layers.iter().all(|layer| layer.iter().any(|g| g.covers_kv_write(key)));
-    Some(!denied && allowed)
+    grant.layers.push(role_allows);
+    Some(grant)
 }
 
 /// A granted or denied scope, as far as `kv:write:<key>` needs it: `*`, a `kv:write` prefix,
