@@ -185,31 +185,27 @@ fn stored_chain(store: &StateStore) -> Option<Digest> {
 }
 
 /// The entry's pending writes over the store, last write per key (processor.py `_Overlay`).
+/// No order is kept: the keys of a store batch are unique, so its result does not depend on
+/// theirs.
 #[derive(Default)]
-struct Overlay {
-    order: Vec<Vec<u8>>,
-    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
-}
+struct Overlay(HashMap<Vec<u8>, Option<Vec<u8>>>);
 
 impl Overlay {
     fn get<'s>(&'s self, store: &'s StateStore, key: &[u8]) -> Option<&'s [u8]> {
-        match self.values.get(key) {
+        match self.0.get(key) {
             Some(v) => v.as_deref(),
             None => store.get(key),
         }
     }
 
     fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
-        if self.values.insert(key.to_vec(), value).is_none() {
-            self.order.push(key.to_vec());
-        }
+        self.0.insert(key.to_vec(), value);
     }
 
-    fn into_ops(mut self) -> Vec<Op> {
-        let order = std::mem::take(&mut self.order);
-        order
+    fn into_ops(self) -> Vec<Op> {
+        self.0
             .into_iter()
-            .map(|k| match self.values.remove(&k).flatten() {
+            .map(|(k, v)| match v {
                 Some(v) => Op::put(&k, &v),
                 None => Op::delete(&k),
             })
@@ -328,12 +324,8 @@ pub fn write_result(w: &mut Writer, result: &KvResult, index: u64) {
 /// processor.py `_bound_dedup`: at most `capacity` request ids, the oldest (ridx/ key order)
 /// evicted with their records.
 fn bound_dedup(store: &StateStore, writes: &mut Overlay, capacity: u64) -> Option<()> {
-    let mut added: Vec<Vec<u8>> = writes
-        .order
-        .iter()
-        .filter(|k| k.starts_with(RIDX) && matches!(writes.values.get(*k), Some(Some(_))))
-        .cloned()
-        .collect();
+    let mut added: Vec<Vec<u8>> =
+        writes.0.iter().filter(|(k, v)| k.starts_with(RIDX) && v.is_some()).map(|(k, _)| k.clone()).collect();
     if added.is_empty() {
         return Some(());
     }
@@ -379,7 +371,8 @@ impl Grant {
             return false;
         }
         let Some(key) = key else { return true };
-        let denied = self.denies.iter().any(|d| d.touches_kv_write(key));
+        // A deny takes the scope away when it covers it (`_touches`: a single key is no range).
+        let denied = self.denies.iter().any(|d| d.covers_kv_write(key));
         !denied && self.layers.iter().all(|layer| layer.iter().any(|g| g.covers_kv_write(key)))
     }
 }
@@ -477,11 +470,6 @@ impl Scope {
             Scope::KvWrite(prefix) => key.starts_with(prefix.as_str()),
             Scope::Other => false,
         }
-    }
-
-    /// A deny takes the scope away when it covers it (a single key is not a range).
-    fn touches_kv_write(&self, key: &str) -> bool {
-        self.covers_kv_write(key)
     }
 }
 

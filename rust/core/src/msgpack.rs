@@ -95,9 +95,10 @@ impl<'a> Reader<'a> {
             0xc0 => Value::Nil,
             0xc2 => Value::Bool(false),
             0xc3 => Value::Bool(true),
-            0xc4 => self.bin_of(1)?,
-            0xc5 => self.bin_of(2)?,
-            0xc6 => self.bin_of(4)?,
+            0xc4..=0xc6 => {
+                let n = self.len(1 << (m - 0xc4))?;
+                self.take(n).map(Value::Bin)?
+            }
             0xca => Value::Float(f64::from(f32::from_bits(self.be(4)? as u32))),
             0xcb => Value::Float(f64::from_bits(self.be(8)?)),
             0xcc => Value::Int(i128::from(self.be(1)?)),
@@ -108,32 +109,17 @@ impl<'a> Reader<'a> {
             0xd1 => Value::Int(i128::from(self.be(2)? as u16 as i16)),
             0xd2 => Value::Int(i128::from(self.be(4)? as u32 as i32)),
             0xd3 => Value::Int(i128::from(self.be(8)? as i64)),
-            0xd9 => {
-                let n = self.be(1)? as usize;
+            // Lengths of 1, 2 or 4 bytes (str8/16/32), 2 or 4 (array16/32, map16/32).
+            0xd9..=0xdb => {
+                let n = self.len(1 << (m - 0xd9))?;
                 self.str(n)?
             }
-            0xda => {
-                let n = self.be(2)? as usize;
-                self.str(n)?
-            }
-            0xdb => {
-                let n = self.be(4)? as usize;
-                self.str(n)?
-            }
-            0xdc => {
-                let n = self.be(2)? as usize;
+            0xdc | 0xdd => {
+                let n = self.len(2 << (m - 0xdc))?;
                 self.array(n, depth)?
             }
-            0xdd => {
-                let n = self.be(4)? as usize;
-                self.array(n, depth)?
-            }
-            0xde => {
-                let n = self.be(2)? as usize;
-                self.map(n, depth)?
-            }
-            0xdf => {
-                let n = self.be(4)? as usize;
+            0xde | 0xdf => {
+                let n = self.len(2 << (m - 0xde))?;
                 self.map(n, depth)?
             }
             0xe0..=0xff => Value::Int(i128::from(m as i8)),
@@ -146,9 +132,9 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.take(n)?).ok().map(Value::Str)
     }
 
-    fn bin_of(&mut self, width: usize) -> Option<Value<'a>> {
-        let n = self.be(width)? as usize;
-        self.take(n).map(Value::Bin)
+    /// A big-endian length of `width` bytes.
+    fn len(&mut self, width: usize) -> Option<usize> {
+        usize::try_from(self.be(width)?).ok()
     }
 
     fn array(&mut self, n: usize, depth: usize) -> Option<Value<'a>> {
