@@ -170,3 +170,12 @@ class HttpFront:
         request; the credential is not judged by the front."""
     def respond(self, replies: Sequence[tuple[int, int, bytes]]) -> None: ...
     def close(self) -> None: ...
+
+class FernetKey:
+    """A Fernet key (rust/wire): the tokens PySyncObj seals Raft messages with, made and opened
+    in one call each."""
+
+    def __init__(self, key: bytes) -> None: ...  # 32 bytes: signing half, encryption half
+    def seal(self, message: bytes, timestamp: int, iv: bytes) -> bytes: ...  # iv: 16 random bytes
+    def open(self, token: bytes) -> tuple[int, bytes]:
+        """(timestamp, message); ValueError for a token this key did not seal, or not a token."""

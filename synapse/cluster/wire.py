@@ -15,20 +15,20 @@ Encryption: with a cluster secret PySyncObj seals every message as a Fernet toke
 padder and HMAC objects per call and base64-decodes each received token twice (PySyncObj
 asks for its timestamp, then decrypts it): ~40 µs to open a 3 KB AppendEntries, ~130 µs at
 12 KB. ``FernetCodec`` produces and opens the same tokens (same key, same format, so peers
-running plain PySyncObj read them and vice versa) with one decode per token.
+running plain PySyncObj read them and vice versa), each in one call into Rust
+(``synapse._core.FernetKey``) and one decode per token.
 """
 
 from __future__ import annotations
 
-import binascii
 import hashlib
-import hmac
 import os
 import struct
 import zlib
 
 from cryptography.fernet import InvalidToken
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from synapse._core import FernetKey
 
 _HEADER = b"\x78\x01"  # deflate, 32 KiB window, no dictionary, "fastest" level; header check ok
 _BLOCK = 0xFFFF
@@ -65,34 +65,21 @@ class _StoredZlib:
 # What PySyncObj derives its Fernet key with (pysyncobj/encryptor.py); the same key is the
 # wire format's other half.
 _PYSYNCOBJ_SALT = b"\x15%q\xe6\xbb\x02\xa6\xf8\x13q\x90\xcf6+\x1e\xeb"
-_VERSION = 0x80
-_HEADER_BYTES = 1 + 8 + 16  # version, timestamp, IV
-_MAC_BYTES = 32
-_BLOCK_BYTES = 16
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class FernetCodec:
-    """Fernet tokens (spec: version 0x80 ‖ timestamp ‖ IV ‖ AES-128-CBC/PKCS7 ‖ HMAC-SHA256,
-    base64url) with the interface PySyncObj's connections call: ``encrypt_at_time``,
-    ``extract_timestamp`` (checks the MAC) and ``decrypt``. Used on one thread (the tick
-    thread), so the token just opened by ``extract_timestamp`` is kept for ``decrypt``."""
+    """Fernet tokens (made and opened by ``synapse._core.FernetKey``, rust/wire) with the
+    interface PySyncObj's connections call: ``encrypt_at_time``, ``extract_timestamp`` (checks
+    the MAC) and ``decrypt``. Used on one thread (the tick thread), so the token just opened by
+    ``extract_timestamp`` is kept for ``decrypt``."""
 
     def __init__(self, password: str | bytes) -> None:
         secret = password if isinstance(password, bytes) else password.encode()
-        key = hashlib.pbkdf2_hmac("sha256", secret, _PYSYNCOBJ_SALT, 100_000, 32)
-        self._signing, self._aes = key[:16], algorithms.AES(key[16:])
-        self._opened: tuple[bytes, int, bytes] | None = None  # (token, timestamp, plaintext)
+        self._key = FernetKey(hashlib.pbkdf2_hmac("sha256", secret, _PYSYNCOBJ_SALT, 100_000, 32))
+        self._opened: tuple[bytes, int, bytes] | None = None  # (token, timestamp, message)
 
     def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
-        iv = os.urandom(16)
-        pad = _BLOCK_BYTES - len(data) % _BLOCK_BYTES
-        encryptor = Cipher(self._aes, modes.CBC(iv)).encryptor()
-        body = encryptor.update(data + bytes((pad,)) * pad) + encryptor.finalize()
-        signed = bytes((_VERSION,)) + current_time.to_bytes(8, "big") + iv + body
-        token = signed + hmac.new(self._signing, signed, hashlib.sha256).digest()
-        return binascii.b2a_base64(token, newline=False).translate(_TO_URLSAFE)
+        return self._key.seal(data, current_time, os.urandom(16))
 
     def extract_timestamp(self, token: bytes) -> int:
         return self._open(token)[1]
@@ -107,21 +94,10 @@ class FernetCodec:
         if opened is not None and opened[0] is token:
             return opened
         try:
-            raw = binascii.a2b_base64(bytes(token).translate(_FROM_URLSAFE), strict_mode=True)
-        except (binascii.Error, TypeError, ValueError):
+            timestamp, message = self._key.open(token)
+        except (TypeError, ValueError):
             raise InvalidToken from None
-        body_bytes = len(raw) - _HEADER_BYTES - _MAC_BYTES
-        if body_bytes <= 0 or body_bytes % _BLOCK_BYTES or raw[0] != _VERSION:
-            raise InvalidToken
-        signed, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-        if not hmac.compare_digest(hmac.new(self._signing, signed, hashlib.sha256).digest(), mac):
-            raise InvalidToken
-        decryptor = Cipher(self._aes, modes.CBC(raw[9:_HEADER_BYTES])).decryptor()
-        padded = decryptor.update(signed[_HEADER_BYTES:]) + decryptor.finalize()
-        pad = padded[-1]
-        if not 1 <= pad <= _BLOCK_BYTES or padded[-pad:] != bytes((pad,)) * pad:
-            raise InvalidToken
-        opened = self._opened = (token, int.from_bytes(raw[1:9], "big"), padded[:-pad])
+        opened = self._opened = (token, timestamp, message)
         return opened
 
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod front;
+mod wire;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
@@ -510,6 +511,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StateDiff>()?;
     m.add_class::<SnapshotInfo>()?;
     m.add_class::<front::HttpFront>()?;
+    m.add_class::<wire::FernetKey>()?;
     m.add_function(wrap_pyfunction!(read_snapshot_info, m)?)?;
     m.add_function(wrap_pyfunction!(diff_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(chain, m)?)?;
