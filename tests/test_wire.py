@@ -31,6 +31,19 @@ def test_pysyncobj_connections_send_stored_blocks():
     assert pysyncobj.tcp_connection.zlib.decompress(zlib.compress(b"from an unpatched node")) == b"from an unpatched node"
 
 
+def test_pysyncobj_connections_pickle_messages_with_protocol_5():
+    import pickle
+
+    from pysyncobj import pickle as pysyncobj_pickle
+
+    message = {"type": "append_entries", "term": 3, "entries": [(b"\x00\xff" * 40, 7, 3)], "prevLogIdx": 6}
+    sent = pysyncobj.tcp_connection.pickle.dumps(message)
+    assert sent[:2] == b"\x80\x05" and pickle.loads(sent) == message  # any Python 3.8+ peer reads it
+    # and a peer still on protocol 2 is read, as before
+    assert pysyncobj.tcp_connection.pickle.loads(pysyncobj_pickle.dumps(message)) == message
+    assert pysyncobj_pickle.dumps(message)[:2] == b"\x80\x02"  # log entries keep PySyncObj's protocol
+
+
 # --- encryption: Fernet tokens, readable both ways with PySyncObj's own ---
 
 

@@ -10,6 +10,15 @@ replaces the ``zlib`` that module sees with one whose ``compress`` emits the sam
 few µs. It is the zlib format (RFC 1950/1951), so every receiver, patched or not,
 decompresses it unchanged; mixed-version clusters keep working.
 
+Pickling: PySyncObj pickles every message with protocol 2, which spells each bytes object as
+``_codecs.encode(text, "latin1")`` — the bytes decoded to text, the text written in UTF-8
+(every byte >= 0x80 in two), and a global call per bytes object to load it. An AppendEntries
+carrying one ~1.7 KB entry: 3.05 µs to dump and 2.7 µs to load with protocol 2, 0.6 and 0.9
+µs with protocol 5 (and ~20% fewer bytes). ``install()`` has the connection module pickle its
+messages with protocol 5; any Python 3.8+ unpickler (so any PySyncObj on it) reads both, and
+ours still reads a peer's protocol 2. Only the message framing changes: log entries (their
+commands, and the chunks of a large one — ``transmission.py``) keep PySyncObj's protocol 2.
+
 Encryption: with a cluster secret PySyncObj seals every message as a Fernet token
 (``cryptography.fernet``, key from PBKDF2 of the secret). That implementation builds cipher,
 padder and HMAC objects per call and base64-decodes each received token twice (PySyncObj
@@ -23,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import struct
 import zlib
 
+import pysyncobj.pickle as pysyncobj_pickle
 from cryptography.fernet import InvalidToken
 
 from synapse._core import FernetKey
@@ -60,6 +71,16 @@ class _StoredZlib:
     @staticmethod
     def compress(data: bytes, level: int = -1) -> bytes:
         return stored(data)
+
+
+class _MessagePickle:
+    """What pysyncobj.tcp_connection calls ``pickle``: protocol 5 out, PySyncObj's loads in."""
+
+    loads = staticmethod(pysyncobj_pickle.loads)
+
+    @staticmethod
+    def dumps(message, protocol=None) -> bytes:
+        return pickle.dumps(message, 5)
 
 
 # What PySyncObj derives its Fernet key with (pysyncobj/encryptor.py); the same key is the
@@ -106,4 +127,5 @@ def install() -> None:
     import pysyncobj.tcp_connection
 
     pysyncobj.tcp_connection.zlib = _StoredZlib
+    pysyncobj.tcp_connection.pickle = _MessagePickle
     pysyncobj.syncobj.getEncryptor = FernetCodec
