@@ -121,3 +121,51 @@ def test_an_address_already_taken_is_an_error_naming_it():
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             HttpFront(f"127.0.0.1:{port}", "/nonexistent/app.sock", 1024)
+
+
+# --- the hot path's read order, with the cluster stood in for (no timing to arrange) ---
+
+
+def test_a_linearizable_read_checks_its_token_again_once_its_barrier_commits(monkeypatch):
+    """The token is checked when the read arrives and again after its barrier commits (a
+    token revoked meanwhile is refused, as on every node); a stale read waits for nothing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from synapse.api import front
+    from synapse.api.common import ApiError
+    from synapse.api.pipeline import RequestPipeline
+
+    async def scenario() -> list:
+        loop = asyncio.get_running_loop()
+        barrier = loop.create_future()
+        events, revoked = [], []
+
+        def confirm(ctx, identity):
+            events.append("confirm")
+            if revoked:
+                raise ApiError(401, "unauthorized", "token revoked")
+
+        monkeypatch.setattr(front, "confirm", confirm)
+        monkeypatch.setattr(front, "read_value", lambda ctx, key: events.append("read") or {"key": key})
+        cluster = SimpleNamespace(barrier_future=lambda timeout=None: events.append("barrier") or barrier)
+        pipeline = SimpleNamespace(ctx=SimpleNamespace(cluster=cluster), failure=RequestPipeline.failure,
+                                   admit=lambda *a: events.append("admit") or "identity",
+                                   observe=lambda *a: None)
+        sent = []
+        hot = front.HotPath(pipeline, SimpleNamespace(notify_fd=lambda: -1, respond=sent.extend))
+        hot._get(1, "k", None, "Bearer t", 0.0)
+        await asyncio.sleep(0)
+        assert events == ["admit", "barrier"] and sent == []  # waiting for the barrier
+        revoked.append(True)
+        barrier.set_result(None)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert events == ["admit", "barrier", "confirm"]  # refused before anything is read
+        hot._get(2, "k", "stale", "Bearer t", 0.0)
+        await asyncio.sleep(0)
+        return events, [(rid, status) for rid, status, _ in sent]
+
+    events, answers = asyncio.run(scenario())
+    assert events == ["admit", "barrier", "confirm", "admit", "read"]
+    assert answers == [(1, 401), (2, 200)]

@@ -38,13 +38,13 @@ from synapse.api.http import make_app
 from synapse.api.kv import (
     PUT_FIELDS,
     check_key_size,
+    linearizable,
     put_answer,
     put_command,
     read_value,
-    wait_consistent,
 )
 from synapse.api.metrics import Metrics
-from synapse.api.pipeline import Bootstrapping, RequestPipeline
+from synapse.api.pipeline import Bootstrapping, RequestPipeline, confirm
 from synapse.cluster.committer import ProposalError
 
 log = logging.getLogger("synapse.api")
@@ -133,7 +133,7 @@ class HotPath:
             if put:
                 self._put(rid, key, request_id, authorization, raw, started)
             else:
-                self._spawn(self._get(rid, key, consistency, authorization, started))
+                self._get(rid, key, consistency, authorization, started)
 
     def _put(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
              started: float) -> None:
@@ -182,17 +182,48 @@ class HotPath:
             return
         self._answer(rid, status, answer, started)
 
-    async def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None,
-                   started: float) -> None:
+    def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None, started: float) -> None:
+        # Callbacks, as for a PUT: no task per read.
         try:
-            identity = await self._pipeline.admit_waiting("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+            identity = self._pipeline.admit("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
             check_key_size(key)
-            await wait_consistent(self._ctx, consistency, identity)
+            waits = linearizable(consistency)
+            barrier = self._ctx.cluster.barrier_future() if waits else None
+        except Bootstrapping:  # a new cluster: wait for its root principal, off this fast path
+            self._spawn(self._get_later(rid, key, consistency, authorization, started))
+            return
+        except ApiError as e:
+            self._answer(rid, *self._pipeline.failure(e), started)
+            return
+        except Exception:
+            self._crashed(rid, "GET", key, started)
+            return
+        if barrier is None:  # a stale read, or a lone leader that has applied its whole log
+            self._get_done(rid, key, identity, waits, started, None)
+        else:
+            barrier.add_done_callback(lambda fut: self._get_done(rid, key, identity, waits, started, fut))
+
+    async def _get_later(self, rid: int, key: str, consistency: str | None, authorization: str | None,
+                         started: float) -> None:
+        try:
+            await self._pipeline.admit_waiting("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+        except ApiError as e:
+            self._answer(rid, *self._pipeline.failure(e), started)
+            return
+        self._get(rid, key, consistency, authorization, started)
+
+    def _get_done(self, rid: int, key: str, identity, recheck: bool, started: float,
+                  barrier: asyncio.Future | None) -> None:
+        if barrier is not None and barrier.cancelled():
+            return  # the node is stopping: the front answers 503
+        try:
+            if barrier is not None:
+                barrier.result()  # a ProposalError: no barrier, no read
+            if recheck:
+                confirm(self._ctx, identity)  # the token again, after the barrier (wait_consistent)
             status, answer = 200, read_value(self._ctx, key)
         except (ApiError, ProposalError) as e:
             status, answer = self._pipeline.failure(e)
-        except asyncio.CancelledError:
-            return  # the node is stopping: the front answers 503
         except Exception:
             self._crashed(rid, "GET", key, started)
             return

@@ -40,11 +40,19 @@ async def _consistent(request: web.Request) -> None:
 async def wait_consistent(ctx: ApiContext, consistency: str | None, identity) -> None:
     """Waits for a linearizable read (a committed barrier), then checks the token again:
     revoked before the read began, it is refused here as on every node."""
-    if consistency is None or consistency == "linearizable":
+    if linearizable(consistency):
         await ctx.cluster.barrier()
         confirm(ctx, identity)
-    elif consistency != "stale":
+
+
+def linearizable(consistency: str | None) -> bool:
+    """Whether a read asked for ``consistency`` waits for a barrier (and then checks its token
+    again, ``confirm``); ApiError 400 for a value that is neither."""
+    if consistency is None or consistency == "linearizable":
+        return True
+    if consistency != "stale":
         raise ApiError(400, "bad_request", f"consistency must be 'linearizable' (default) or 'stale', got {consistency!r}")
+    return False
 
 
 def _key(request: web.Request) -> str:

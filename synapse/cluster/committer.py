@@ -125,10 +125,15 @@ class GroupCommitter:
         """Returns once this node has applied an entry committed after the call began: a read
         of local state after that is linearizable. On a leader cut off from the majority the
         barrier never commits, so the read fails instead of returning stale data."""
+        await self.barrier_future(timeout)
+
+    def barrier_future(self, timeout: float) -> asyncio.Future:
+        """``barrier`` without a coroutine: a future done (with None, or a ``ProposalError``)
+        when the barrier is."""
         fut = self._deadline(timeout)
         self._barriers.append(fut)
         self._wake.set()
-        await fut
+        return fut
 
     def _deadline(self, timeout: float) -> asyncio.Future:
         # One timer per request rather than asyncio.wait_for, which adds a second future and

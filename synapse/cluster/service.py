@@ -64,11 +64,18 @@ class Cluster:
 
     async def barrier(self, timeout: float | None = None) -> None:
         """Returns once this node has applied an entry committed after the call: a read of
-        the local state after it is linearizable. A lone voter that leads and has applied its
-        whole log is already there (raft.py, lone_leader_current): no entry is needed."""
+        the local state after it is linearizable."""
+        fut = self.barrier_future(timeout)
+        if fut is not None:
+            await fut
+
+    def barrier_future(self, timeout: float | None = None) -> "asyncio.Future[None] | None":
+        """``barrier`` as a future (no coroutine): the HTTP front's reads. None: already there
+        — a lone voter that leads and has applied its whole log (raft.py,
+        lone_leader_current) needs no entry."""
         if self.replica.lone_leader_current():
-            return
-        await self._committer.barrier(self._timeout if timeout is None else timeout)
+            return None
+        return self._committer.barrier_future(self._timeout if timeout is None else timeout)
 
     @property
     def entries_proposed(self) -> int:
