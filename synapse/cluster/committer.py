@@ -5,7 +5,9 @@ costs ~0.6 ms and a Fernet-encrypted message per follower. So the committer coal
 command that arrives while earlier entries are in flight into the next entry (up to
 ``max_commands`` / ``max_bytes``), keeping at most ``max_in_flight`` entries outstanding.
 Linearizable-read barriers ride along: all readers waiting when an entry is formed share one
-``noop`` in it.
+``noop`` in it. An entry of barriers alone is out one at a time: readers arriving while one is
+out need an entry proposed after them anyway, and share the next (reads 1.13× spread, 1.06× to
+the leader, with less CPU per read: scripts/bench-ab, 4 rounds each).
 
 Runs on the node's event loop. PySyncObj calls back on its tick thread; results cross back
 with ``loop.call_soon_threadsafe`` only.
@@ -150,12 +152,22 @@ class GroupCommitter:
             await self._wake.wait()
             self._wake.clear()
             self._expire_stuck_entries()
-            while (self._pending or self._barriers) and len(self._in_flight) < self._max_in_flight:
+            while self._room_for_next():
                 self._propose_next()
             if self._in_flight and (self._expiry is None or self._expiry.when() <= self._loop.time()):
                 # While entries are out, wake at least once a second to expire those whose
                 # callbacks never come (one timer at a time, however busy the loop is).
                 self._expiry = self._loop.call_later(1.0, self._wake.set)
+
+    def _room_for_next(self) -> bool:
+        if len(self._in_flight) >= self._max_in_flight:
+            return False
+        if self._pending:
+            return True
+        # Barriers alone: while an entry with barriers is out, readers arriving meanwhile wait
+        # for the next one together (it must be proposed after them anyway) rather than each
+        # free slot carrying a few.
+        return bool(self._barriers) and not any(entry.barriers for entry in self._in_flight)
 
     def _propose_next(self) -> None:
         commands, hints, flags, futures, size = [], [], [], [], 0
