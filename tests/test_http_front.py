@@ -169,3 +169,44 @@ def test_a_linearizable_read_checks_its_token_again_once_its_barrier_commits(mon
     events, answers = asyncio.run(scenario())
     assert events == ["admit", "barrier", "confirm", "admit", "read"]
     assert answers == [(1, 401), (2, 200)]
+
+
+def test_a_request_that_finds_the_cluster_bootstrapping_waits_then_takes_its_path(monkeypatch):
+    """A new cluster without its root principal yet: the request waits (admit_waiting) and is
+    then answered down its fast path as if it had come later."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from synapse.api import front
+    from synapse.api.pipeline import Bootstrapping, RequestPipeline
+
+    async def scenario() -> list:
+        events, sent = [], []
+        booted = asyncio.Event()
+
+        def admit(*args):
+            events.append("admit")
+            if not booted.is_set():
+                raise Bootstrapping()
+            return "identity"
+
+        async def admit_waiting(*args):
+            events.append("wait")
+            await booted.wait()
+            return admit(*args)
+
+        monkeypatch.setattr(front, "read_value", lambda ctx, key: events.append("read") or {"key": key})
+        pipeline = SimpleNamespace(ctx=SimpleNamespace(cluster=None), failure=RequestPipeline.failure,
+                                   admit=admit, admit_waiting=admit_waiting, observe=lambda *a: None)
+        hot = front.HotPath(pipeline, SimpleNamespace(notify_fd=lambda: -1, respond=sent.extend))
+        hot._get(1, "k", "stale", "Bearer t", 0.0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert events == ["admit", "wait"] and sent == []
+        booted.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return events, [(rid, status) for rid, status, _ in sent]
+
+    events, answers = asyncio.run(scenario())
+    assert events == ["admit", "wait", "admit", "admit", "read"] and answers == [(1, 200)]

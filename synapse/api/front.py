@@ -146,7 +146,8 @@ class HotPath:
             command, size_hint = put_command(key, body, check_request_id(request_id), identity)
             proposal = self._ctx.cluster.proposal(command, size_hint)
         except Bootstrapping:  # a new cluster: wait for its root principal, off this fast path
-            self._spawn(self._put_later(rid, key, request_id, authorization, raw, started))
+            self._spawn(self._admit_later("PUT", rid, key, authorization, started,
+                                          lambda: self._put(rid, key, request_id, authorization, raw, started)))
             return
         except ApiError as e:
             self._answer(rid, *self._pipeline.failure(e), started)
@@ -156,14 +157,16 @@ class HotPath:
             return
         proposal.add_done_callback(lambda fut: self._put_done(rid, key, started, fut))
 
-    async def _put_later(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
-                         started: float) -> None:
+    async def _admit_later(self, method: str, rid: int, key: str, authorization: str | None, started: float,
+                           resume) -> None:
+        """A request that found the cluster bootstrapping: waits (a task) until it may be
+        admitted, then ``resume()`` takes it down its fast path again."""
         try:
-            await self._pipeline.admit_waiting("PUT", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+            await self._pipeline.admit_waiting(method, _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
         except ApiError as e:
             self._answer(rid, *self._pipeline.failure(e), started)
             return
-        self._put(rid, key, request_id, authorization, raw, started)
+        resume()
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
@@ -190,7 +193,8 @@ class HotPath:
             waits = linearizable(consistency)
             barrier = self._ctx.cluster.barrier_future() if waits else None
         except Bootstrapping:  # a new cluster: wait for its root principal, off this fast path
-            self._spawn(self._get_later(rid, key, consistency, authorization, started))
+            self._spawn(self._admit_later("GET", rid, key, authorization, started,
+                                          lambda: self._get(rid, key, consistency, authorization, started)))
             return
         except ApiError as e:
             self._answer(rid, *self._pipeline.failure(e), started)
@@ -202,15 +206,6 @@ class HotPath:
             self._get_done(rid, key, identity, waits, started, None)
         else:
             barrier.add_done_callback(lambda fut: self._get_done(rid, key, identity, waits, started, fut))
-
-    async def _get_later(self, rid: int, key: str, consistency: str | None, authorization: str | None,
-                         started: float) -> None:
-        try:
-            await self._pipeline.admit_waiting("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
-        except ApiError as e:
-            self._answer(rid, *self._pipeline.failure(e), started)
-            return
-        self._get(rid, key, consistency, authorization, started)
 
     def _get_done(self, rid: int, key: str, identity, recheck: bool, started: float,
                   barrier: asyncio.Future | None) -> None:

@@ -74,7 +74,11 @@ class _StoredZlib:
 
 
 class _MessagePickle:
-    """What pysyncobj.tcp_connection calls ``pickle``: protocol 5 out, PySyncObj's loads in."""
+    """What pysyncobj.tcp_connection calls ``pickle``: protocol 5 out, PySyncObj's loads in.
+
+    The loads is PySyncObj's own, as before this class: it only ever sees frames whose Fernet
+    MAC checked out with the cluster secret, which a multi-node cluster must have
+    (``synapse/config.py`` refuses one without it unless ``--insecure-no-cluster-secret``)."""
 
     loads = staticmethod(pysyncobj_pickle.loads)
 

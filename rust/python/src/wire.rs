@@ -10,6 +10,14 @@ use synapse_wire::{FernetKey as Key, IV_BYTES, KEY_BYTES};
 /// entry); below it releasing costs more than the work.
 const RELEASE_GIL_BYTES: usize = 64 << 10;
 
+fn released_if_large<T: Send>(py: Python<'_>, bytes: usize, work: impl FnOnce() -> T + Send) -> T {
+    if bytes > RELEASE_GIL_BYTES {
+        py.allow_threads(work)
+    } else {
+        work()
+    }
+}
+
 #[pyclass(module = "synapse._core", frozen)]
 pub struct FernetKey(Key);
 
@@ -26,23 +34,15 @@ impl FernetKey {
     fn seal<'py>(&self, py: Python<'py>, message: &[u8], timestamp: u64, iv: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         let iv: &[u8; IV_BYTES] =
             iv.try_into().map_err(|_| PyValueError::new_err(format!("an IV is {IV_BYTES} bytes, not {}", iv.len())))?;
-        let token = if message.len() > RELEASE_GIL_BYTES {
-            py.allow_threads(|| self.0.seal(message, timestamp, iv))
-        } else {
-            self.0.seal(message, timestamp, iv)
-        };
+        let token = released_if_large(py, message.len(), || self.0.seal(message, timestamp, iv));
         Ok(PyBytes::new(py, &token))
     }
 
     /// (timestamp, message) of a token sealed with this key; ValueError for any other token
     /// (one message whatever the reason).
     fn open<'py>(&self, py: Python<'py>, token: &[u8]) -> PyResult<(u64, Bound<'py, PyBytes>)> {
-        let opened = if token.len() > RELEASE_GIL_BYTES {
-            py.allow_threads(|| self.0.open(token))
-        } else {
-            self.0.open(token)
-        };
-        let (timestamp, message) = opened.map_err(|_| PyValueError::new_err("invalid Fernet token"))?;
+        let (timestamp, message) = released_if_large(py, token.len(), || self.0.open(token))
+            .map_err(|_| PyValueError::new_err("invalid Fernet token"))?;
         Ok((timestamp, PyBytes::new(py, &message)))
     }
 }
