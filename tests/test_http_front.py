@@ -210,3 +210,67 @@ def test_a_request_that_finds_the_cluster_bootstrapping_waits_then_takes_its_pat
 
     events, answers = asyncio.run(scenario())
     assert events == ["admit", "wait", "admit", "admit", "read"] and answers == [(1, 200)]
+
+
+def test_a_batch_looks_each_token_up_once_and_authorizes_each_request(monkeypatch):
+    """Requests admitted at one instant (one batch of the front) share a token's lookup, never
+    its authorization: each request's own scopes are checked, and a refused token is not
+    remembered."""
+    from types import SimpleNamespace
+
+    from synapse.api.common import ApiError
+    from synapse.api.pipeline import RequestPipeline
+
+    looked_up = []
+
+    def authenticate(self, authorization):
+        looked_up.append(authorization)
+        if authorization != "Bearer good":
+            raise ApiError(401, "unauthorized", "no such token")
+        grant = SimpleNamespace(missing=lambda scopes: next((s for s in scopes if "secret" in str(s)), None))
+        return SimpleNamespace(accessor="acc", principal="app", grant=grant)
+
+    monkeypatch.setattr(RequestPipeline, "authenticate", authenticate)
+    pipeline = RequestPipeline(SimpleNamespace(serving=True), SimpleNamespace(denied=lambda error: None))
+    known: dict = {}
+
+    def admit(key, authorization, known=known):
+        return pipeline.admit("PUT", "/v1/kv/", "/v1/kv/{key}", {"key": key}, {}, authorization, known)
+
+    assert admit("a", "Bearer good") is admit("b", "Bearer good") and looked_up == ["Bearer good"]
+    with pytest.raises(ApiError) as refused:
+        admit("secret/x", "Bearer good")
+    assert refused.value.status == 403  # this request's own scope
+    for authorization in ("Bearer bad", "Bearer bad", None):
+        with pytest.raises(ApiError) as refused:
+            admit("a", authorization)
+        assert refused.value.status == 401
+    assert looked_up == ["Bearer good", "Bearer bad", "Bearer bad", None]
+    admit("a", "Bearer good", known=None)  # outside a batch: looked up every time
+    assert looked_up[-1] == "Bearer good" and len(looked_up) == 5
+
+
+def test_the_hot_path_shares_lookups_within_one_batch_only(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from synapse.api import front
+    from synapse.api.pipeline import RequestPipeline
+
+    async def scenario() -> tuple[list, list]:
+        batches = [[(1, False, "a", "stale", None, "Bearer t", b""), (2, False, "b", "stale", None, "Bearer t", b"")],
+                   [(3, False, "c", "stale", None, "Bearer t", b"")]]
+        known_per_request, sent = [], []
+        monkeypatch.setattr(front, "read_value", lambda ctx, key: {"key": key})
+        pipeline = SimpleNamespace(ctx=SimpleNamespace(cluster=None), failure=RequestPipeline.failure,
+                                   admit=lambda *args: known_per_request.append(args[-1]) or "identity",
+                                   observe=lambda *a: None)
+        hot = front.HotPath(pipeline, SimpleNamespace(notify_fd=lambda: -1, respond=sent.extend,
+                                                      take=lambda: batches.pop(0)))
+        hot._take()
+        hot._take()
+        await asyncio.sleep(0)
+        return known_per_request, [(rid, status) for rid, status, _ in sent]
+
+    known, answers = asyncio.run(scenario())
+    assert known[0] is known[1] and known[2] is not known[0] and answers == [(1, 200), (2, 200), (3, 200)]

@@ -44,7 +44,7 @@ from synapse.api.kv import (
     read_value,
 )
 from synapse.api.metrics import Metrics
-from synapse.api.pipeline import Bootstrapping, RequestPipeline, confirm
+from synapse.api.pipeline import Bootstrapping, Identity, RequestPipeline, confirm
 from synapse.cluster.committer import ProposalError
 
 log = logging.getLogger("synapse.api")
@@ -128,19 +128,24 @@ class HotPath:
             task.cancel()
 
     def _take(self) -> None:
+        # The requests of one batch are admitted at one instant, so a token several of them
+        # carry is looked up once (RequestPipeline.admit's ``known``); the check that counts
+        # is still each one's own — a write's token again when it is applied, a linearizable
+        # read's after its barrier.
+        known: dict[str, Identity] = {}
         for rid, put, key, consistency, request_id, authorization, raw in self._front.take():
             started = time.perf_counter()
             if put:
-                self._put(rid, key, request_id, authorization, raw, started)
+                self._put(rid, key, request_id, authorization, raw, started, known)
             else:
-                self._get(rid, key, consistency, authorization, started)
+                self._get(rid, key, consistency, authorization, started, known)
 
     def _put(self, rid: int, key: str, request_id: str | None, authorization: str | None, raw: bytes,
-             started: float) -> None:
+             started: float, known: dict[str, Identity] | None = None) -> None:
         # Callbacks, not a task per request: a task and its two steps were a measurable share
         # of the leader's event loop per write.
         try:
-            identity = self._pipeline.admit("PUT", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+            identity = self._pipeline.admit("PUT", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization, known)
             check_key_size(key)
             body = parse_json_object(raw, PUT_FIELDS, {"value"})
             command, size_hint = put_command(key, body, check_request_id(request_id), identity)
@@ -185,10 +190,11 @@ class HotPath:
             return
         self._answer(rid, status, answer, started)
 
-    def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None, started: float) -> None:
+    def _get(self, rid: int, key: str, consistency: str | None, authorization: str | None, started: float,
+             known: dict[str, Identity] | None = None) -> None:
         # Callbacks, as for a PUT: no task per read.
         try:
-            identity = self._pipeline.admit("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization)
+            identity = self._pipeline.admit("GET", _KV_PATH, _KV_ROUTE, {"key": key}, {}, authorization, known)
             check_key_size(key)
             waits = linearizable(consistency)
             barrier = self._ctx.cluster.barrier_future() if waits else None

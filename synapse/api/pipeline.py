@@ -133,15 +133,22 @@ class RequestPipeline:
         self.metrics = metrics
 
     def admit(self, method: str, path: str, route: str | None, match: dict, query: dict,
-              authorization: str | None) -> Identity | None:
+              authorization: str | None, known: dict[str, Identity] | None = None) -> Identity | None:
         """Who sent the request, once it may be answered: raises the ApiError that refuses it
         (401 no or a bad token, 403 a scope it lacks, 503 on a node still bootstrapping or
         known to differ from the agreed state) before anything of it is read or done.
-        ``route``: the matched route (None: no route matched — any valid token may hear so)."""
+        ``route``: the matched route (None: no route matched — any valid token may hear so).
+        ``known``: identities established at this same instant, by Authorization header (a
+        batch of requests admitted at once); a header found there is not looked up again, and
+        one looked up is added."""
         identity = None
         if route not in PUBLIC_ROUTES:
             try:
-                identity = self.authenticate(authorization)
+                identity = known.get(authorization) if known is not None and authorization is not None else None
+                if identity is None:
+                    identity = self.authenticate(authorization)
+                    if known is not None:
+                        known[authorization] = identity
                 scopes = ROUTE_SCOPES.get((method, route), _ADMIN) if route is not None else _none
                 self.authorize(identity, scopes(match, query))
             except ApiError as e:  # 401 / 403: counted apart from other failures (/metrics)
