@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from synapse.cli.allocator import keep_freed_memory
 from synapse.cli.common import ClientGroup, LocalCommand, client_from, client_options, listing, output_option, print_json, run_call, table
 from synapse.cli.memory import memory
 from synapse.cli.security import principal, role, tls, token
@@ -69,6 +70,8 @@ def node_start(config_file, log_level, **flags) -> None:
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     from synapse.node import Node, NodeError, _new_loop
+
+    keep_freed_memory()
 
     async def run() -> None:
         node = Node(config)
