@@ -2,11 +2,12 @@
 sets them; a program that embeds a node keeps its own).
 
 By default glibc gives the top of its heap back to the kernel as soon as more than 128 KiB is
-free there, and serves each allocation of 128 KiB or more with an mmap of its own. A node
-allocates and frees buffers of that order all the time (Raft messages and log entries, the
-HTTP front's batches, the store's batch vectors): under 64 writing clients `perf` found 2.7% of
+free there, and serves each allocation of 128 KiB or more with an mmap of its own. A node's
+heap rises and falls by more than that all the time (each batch of requests, log entry and Raft
+message allocates, then frees): under 64 writing clients `perf` found 2.7% of
 the three nodes' CPU in page faults, nearly all of it the kernel zeroing pages the heap had
-just given back and taken again (cluster/DESIGN.md, "Where the CPU goes"). Keeping up to
+just given back and taken again (synapse/cluster/DESIGN.md, "Writes sent to followers", where
+the CPU goes). Keeping up to
 ``TRIM_THRESHOLD`` free at the top of each heap, and serving allocations below
 ``MMAP_THRESHOLD`` from the heap, removes that churn for a bounded amount of memory kept.
 """
