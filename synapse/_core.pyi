@@ -154,6 +154,8 @@ def chain(prev: bytes, index: int, entry: bytes) -> bytes: ...
 def chain_many(prev: bytes, entries: Sequence[tuple[int, bytes]]) -> list[bytes]:
     """The chain digest after each entry, in order (one boundary crossing for a batch)."""
 def element_hash(key: bytes, value: bytes) -> bytes: ...
+def wake_pipe(fd: int) -> bool:
+    """Writes one byte to the non-blocking pipe ``fd`` holding the GIL; False if it is full."""
 
 class HttpFront:
     """The node's HTTP front (rust/front): PUT/GET /v1/kv/{key} in their plain forms are

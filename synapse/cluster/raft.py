@@ -10,6 +10,7 @@ PySyncObj calls back runs on its tick thread; listeners must hand work to asynci
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -233,6 +234,11 @@ class Voter(SyncObj):
         # The tick thread sleeps in poll up to autoTickPeriod (50 ms): wake it when a held-back
         # commit notice is due.
         self._poller.poll = lambda timeout: poll(self._poll_timeout(timeout))
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)  # batch mode off: a proposal wakes the tick
+        if notifier is not None:
+            # With the GIL held (rust/python/src/wake.rs): os.write let the woken tick thread
+            # take it in the middle of the event loop's batch.
+            notifier.notify = functools.partial(_core.wake_pipe, notifier._PipeNotifier__pipeW)
 
     # --- the replicated method: the same single method on every node ---
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod front;
+mod wake;
 mod wire;
 
 use pyo3::create_exception;
@@ -512,6 +513,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SnapshotInfo>()?;
     m.add_class::<front::HttpFront>()?;
     m.add_class::<wire::FernetKey>()?;
+    m.add_function(wrap_pyfunction!(wake::wake_pipe, m)?)?;
     m.add_function(wrap_pyfunction!(read_snapshot_info, m)?)?;
     m.add_function(wrap_pyfunction!(diff_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(chain, m)?)?;
