@@ -19,7 +19,8 @@ use pyo3::prelude::*;
 #[pyfunction]
 pub fn wake_pipe(fd: i32) -> PyResult<bool> {
     if fd < 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!("wake_pipe: {fd} is not a file descriptor")));
+        let message = format!("wake_pipe: {fd} is not a file descriptor");
+        return Err(pyo3::exceptions::PyValueError::new_err(message));
     }
     // SAFETY: the File only borrows `fd` (ManuallyDrop: it is never closed here, the pipe
     // belongs to PySyncObj's notifier); a descriptor closed meanwhile fails the write (EBADF).
