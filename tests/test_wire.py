@@ -44,6 +44,28 @@ def test_pysyncobj_connections_pickle_messages_with_protocol_5():
     assert pysyncobj_pickle.dumps(message)[:2] == b"\x80\x02"  # log entries keep PySyncObj's protocol
 
 
+def test_a_message_naming_a_global_is_refused_not_run(tmp_path):
+    """No frame runs code, secret or not: PySyncObj drops a connection whose frame fails to
+    load."""
+    import os
+    import pickle
+
+    import pytest
+
+    from synapse.cluster.entries import EntryDecodeError
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for protocol in (2, 5):
+        with pytest.raises(EntryDecodeError, match="not plain data"):
+            pysyncobj.tcp_connection.pickle.loads(pickle.dumps({"type": "append_entries", "x": Exploit()}, protocol))
+    assert not marker.exists()
+
+
 # --- encryption: Fernet tokens, readable both ways with PySyncObj's own ---
 
 

@@ -1,5 +1,6 @@
 """PySyncObj's log entry encoding, read without running PySyncObj (offline audit, tail, the
-leader's merge, a follower's reassembly of a large entry).
+leader's merge, a follower's reassembly of a large entry) — and the data-only unpickler that
+reads every Raft message too (``load_data``; wire.py).
 
 An entry's command is one type byte and a pickle: ``0`` regular (a replicated method call
 ``(method id, (args...))`` — ours is ``apply_entry(payload)``), ``1`` no-op (a new leader's
@@ -46,7 +47,9 @@ class _DataOnly(pickle.Unpickler):
         return allowed
 
 
-def _load(data: bytes):
+def load_data(data: bytes):
+    """A pickle of plain data (what PySyncObj's messages and entries hold), refusing every
+    global but the two spellings of bytes above: ``EntryDecodeError`` for anything else."""
     try:
         return _DataOnly(io.BytesIO(data)).load()
     except EntryDecodeError:
@@ -72,15 +75,15 @@ def decode_command(command: bytes) -> RaftCommand:
     if kind == MEMBERSHIP:
         # [op, node id, node] — the node object is a PySyncObj class: keep the plain part.
         try:
-            value = _load(command[1:])
+            value = load_data(command[1:])
         except EntryDecodeError:
             return RaftCommand("membership", detail="(membership change)")
         return RaftCommand("membership", detail=value[:2] if isinstance(value, list) else value)
     if kind == VERSION:
-        return RaftCommand("version", detail=_load(command[1:]))
+        return RaftCommand("version", detail=load_data(command[1:]))
     if kind != REGULAR:
         raise EntryDecodeError(f"unknown command type {kind}")
-    value = _load(command[1:])
+    value = load_data(command[1:])
     if not (isinstance(value, tuple) and len(value) >= 2 and isinstance(value[1], tuple) and len(value[1]) == 1
             and isinstance(value[1][0], bytes)):
         raise EntryDecodeError("a regular entry that is not apply_entry(payload)")
@@ -91,7 +94,7 @@ def decode_log_entry(data: bytes) -> tuple[bytes, int, int]:
     """A log entry as PySyncObj pickles it to send it, ``(command, index, term)``, read with
     the same data-only unpickler; raises ``EntryDecodeError`` for anything else (a prefix of
     one included)."""
-    value = _load(data)
+    value = load_data(data)
     if not (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], bytes)
             and all(type(x) is int for x in value[1:])):
         raise EntryDecodeError("not a log entry (command, index, term)")
