@@ -67,6 +67,10 @@ class Metrics:
         self.commands = t.declare("synapse_commands_proposed", "Commands proposed by this node")
         self.merged = t.declare("synapse_entries_merged", "Entries this node, as leader, joined into another "
                                 "entry's log entry (its own and those followers forwarded)")
+        self.read_index = t.declare(
+            "synapse_read_index_requests", "Read-index requests for linearizable reads on followers, by outcome: "
+            "asked, served (applied up to the leader's answer), fell_back (a barrier entry instead) on a follower; "
+            "answered, refused on the leader", ("outcome",))
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
         self.repairs = t.declare("synapse_repairs", "Repairs completed by this node since it started")
         self.catchup_sent = t.declare("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers")
@@ -147,6 +151,8 @@ async def metrics(request: web.Request) -> web.Response:
     totals.set(m.entries, ctx.cluster.entries_proposed)
     totals.set(m.commands, ctx.cluster.commands_proposed)
     totals.set(m.merged, raft["entries_merged"])
+    for outcome, count in raft["read_index"].items():
+        totals.set(m.read_index, count, outcome)
     m.serving.set(1 if ctx.serving else 0)
     integrity = ctx.integrity.status()
     m.checkpoint_last.set(integrity["last_checkpoint"] or 0)

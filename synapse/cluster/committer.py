@@ -137,6 +137,16 @@ class GroupCommitter:
         self._wake.set()
         return fut
 
+    def reader(self, timeout: float) -> asyncio.Future:
+        """A reader's future with the request's deadline, for a read resolved another way (a
+        follower's read index, read_index.py); ``join_barriers`` hands it back here."""
+        return self._deadline(timeout)
+
+    def join_barriers(self, futures: list[asyncio.Future]) -> None:
+        """Readers that could not get a read index: they wait for the next barrier entry."""
+        self._barriers.extend(fut for fut in futures if not fut.done())
+        self._wake.set()
+
     def _deadline(self, timeout: float) -> asyncio.Future:
         # One timer per request rather than asyncio.wait_for, which adds a second future and
         # two callbacks per request (measured on the leader's event loop). A future that has

@@ -9,6 +9,7 @@ PySyncObj calls back runs on its tick thread; listeners must hand work to asynci
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -16,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -35,7 +37,17 @@ from synapse.state.processor import CommandProcessor, EntryOutcome
 
 log = logging.getLogger("synapse.cluster")
 
-_KEEPALIVE = {"type": "synapse_keepalive"}
+# The keep-alive also says that this node answers a follower's read-index request (below): a
+# follower asks only a leader that said so, so a leader from before never sees one.
+_KEEPALIVE = {"type": "synapse_keepalive", "read_index": 1}
+# Read-index rounds (Voter._read_index_message): a follower asks the leader and gets its
+# answer; the leader asks its peers to confirm its term, and they answer with theirs.
+_ASK, _ANSWER = "synapse_read_index", "synapse_read_index_reply"
+_CONFIRM, _CONFIRMED = "synapse_term_check", "synapse_term_ack"
+_READ_INDEX_MESSAGES = frozenset((_ASK, _ANSWER, _CONFIRM, _CONFIRMED, "synapse_keepalive"))
+# A follower gives up on a read-index request unanswered this long (its reads then take a
+# barrier entry): the leader died or the link dropped with the request or its answer.
+READ_INDEX_REPLY_TIMEOUT = 0.5
 
 # PySyncObj builds its journal and its serializer with the module-level names
 # ``createJournal`` and ``Serializer`` inside ``SyncObj.__init__``; they are swapped for the
@@ -191,6 +203,19 @@ class ApplyListener(Protocol):
     def role_changed(self, leader: str | None, is_leader: bool) -> None: ...
 
 
+@dataclass(eq=False)
+class _ReadRound:
+    """One read-index round out: asked in ``term``; on a follower, of ``leader``; on the
+    leader, ``index`` once ``needed`` more of ``peers`` confirm the term."""
+    term: int
+    callback: Callable[[bool], None]
+    sent_at: float
+    leader: object = None
+    index: int = 0
+    peers: set = field(default_factory=set)
+    needed: int = 0
+
+
 class Voter(SyncObj):
     """PySyncObj's ``SyncObj`` with our guards against its defects and the one replicated
     method. Owned by a ``ReplicatedLog`` and never handed out: nothing outside this module
@@ -220,6 +245,7 @@ class Voter(SyncObj):
         self._apply_entry_id: int | None = None
         # Entries this node, as leader, joined into another's log entry (merge.py).
         self.entries_merged = 0
+        self._init_reads()
         with _CONSTRUCTION_HOOK:
             create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
             pysyncobj.syncobj.createJournal = lambda _path: owner.journal
@@ -250,7 +276,141 @@ class Voter(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message) -> None:  # noqa: N802 (PySyncObj's name)
         self.heard[str(node.id)] = time.monotonic()
+        if isinstance(message, dict) and message.get("type") in _READ_INDEX_MESSAGES:
+            self._read_index_message(node, message)
+            if message["type"] != "synapse_keepalive":
+                return  # ours alone; PySyncObj ignores the keep-alive
         self._guarded_message(node, message)
+
+    # --- linearizable reads by read index ---
+    #
+    # A linearizable read needs an index that every write acknowledged before the read began
+    # is at or below; once this node has applied that far, its local state answers. A barrier
+    # entry gives one at the price of a log entry (forwarded, journaled, replicated and applied
+    # on every node). A read index is the leader's commit index, once the leader has committed
+    # an entry of its term and it is known that no later term had been elected when the read
+    # began — a later leader needs a majority's votes, and the voters that voted moved on to
+    # its term. The leader asks its peers to confirm its term (a majority with itself); a
+    # follower, with at most two other voters, asks the leader, and is the confirming voter
+    # itself: its term is the same when it asks and when the answer comes back. DESIGN.md,
+    # "Reads", has the argument.
+
+    def _init_reads(self) -> None:
+        # From the event loop: (seq, callback) to start (ReplicatedLog.request_read_index).
+        # Tick thread only: the peers whose keep-alive said they take part, the rounds out,
+        # and the reads waiting for this node to apply up to their index.
+        self.read_requests: collections.deque = collections.deque()
+        self.read_index_peers: set[str] = set()
+        self._reads_out: dict[int, _ReadRound] = {}
+        self._reads_waiting: list[tuple[int, Callable[[bool], None]]] = []
+        # This node's rounds (asked, served, fell_back) and, as leader, followers' requests
+        # (answered, refused), for status() and the metrics.
+        self.read_index_counts = {"asked": 0, "served": 0, "fell_back": 0, "answered": 0, "refused": 0}
+
+    def _read_index_message(self, node, message: dict) -> None:
+        kind, seq = message["type"], message.get("seq")
+        if kind == "synapse_keepalive":
+            if message.get("read_index") == 1:
+                self.read_index_peers.add(str(node.id))
+            else:
+                self.read_index_peers.discard(str(node.id))
+            return
+        if type(seq) is not int:
+            return  # not one of ours: every node sends an int
+        transport = self._SyncObj__transport
+        if kind == _ASK:  # as leader, from a follower
+            index = None
+            if (self._isLeader() and message.get("term") == self.raftCurrentTerm and len(self.otherNodes) <= 2
+                    and node in self.otherNodes):
+                index = self._committed_in_term()
+            self.read_index_counts["answered" if index is not None else "refused"] += 1
+            transport.send(node, {"type": _ANSWER, "seq": seq, "term": self.raftCurrentTerm, "index": index})
+        elif kind == _CONFIRM:  # as follower, from the leader: this node's term, which it compares
+            transport.send(node, {"type": _CONFIRMED, "seq": seq, "term": self.raftCurrentTerm})
+        else:
+            out = self._reads_out.get(seq)
+            if out is None or (kind == _ANSWER) != (out.leader is not None):
+                return  # expired, or never asked
+            if kind == _ANSWER:
+                if node != out.leader:
+                    return
+                del self._reads_out[seq]
+                index = message.get("index")
+                if (type(index) is int and message.get("term") == out.term == self.raftCurrentTerm
+                        and not self._isLeader()):
+                    self._wait_for(index, out.callback)
+                else:
+                    self._fall_back(out.callback)
+                return
+            if node not in out.peers:
+                return
+            out.peers.discard(node)
+            if message.get("term") == out.term == self.raftCurrentTerm and self._isLeader():
+                out.needed -= 1
+            if out.needed <= 0:
+                del self._reads_out[seq]
+                self._wait_for(out.index, out.callback)
+            elif len(out.peers) < out.needed:  # too few left to confirm it
+                del self._reads_out[seq]
+                self._fall_back(out.callback)
+
+    def _committed_in_term(self) -> int | None:
+        """As leader: the commit index, if the entry there is of the current term (before the
+        new leader's first entry commits, its commit index may lag what was committed)."""
+        commit = self.raftCommitIndex
+        entries = self._SyncObj__getEntries(commit, 1)
+        return commit if entries and entries[0][2] == self.raftCurrentTerm else None
+
+    def _send_read_requests(self, now: float) -> None:
+        """Starts a round for each read-index request the event loop queued — on a follower
+        asks the leader, on the leader asks its peers to confirm its term — and refuses those
+        it cannot start (the caller takes a barrier entry instead); expires rounds unanswered
+        for READ_INDEX_REPLY_TIMEOUT."""
+        transport = self._SyncObj__transport
+        while self.read_requests:
+            seq, callback = self.read_requests.popleft()
+            others, term = self.otherNodes, self.raftCurrentTerm
+            if self._isLeader():
+                peers = {n for n in others if str(n.id) in self.read_index_peers}
+                needed = (len(others) + 1) // 2  # with this node, a majority
+                index = self._committed_in_term()
+                if not others or index is None or len(peers) < needed:
+                    self._fall_back(callback)
+                    continue
+                self._reads_out[seq] = _ReadRound(term, callback, now, index=index, peers=peers, needed=needed)
+                for peer in peers:
+                    transport.send(peer, {"type": _CONFIRM, "seq": seq, "term": term})
+            else:
+                leader = self._getLeader()
+                if leader is None or str(leader.id) not in self.read_index_peers or len(others) > 2 or leader not in others:
+                    self._fall_back(callback)
+                    continue
+                self._reads_out[seq] = _ReadRound(term, callback, now, leader=leader)
+                transport.send(leader, {"type": _ASK, "seq": seq, "term": term})
+            self.read_index_counts["asked"] += 1
+        for seq in [seq for seq, out in self._reads_out.items() if now - out.sent_at > READ_INDEX_REPLY_TIMEOUT]:
+            self._fall_back(self._reads_out.pop(seq).callback)
+
+    def _fall_back(self, callback: Callable[[bool], None]) -> None:
+        self.read_index_counts["fell_back"] += 1
+        callback(False)
+
+    def _wait_for(self, index: int, callback: Callable[[bool], None]) -> None:
+        self._reads_waiting.append((index, callback))
+        self._serve_reads()
+
+    def _serve_reads(self) -> None:
+        """Calls back every read whose index this node has applied."""
+        if not self._reads_waiting:
+            return
+        applied, waiting = self.raftLastApplied, []
+        for index, callback in self._reads_waiting:
+            if index <= applied:
+                self.read_index_counts["served"] += 1
+                callback(True)
+            else:
+                waiting.append((index, callback))
+        self._reads_waiting = waiting
 
     def _guarded_message(self, node, message) -> None:
         """Fixes five PySyncObj 0.3.17 defects before its handler sees the message.
@@ -403,6 +563,9 @@ class Voter(SyncObj):
                                  and self.raftLastApplied >= self._SyncObj__getCurrentLogIndex())
         if self._commit_notice is not None:
             self._send_commit_notice(time.monotonic())
+        if self.read_requests or self._reads_out:
+            self._send_read_requests(time.monotonic())
+        self._serve_reads()
         if self._owner.journal.disk_bytes() > self._tuning.compaction_max_log_bytes:
             self._SyncObj__forceLogCompaction = True  # PySyncObj's own flag; cleared when it starts
         now = time.monotonic()
@@ -559,6 +722,30 @@ class ReplicatedLog:
         """Proposes one entry; ``callback(result, failure)`` runs on the tick thread once it
         is applied here (failure None) or refused (failure: one of ``FAILURES``' reasons)."""
         self._raft.apply_entry(payload, callback=lambda result, err: callback(result, _reason(err)))
+
+    def read_index_usable(self) -> bool:
+        """Whether a linearizable read here may take a read-index round instead of proposing
+        a barrier entry: this node leads and enough peers to make a majority with it take part,
+        or it follows a leader that takes part in a cluster of at most three voters. Read on
+        any thread, so it may be a tick old: the tick thread checks again before asking."""
+        raft = self._raft
+        others, peers = raft.otherNodes, raft.read_index_peers
+        if raft._isLeader():
+            return bool(others) and sum(str(n.id) in peers for n in others) >= (len(others) + 1) // 2
+        leader = raft._getLeader()
+        return leader is not None and len(others) <= 2 and str(leader.id) in peers
+
+    def request_read_index(self, seq: int, callback: Callable[[bool], None]) -> None:
+        """Starts a read-index round (from the tick thread, woken now); ``callback(True)`` on
+        the tick thread once this node has applied up to the read index, ``callback(False)`` if
+        there is none to be had (no leader, a term changed, too few confirmations, no answer in
+        READ_INDEX_REPLY_TIMEOUT): then a barrier entry must do. ``seq`` tells this node's
+        rounds apart."""
+        raft = self._raft
+        raft.read_requests.append((seq, callback))
+        notifier = getattr(raft, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
 
     def wait_bound(self) -> None:
         """Blocks until the Raft port is bound; raises RaftError if it cannot be."""
@@ -814,6 +1001,7 @@ class ReplicatedLog:
                              for n in others},
             "uptime": round(now - raft.started, 3),
             "entries_merged": raft.entries_merged,
+            "read_index": dict(raft.read_index_counts),
             # Silent longer than this, a peer's link is dropped (tuning.connection_timeout).
             "contact_timeout": self._tuning.connection_timeout,
         }
