@@ -37,16 +37,16 @@ from synapse.state.processor import CommandProcessor, EntryOutcome
 
 log = logging.getLogger("synapse.cluster")
 
-# The keep-alive also says that this node answers a follower's read-index request (below): a
-# follower asks only a leader that said so, so a leader from before never sees one.
+# The keep-alive also says that this node takes part in read-index rounds (below): a node asks
+# only peers that said so, so a node of an older version is never counted on for one.
 _KEEPALIVE = {"type": "synapse_keepalive", "read_index": 1}
 # Read-index rounds (Voter._read_index_message): a follower asks the leader and gets its
 # answer; the leader asks its peers to confirm its term, and they answer with theirs.
 _ASK, _ANSWER = "synapse_read_index", "synapse_read_index_reply"
 _CONFIRM, _CONFIRMED = "synapse_term_check", "synapse_term_ack"
 _READ_INDEX_MESSAGES = frozenset((_ASK, _ANSWER, _CONFIRM, _CONFIRMED, "synapse_keepalive"))
-# A follower gives up on a read-index request unanswered this long (its reads then take a
-# barrier entry): the leader died or the link dropped with the request or its answer.
+# A read-index round unanswered this long falls back (its reads take a barrier entry): the
+# leader died, or a link dropped with the request or its answer.
 READ_INDEX_REPLY_TIMEOUT = 0.5
 
 # PySyncObj builds its journal and its serializer with the module-level names
