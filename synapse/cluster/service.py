@@ -72,6 +72,12 @@ class Cluster:
         if fut is not None:
             await fut
 
+    async def barrier_entry(self, timeout: float | None = None) -> None:
+        """Commits a barrier entry and returns once this node has applied it: moves the log on
+        by one entry, for what waits for an index to be reached (a repair's freeze) — a read
+        needs only ``barrier``, which may take no entry at all."""
+        await self._committer.barrier_future(self._timeout if timeout is None else timeout)
+
     def barrier_future(self, timeout: float | None = None) -> "asyncio.Future[None] | None":
         """``barrier`` as a future (no coroutine): the HTTP front's reads. None: already there
         — a lone voter that leads and has applied its whole log (raft.py,

@@ -74,7 +74,7 @@ class RepairingCluster(Protocol):
     replica: Replica
 
     def read(self, fn: Callable[[CommandProcessor], Any]) -> Any: ...
-    async def barrier(self, timeout: float | None = None) -> None: ...
+    async def barrier_entry(self, timeout: float | None = None) -> None: ...
     def step_down(self) -> None: ...
 
 
@@ -358,7 +358,7 @@ class Repairer:
         """Commits barrier entries until ``fut`` (a freeze at a future index) is done."""
         while not fut.done():
             try:
-                await self._cluster.barrier(1.0)
+                await self._cluster.barrier_entry(1.0)
             except Exception:
                 await asyncio.sleep(0.05)
 
