@@ -274,3 +274,41 @@ def test_the_hot_path_shares_lookups_within_one_batch_only(monkeypatch):
 
     known, answers = asyncio.run(scenario())
     assert known[0] is known[1] and known[2] is not known[0] and answers == [(1, 200), (2, 200), (3, 200)]
+
+
+def test_a_token_found_live_is_reused_only_with_the_same_state_and_millisecond(monkeypatch):
+    """The readers one read index releases check their tokens again at one instant: a token
+    found live is looked up once per applied state and millisecond; a refusal is never kept."""
+    from types import SimpleNamespace
+
+    from synapse.api import pipeline
+    from synapse.api.common import ApiError
+
+    looked_up, state, clock = [], {"applied": (5, b"d5"), "revoked": False}, [1000]
+
+    def authenticate(get, accessor, secret_hash, now):
+        looked_up.append((accessor, now, state["applied"][0]))
+        return "revoked" if state["revoked"] else SimpleNamespace(principal="app", accessor=accessor)
+
+    monkeypatch.setattr(pipeline.security, "authenticate", authenticate)
+    monkeypatch.setattr(pipeline.security, "bootstrapped", lambda get: True)
+    monkeypatch.setattr(pipeline, "now_ms", lambda: clock[0])
+    cluster = SimpleNamespace(applied=lambda: state["applied"],
+                              read=lambda fn: fn(SimpleNamespace(store=SimpleNamespace(get=None))))
+    ctx = SimpleNamespace(cluster=cluster, identities={})
+    token, other = SimpleNamespace(accessor="acc", secret_hash=b"h"), SimpleNamespace(accessor="acc2", secret_hash=b"h2")
+
+    assert pipeline._identity(ctx, token).grant is pipeline._identity(ctx, token).grant
+    pipeline._identity(ctx, other)  # another token: its own lookup
+    assert looked_up == [("acc", 1000, 5), ("acc2", 1000, 5)]
+    assert pipeline._identity(ctx, SimpleNamespace(accessor="acc", secret_hash=b"wrong")) is not None
+    assert looked_up[-1] == ("acc", 1000, 5) and len(looked_up) == 3  # another secret: looked up
+    clock[0] = 1001  # a millisecond later: looked up again (a token may expire)
+    pipeline._identity(ctx, token)
+    assert looked_up[-1] == ("acc", 1001, 5)
+    state.update(applied=(6, b"d6"), revoked=True)  # its revocation applied, same millisecond
+    for _ in range(2):
+        with pytest.raises(ApiError) as refused:
+            pipeline._identity(ctx, token)
+        assert refused.value.status == 401
+    assert looked_up[-2:] == [("acc", 1001, 6), ("acc", 1001, 6)]  # refusals are not kept

@@ -6,7 +6,7 @@ through ``context_of(request)``, the Rust front's hot path holds it directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from aiohttp import web
 
 from synapse.cluster.service import Cluster
@@ -35,6 +35,9 @@ class ApiContext:
     peers: PeerAccess  # how this node calls the others: its own token, and TLS when served
     timeline: Timeline  # what happened to this node (GET /v1/cluster/events, the dashboard)
     memory: MemoryService | None = None  # None: turned off (--memory-index off)
+    # Tokens found live at one instant (api/pipeline.py, _identity): reused only at that
+    # instant — the same applied state, the same millisecond.
+    identities: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def serving(self) -> bool:

@@ -210,12 +210,25 @@ def authenticate(ctx: ApiContext, authorization: str | None) -> Identity:
 
 def _identity(ctx: ApiContext, token: tokens.TokenString) -> Identity:
     secret_hash, now = token.secret_hash, now_ms()
+    # The answer depends on the token, the applied state and the time in ms only: a token found
+    # live is not looked up again with all three the same — the readers that one read index
+    # releases check their tokens again at one instant. The state read after the applied
+    # index is at least that index, so a reuse never sees an older state than its own lookup
+    # would have. Refusals are never kept.
+    memo, at = ctx.identities, (now, ctx.cluster.applied())
+    if memo.get("at") != at:
+        memo.clear()
+        memo["at"] = at
+    found = memo.get((token.accessor, secret_hash))
+    if found is not None:
+        return Identity(token, found)
     grant = ctx.cluster.read(lambda p: security.authenticate(p.store.get, token.accessor, secret_hash, now))
     if isinstance(grant, str):
         # Only a refused token needs to know why: a new cluster has no principals yet.
         if not ctx.cluster.read(lambda p: security.bootstrapped(p.store.get)):
             raise Bootstrapping()
         raise ApiError(401, "unauthorized", f"token {token.accessor}: {grant}; send a live token")
+    memo[(token.accessor, secret_hash)] = grant
     return Identity(token, grant)
 
 
