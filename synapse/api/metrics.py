@@ -68,9 +68,9 @@ class Metrics:
         self.merged = t.declare("synapse_entries_merged", "Entries this node, as leader, joined into another "
                                 "entry's log entry (its own and those followers forwarded)")
         self.read_index = t.declare(
-            "synapse_read_index_requests", "Read-index requests for linearizable reads on followers, by outcome: "
-            "asked, served (applied up to the leader's answer), fell_back (a barrier entry instead) on a follower; "
-            "answered, refused on the leader", ("outcome",))
+            "synapse_read_index_requests", "Read-index rounds of linearizable reads, by outcome: this node's "
+            "asked, served (applied up to the read index), fell_back (a barrier entry instead); as leader, "
+            "followers' requests answered or refused", ("outcome",))
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
         self.repairs = t.declare("synapse_repairs", "Repairs completed by this node since it started")
         self.catchup_sent = t.declare("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers")

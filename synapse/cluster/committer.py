@@ -139,7 +139,7 @@ class GroupCommitter:
 
     def reader(self, timeout: float) -> asyncio.Future:
         """A reader's future with the request's deadline, for a read resolved another way (a
-        follower's read index, read_index.py); ``join_barriers`` hands it back here."""
+        read-index round, read_index.py); ``join_barriers`` hands it back here."""
         return self._deadline(timeout)
 
     def join_barriers(self, futures: list[asyncio.Future]) -> None:

@@ -1,12 +1,13 @@
-"""Linearizable reads on a follower by read index: the event loop's side.
+"""Linearizable reads by read index: the event loop's side.
 
-A follower's reader needs an index that every write acknowledged before the read began is at
-or below; once the node has applied that far, the local state answers (raft.py,
-``Voter._read_index_message``, has the leader's and the tick thread's side, DESIGN.md "Reads"
-the argument). One request is out at a time: readers arriving meanwhile could not use its
-answer (it was asked before them) and share the next. When no read index can be had (this node
-leads, more than three voters, a leader that does not answer them, a term changed, no answer),
-the readers wait for a barrier entry instead (``GroupCommitter.join_barriers``).
+A reader needs an index that every write acknowledged before the read began is at or below;
+once the node has applied that far, the local state answers. The rounds that get one are the
+tick thread's (raft.py, ``Voter._read_index_message``: the leader confirms its term with a
+majority, a follower asks the leader; DESIGN.md, "Read-index rounds", has the argument). One
+round is out at a time per node: readers arriving meanwhile could not use its answer (it was
+asked before them) and share the next. When a round cannot be had (no leader, more than three
+voters for a follower, peers that do not take part, a term changed, no answer), its readers
+wait for a barrier entry instead (``GroupCommitter.join_barriers``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from synapse.cluster.committer import GroupCommitter
 from synapse.cluster.raft import ReplicatedLog
 
 
-class FollowerReads:
+class IndexReads:
     def __init__(self, replica: ReplicatedLog, committer: GroupCommitter) -> None:
         self._replica = replica
         self._committer = committer
@@ -30,8 +31,8 @@ class FollowerReads:
         return self._replica.read_index_usable()
 
     def future(self, timeout: float) -> asyncio.Future:
-        """A reader's future: done (None) once this node has applied a read index asked for
-        after the call, or a ``ProposalError`` (the barrier entry's, if it came to that)."""
+        """A reader's future: done (None) once this node has applied a read index from a round
+        started after the call, or a ``ProposalError`` (the barrier entry's, if it came to that)."""
         fut = self._committer.reader(timeout)
         self._waiting.append(fut)
         if self._out is None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from synapse.cluster.committer import GroupCommitter, ProposalError
 from synapse.cluster.raft import ReplicatedLog
-from synapse.cluster.read_index import FollowerReads
+from synapse.cluster.read_index import IndexReads
 from synapse.state.processor import CommandProcessor
 
 
@@ -36,7 +36,7 @@ class Cluster:
         self.replica = replica  # the applied state's repair and catch-up hooks (synapse/integrity)
         self._committer = committer
         self._timeout = request_timeout
-        self._follower_reads = FollowerReads(replica, committer)
+        self._index_reads = IndexReads(replica, committer)
 
     @classmethod
     async def open(cls, replica: ReplicatedLog, request_timeout: float) -> "Cluster":
@@ -50,7 +50,7 @@ class Cluster:
     async def close(self) -> None:
         """Fails what is still waiting, then stops the voter (off the loop, so callbacks in
         flight can still land)."""
-        self._follower_reads.close()
+        self._index_reads.close()
         await self._committer.close()
         await asyncio.get_running_loop().run_in_executor(None, self.replica.close)
 
@@ -81,13 +81,13 @@ class Cluster:
     def barrier_future(self, timeout: float | None = None) -> "asyncio.Future[None] | None":
         """``barrier`` as a future (no coroutine): the HTTP front's reads. None: already there
         — a lone voter that leads and has applied its whole log (raft.py,
-        lone_leader_current) needs no entry. A follower of at most two others asks the
-        leader for a read index (read_index.py); the rest propose a barrier entry."""
+        lone_leader_current) needs no entry. Otherwise a read-index round (read_index.py) when
+        one can be had, else a barrier entry."""
         if self.replica.lone_leader_current():
             return None
         timeout = self._timeout if timeout is None else timeout
-        if self._follower_reads.usable():
-            return self._follower_reads.future(timeout)
+        if self._index_reads.usable():
+            return self._index_reads.future(timeout)
         return self._committer.barrier_future(timeout)
 
     @property
