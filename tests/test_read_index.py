@@ -29,6 +29,7 @@ class FakeVoter:
 
     _init_reads = Voter._init_reads
     _read_index_message = Voter._read_index_message
+    read_round_possible = Voter.read_round_possible
     _committed_in_term = Voter._committed_in_term
     _send_read_requests = Voter._send_read_requests
     _fall_back = Voter._fall_back

@@ -39,12 +39,13 @@ log = logging.getLogger("synapse.cluster")
 
 # The keep-alive also says that this node takes part in read-index rounds (below): a node asks
 # only peers that said so, so a node of an older version is never counted on for one.
-_KEEPALIVE = {"type": "synapse_keepalive", "read_index": 1}
+_KEEPALIVE_TYPE = "synapse_keepalive"
+_KEEPALIVE = {"type": _KEEPALIVE_TYPE, "read_index": 1}
 # Read-index rounds (Voter._read_index_message): a follower asks the leader and gets its
 # answer; the leader asks its peers to confirm its term, and they answer with theirs.
 _ASK, _ANSWER = "synapse_read_index", "synapse_read_index_reply"
 _CONFIRM, _CONFIRMED = "synapse_term_check", "synapse_term_ack"
-_READ_INDEX_MESSAGES = frozenset((_ASK, _ANSWER, _CONFIRM, _CONFIRMED, "synapse_keepalive"))
+_READ_INDEX_MESSAGES = frozenset((_ASK, _ANSWER, _CONFIRM, _CONFIRMED, _KEEPALIVE_TYPE))
 # A read-index round unanswered this long falls back (its reads take a barrier entry): the
 # leader died, or a link dropped with the request or its answer.
 READ_INDEX_REPLY_TIMEOUT = 0.5
@@ -278,7 +279,7 @@ class Voter(SyncObj):
         self.heard[str(node.id)] = time.monotonic()
         if isinstance(message, dict) and message.get("type") in _READ_INDEX_MESSAGES:
             self._read_index_message(node, message)
-            if message["type"] != "synapse_keepalive":
+            if message["type"] != _KEEPALIVE_TYPE:
                 return  # ours alone; PySyncObj ignores the keep-alive
         self._guarded_message(node, message)
 
@@ -309,7 +310,7 @@ class Voter(SyncObj):
 
     def _read_index_message(self, node, message: dict) -> None:
         kind, seq = message["type"], message.get("seq")
-        if kind == "synapse_keepalive":
+        if kind == _KEEPALIVE_TYPE:
             if message.get("read_index") == 1:
                 self.read_index_peers.add(str(node.id))
             else:
@@ -354,6 +355,18 @@ class Voter(SyncObj):
                 del self._reads_out[seq]
                 self._fall_back(out.callback)
 
+    def read_round_possible(self) -> bool:
+        """Whether a read-index round can be started here: as leader, enough peers that take
+        part to make a majority with it (its peers' confirmations, ``needed`` below); as
+        follower, a known leader that takes part, among at most two other voters. Any thread
+        may ask (the answer may then be a tick old); the tick thread asks again before each
+        round."""
+        others, peers = self.otherNodes, self.read_index_peers
+        if self._isLeader():
+            return bool(others) and sum(str(n.id) in peers for n in others) >= (len(others) + 1) // 2
+        leader = self._getLeader()
+        return leader is not None and len(others) <= 2 and leader in others and str(leader.id) in peers
+
     def _committed_in_term(self) -> int | None:
         """As leader: the commit index, if the entry there is of the current term (before the
         new leader's first entry commits, its commit index may lag what was committed)."""
@@ -369,22 +382,20 @@ class Voter(SyncObj):
         transport = self._SyncObj__transport
         while self.read_requests:
             seq, callback = self.read_requests.popleft()
-            others, term = self.otherNodes, self.raftCurrentTerm
+            index = self._committed_in_term() if self._isLeader() else None
+            if not self.read_round_possible() or (self._isLeader() and index is None):
+                self._fall_back(callback)
+                continue
+            term = self.raftCurrentTerm
             if self._isLeader():
+                others = self.otherNodes
                 peers = {n for n in others if str(n.id) in self.read_index_peers}
-                needed = (len(others) + 1) // 2  # with this node, a majority
-                index = self._committed_in_term()
-                if not others or index is None or len(peers) < needed:
-                    self._fall_back(callback)
-                    continue
-                self._reads_out[seq] = _ReadRound(term, callback, now, index=index, peers=peers, needed=needed)
+                self._reads_out[seq] = _ReadRound(term, callback, now, index=index, peers=peers,
+                                                  needed=(len(others) + 1) // 2)
                 for peer in peers:
                     transport.send(peer, {"type": _CONFIRM, "seq": seq, "term": term})
             else:
                 leader = self._getLeader()
-                if leader is None or str(leader.id) not in self.read_index_peers or len(others) > 2 or leader not in others:
-                    self._fall_back(callback)
-                    continue
                 self._reads_out[seq] = _ReadRound(term, callback, now, leader=leader)
                 transport.send(leader, {"type": _ASK, "seq": seq, "term": term})
             self.read_index_counts["asked"] += 1
@@ -725,15 +736,9 @@ class ReplicatedLog:
 
     def read_index_usable(self) -> bool:
         """Whether a linearizable read here may take a read-index round instead of proposing
-        a barrier entry: this node leads and enough peers to make a majority with it take part,
-        or it follows a leader that takes part in a cluster of at most three voters. Read on
-        any thread, so it may be a tick old: the tick thread checks again before asking."""
-        raft = self._raft
-        others, peers = raft.otherNodes, raft.read_index_peers
-        if raft._isLeader():
-            return bool(others) and sum(str(n.id) in peers for n in others) >= (len(others) + 1) // 2
-        leader = raft._getLeader()
-        return leader is not None and len(others) <= 2 and str(leader.id) in peers
+        a barrier entry (``Voter.read_round_possible``; from the event loop, so a tick old at
+        worst: the tick thread checks again before asking)."""
+        return self._raft.read_round_possible()
 
     def request_read_index(self, seq: int, callback: Callable[[bool], None]) -> None:
         """Starts a read-index round (from the tick thread, woken now); ``callback(True)`` on
