@@ -198,34 +198,38 @@ class Run:
     def _memory(self, client: int, rnd: random.Random, mine: "_Memories", name: str) -> Op:
         """One memory operation. Each client remembers records of its own (unique ids and
         texts), re-sends the text of one of them under a new id (dedup must answer with the
-        first), forgets some, and recalls by the vector of one it holds or forgot."""
+        first), forgets some, and recalls by the vector of one it holds or forgot. Until each
+        kind has been answered once, half the draws go to a kind not answered yet: a short run
+        under faults must still exercise every check, whatever share the faults refuse."""
         node = rnd.choice(list(self.cluster.ids))
-        roll = rnd.random()
-        if roll < 0.4 or not mine.live:
+        kind = _memory_kind(rnd, mine)
+        if kind == REMEMBER:
             ns = f"chaos/mem{rnd.randrange(self.config.memory_namespaces)}"
             op = self._remember(client, node, ns, [(name, _memory_text(name))])
-        elif roll < 0.6:
+        elif kind == MEMORY_BATCH_KIND:
             ns = f"chaos/mem{rnd.randrange(self.config.memory_namespaces)}"
             batch = [(f"{name}-{j}", _memory_text(f"{name}-{j}")) for j in range(rnd.randint(*MEMORY_BATCH))]
             op = self._remember(client, node, ns, batch, many=True)
-        elif roll < 0.67:  # the text of a record it holds, under a new id: a duplicate
+        elif kind == MEMORY_DUPLICATE_KIND:  # the text of a record it holds, under a new id
             ns, _, text = rnd.choice(mine.live)
-            return self._remember(client, node, ns, [(name, text)])
-        elif roll < 0.8:
+            op = self._remember(client, node, ns, [(name, text)])
+        elif kind == FORGET:
             ns, record_id, text = mine.live.pop(rnd.randrange(len(mine.live)))
             op = self._forget(client, node, ns, record_id)
             if op.outcome == FAIL:  # surely not forgotten
                 mine.live.append((ns, record_id, text))
             elif op.outcome == OK and op.output:
                 mine.forgotten.append((ns, record_id))
-            return op
         else:
             ns, record_id = (rnd.choice(mine.forgotten) if mine.forgotten and rnd.random() < 0.25
                              else rnd.choice(mine.live)[:2])
-            return self._recall(client, node, ns, record_id)
+            op = self._recall(client, node, ns, record_id)
         if op.outcome == OK:
-            texts = dict(op.value)
-            mine.live += [(ns, sent, texts[sent]) for sent, answered, dup in op.output if not dup and answered == sent]
+            mine.unanswered.discard(kind)
+            if op.kind == REMEMBER and kind != MEMORY_DUPLICATE_KIND:
+                texts = dict(op.value)
+                mine.live += [(ns, sent, texts[sent]) for sent, answered, dup in op.output
+                              if not dup and answered == sent]
         return op
 
     def _remember(self, client: int, node: int, ns: str, records: list[tuple[str, str]], many: bool = False) -> Op:
@@ -678,6 +682,26 @@ class _Memories:
     def __init__(self) -> None:
         self.live: list[tuple[str, str, str]] = []  # (namespace, id, text)
         self.forgotten: list[tuple[str, str]] = []  # (namespace, id)
+        # The kinds (below) not answered yet, drawn first (Run._memory).
+        self.unanswered: set[str] = {MEMORY_BATCH_KIND, MEMORY_DUPLICATE_KIND, FORGET, RECALL}
+
+
+# A memory operation's kind as the workload draws it: a remember of one record, of a batch, of
+# a text already held (a duplicate), a forget or a recall. The history's kinds are coarser (a
+# batch and a duplicate are remembers).
+MEMORY_BATCH_KIND, MEMORY_DUPLICATE_KIND = "remember-batch", "remember-duplicate"
+_MEMORY_MIX = ((0.4, REMEMBER), (0.6, MEMORY_BATCH_KIND), (0.67, MEMORY_DUPLICATE_KIND), (0.8, FORGET), (1.0, RECALL))
+
+
+def _memory_kind(rnd: random.Random, mine: _Memories) -> str:
+    """The next operation's kind for a client: with nothing held, a remember; else, while some
+    kind has not been answered yet, one of those half the time; else by ``_MEMORY_MIX``."""
+    if not mine.live:
+        return REMEMBER
+    if mine.unanswered and rnd.random() < 0.5:
+        return rnd.choice(sorted(mine.unanswered))
+    roll = rnd.random()
+    return next(kind for upto, kind in _MEMORY_MIX if roll < upto)
 
 
 def memory_vector(record_id: str) -> list[float]:
