@@ -97,6 +97,8 @@ class Metrics:
                                   "(0: reconciling after a start, rollback, repair or failure)", registry=self.registry)
         self.memory_reconciles = t.declare("synapse_memory_index_reconciles", "Reconciles of the vector index "
                                            "against the state since the node started")
+        self.memory_repaired = t.declare("synapse_memory_index_repaired", "Records a reconcile found missing from "
+                                         "the vector index (no query by their own vector found them) and added again")
         self.memory_failing = Gauge("synapse_memory_index_failing", "1 while the last index write or reconcile "
                                     "failed (the node log says why)", registry=self.registry)
         self.recall_calls = t.declare("synapse_memory_recall_index_calls", "Index calls that answered recalls (each "
@@ -181,6 +183,7 @@ async def metrics(request: web.Request) -> web.Response:
         m.memory_indexed.set(index.indexed_upto)
         m.memory_whole.set(1 if index.whole else 0)
         totals.set(m.memory_reconciles, index.reconciles)
+        totals.set(m.memory_repaired, index.repaired)
         m.memory_failing.set(1 if index.last_error else 0)
         totals.set(m.recall_calls, index.recall_batches.calls)
         totals.set(m.recall_questions, index.recall_batches.questions)

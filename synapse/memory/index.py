@@ -40,6 +40,9 @@ INDEX_KEY = "_i"  # Chroma metadata: the log index of the record version indexed
 START_WAIT_S = 120.0  # the first reconcile waits at most this long for the start's log replay
 QUERY_WORKERS = 2  # Chroma calls answering recalls at once (each a batch: query_batch.py)
 VERIFY_EVERY_S = 30.0  # while idle, the index's counts are compared with the state's this often
+VERIFY_PAGE = 500  # records per query while a reconcile checks the vector index finds each one
+VERIFY_K = 4  # neighbours asked per record checked
+VERIFY_REPAIRS = 3  # re-adds of records the vector index lacks before the reconcile fails
 
 
 class IndexUnavailable(RuntimeError):
@@ -198,6 +201,7 @@ class MemoryIndex:
         self.indexed_upto = 0  # every change up to this log index is in Chroma
         self.last_error: str | None = None
         self.reconciles = 0
+        self.repaired = 0  # records a reconcile found missing from the vector index and added again
         # The index holds the whole state as of indexed_upto: False until the first reconcile
         # (at start) and again from a failure or a damage found until the next reconcile.
         self._whole = False
@@ -398,15 +402,16 @@ class MemoryIndex:
             live.add(collection_name(ns))
             col = self.backend.collection(ns, space["model"], space["dim"], create=True)
             held = self._held(col)
-            seen, stale, after = set(), [], None
+            seen: dict[str, int] = {}  # id -> the mod_index the index now holds
+            stale, after = [], None
             while True:
                 rows = self._read(lambda p: p.memory_scan_rows(ns, "", RECONCILE_PAGE, after))
                 if not rows:
                     break
                 for key, raw in rows:
                     _, record_id = memory.split_record_key(key)
-                    seen.add(record_id)
                     record = memory.decode_record(ns, record_id, raw, keys.unpack)
+                    seen[record_id] = record.mod_index
                     if held.get(record_id) != record.mod_index:
                         stale.append(record)
                         if len(stale) >= WRITE_BATCH:
@@ -418,7 +423,47 @@ class MemoryIndex:
             strays = [i for i in held if i not in seen]
             for start in range(0, len(strays), WRITE_BATCH):
                 col.delete(ids=strays[start:start + WRITE_BATCH])
+            self._verify(ns, col, seen)
         self.backend.drop_others(live)
+
+    def _verify(self, ns: str, col, indexed: dict[str, int]) -> None:
+        """Every record of ``ns`` the reconcile left indexed (``indexed``: id -> mod_index; a
+        record changed since is the writer's next job) is found by its own vector; one the
+        vector index lacks is deleted and added again. Chroma 1.5.9's embedded index, reopened,
+        sometimes lacks a record its metadata holds — no query finds it, whatever k or filter
+        (DESIGN.md, "Measured cliffs") — and the id comparison above cannot see that."""
+        after, missing = None, []
+        while True:
+            rows = self._read(lambda p: p.memory_scan_rows(ns, "", VERIFY_PAGE, after))
+            if not rows:
+                break
+            records = [memory.decode_record(ns, memory.split_record_key(key)[1], raw, keys.unpack) for key, raw in rows]
+            missing += self._unfound(col, [r for r in records if indexed.get(r.id) == r.mod_index])
+            after = memory.split_record_key(rows[-1][0])[1]
+        for attempt in range(VERIFY_REPAIRS):
+            if not missing:
+                return
+            log.warning("memory index: %d record(s) of namespace %r missing from the vector index (e.g. %r); "
+                        "adding them again", len(missing), ns, missing[0].id)
+            self.repaired += len(missing)
+            col.delete(ids=[r.id for r in missing])
+            self._upsert(col, missing)
+            missing = self._unfound(col, missing)
+        if missing:
+            raise IndexUnavailable(f"{len(missing)} record(s) of namespace {ns!r} (e.g. {missing[0].id!r}) are still "
+                                   f"missing from the vector index after {VERIFY_REPAIRS} repairs")
+
+    @staticmethod
+    def _unfound(col, records: list[MemoryRecord]) -> list[MemoryRecord]:
+        """The records a query by their own vector does not find. Records sharing one vector
+        can crowd each other out of the k nearest: all k at distance ~0 counts as found."""
+        if not records:
+            return []
+        np = load("numpy")
+        found = col.query(query_embeddings=np.stack([_vector(r) for r in records]), n_results=VERIFY_K,
+                          include=["distances"])
+        return [r for r, ids, distances in zip(records, found["ids"], found["distances"])
+                if r.id not in ids and not (len(ids) == VERIFY_K and distances[-1] <= 1e-6)]
 
     def _spaces(self) -> list[tuple[str, dict]]:
         """[(namespace, {"model", "dim", "count"})] of every namespace holding records."""
