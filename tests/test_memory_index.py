@@ -99,8 +99,15 @@ def test_a_record_the_vector_index_lacks_is_added_again_by_the_reconcile(tmp_pat
     for i in (7, 23, 5):
         found = col.query(query_embeddings=[memory_vector(i)], n_results=1, include=["distances"])
         assert found["ids"] == [[f"r{i:03}"]]
-    index._reconcile_now()  # nothing missing now: nothing touched
+    # Verified once per Chroma client: a reconcile in the same one (a long backlog) does not
+    # query every record again; one after a new client (a server's failure) does.
+    col.lost.add("r011")
+    index._reconcile_now()
     assert index.repaired == 2 and sorted(col.deleted) == ["r007", "r023"]
+    index.backend._client = None
+    index.backend._collections.clear()  # as forget() does for a server
+    index._reconcile_now()
+    assert index.repaired == 3 and col.deleted[-1] == "r011" and index.backend.opens == 2
     index.stop()
 
 

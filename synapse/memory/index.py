@@ -72,6 +72,7 @@ class ChromaBackend:
     def __init__(self, spec: str, data_dir: Path, node_id: str) -> None:
         self.spec, self._data_dir, self._node_id = spec, data_dir, node_id
         self._client = None
+        self.opens = 0  # clients made: each one loads Chroma's files afresh
         self._collections: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -90,6 +91,7 @@ class ChromaBackend:
         # Under self._lock (collection, drop, drop_others).
         if self._client is None:
             self._client = self._open()
+            self.opens += 1
         return self._client
 
     def _open(self):
@@ -202,6 +204,7 @@ class MemoryIndex:
         self.last_error: str | None = None
         self.reconciles = 0
         self.repaired = 0  # records a reconcile found missing from the vector index and added again
+        self._verified_opens = 0  # backend.opens when a reconcile last verified the whole vector index
         # The index holds the whole state as of indexed_upto: False until the first reconcile
         # (at start) and again from a failure or a damage found until the next reconcile.
         self._whole = False
@@ -423,15 +426,19 @@ class MemoryIndex:
             strays = [i for i in held if i not in seen]
             for start in range(0, len(strays), WRITE_BATCH):
                 col.delete(ids=strays[start:start + WRITE_BATCH])
-            self._verify(ns, col, seen)
+            if self.backend.opens != self._verified_opens:
+                self._verify(ns, col, seen)
         self.backend.drop_others(live)
+        self._verified_opens = self.backend.opens
 
     def _verify(self, ns: str, col, indexed: dict[str, int]) -> None:
         """Every record of ``ns`` the reconcile left indexed (``indexed``: id -> mod_index; a
         record changed since is the writer's next job) is found by its own vector; one the
         vector index lacks is deleted and added again. Chroma 1.5.9's embedded index, reopened,
         sometimes lacks a record its metadata holds — no query finds it, whatever k or filter
-        (DESIGN.md, "Measured cliffs") — and the id comparison above cannot see that."""
+        (DESIGN.md, "Measured cliffs") — and the id comparison above cannot see that. Once
+        per Chroma client made (at start; with a server, again after a failure): a reconcile
+        for a long backlog, in the same client, would pay a query per record for nothing."""
         after, missing = None, []
         while True:
             rows = self._read(lambda p: p.memory_scan_rows(ns, "", VERIFY_PAGE, after))
