@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from synapse.client import Client, ConflictError, SynapseError
-from tests.harness import Cluster
+from tests.harness import Cluster, scrape
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,27 @@ def test_paused_leader_is_replaced_and_never_serves_a_stale_linearizable_read(tm
         leader.resume()
         got = cluster.client(leader).get("stale/k")
         assert got["value"] == "new"
+    finally:
+        cluster.close()
+
+
+def test_a_stalled_raft_thread_is_counted_in_the_metrics(tmp_path):
+    """A node frozen (SIGSTOP) for 1.2 s: its Raft thread's next tick comes that much after
+    the last one — the silence after which peers count a node down, seen from the node."""
+    cluster = Cluster.create(tmp_path, 1).start()
+    try:
+        node = cluster.nodes[0]
+        before = scrape(node, cluster.token)
+        assert before['synapse_raft_tick_stalls_total{over_seconds="1"}'] == 0
+        node.pause()
+        time.sleep(1.2)  # the stall made on purpose
+        node.resume()
+        cluster.client().put("stall/after", 1)
+        after = scrape(node, cluster.token)
+        assert after['synapse_raft_tick_stalls_total{over_seconds="0.5"}'] >= 1
+        assert after['synapse_raft_tick_stalls_total{over_seconds="1"}'] >= 1
+        assert after["synapse_raft_longest_tick_gap_seconds"] >= 1.2
+        assert "the Raft tick thread stalled" in node.log()
     finally:
         cluster.close()
 

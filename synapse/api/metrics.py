@@ -71,6 +71,12 @@ class Metrics:
             "synapse_read_index_requests", "Read-index rounds of linearizable reads, by outcome: this node's "
             "asked, served (applied up to the read index), fell_back (a barrier entry instead); as leader, "
             "followers' requests answered or refused", ("outcome",))
+        self.tick_stalls = t.declare(
+            "synapse_raft_tick_stalls", "Gaps between two ticks of this node's Raft thread longer than "
+            "over_seconds: nothing left the node meanwhile; past the contact timeout (2 s) peers counted it down",
+            ("over_seconds",))
+        self.longest_tick_gap = Gauge("synapse_raft_longest_tick_gap_seconds", "The longest gap between two ticks "
+                                      "of this node's Raft thread since it started", registry=self.registry)
         self.serving = Gauge("synapse_integrity_serving", "1 unless this node's state diverged from the agreed one", registry=self.registry)
         self.repairs = t.declare("synapse_repairs", "Repairs completed by this node since it started")
         self.catchup_sent = t.declare("synapse_catchup_bytes_sent", "Bytes of catch-up containers sent to lagging followers")
@@ -155,6 +161,9 @@ async def metrics(request: web.Request) -> web.Response:
     totals.set(m.merged, raft["entries_merged"])
     for outcome, count in raft["read_index"].items():
         totals.set(m.read_index, count, outcome)
+    for over, count in raft["tick_stalls"].items():
+        totals.set(m.tick_stalls, count, f"{over:g}")
+    m.longest_tick_gap.set(raft["longest_tick_gap"])
     m.serving.set(1 if ctx.serving else 0)
     integrity = ctx.integrity.status()
     m.checkpoint_last.set(integrity["last_checkpoint"] or 0)

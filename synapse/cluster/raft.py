@@ -39,6 +39,9 @@ log = logging.getLogger("synapse.cluster")
 
 # The keep-alive also says that this node takes part in read-index rounds (below): a node asks
 # only peers that said so, so a node of an older version is never counted on for one.
+# A tick-to-tick gap longer than each of these (seconds) is counted (Voter.tick_stalls): the
+# tick runs every 50 ms or sooner (autoTickPeriod), the contact timeout is 2 s.
+TICK_STALLS = (0.5, 1.0, 2.0)
 _KEEPALIVE_TYPE = "synapse_keepalive"
 _KEEPALIVE = {"type": _KEEPALIVE_TYPE, "read_index": 1}
 # Read-index rounds (Voter._read_index_message): a follower asks the leader and gets its
@@ -246,6 +249,12 @@ class Voter(SyncObj):
         self._apply_entry_id: int | None = None
         # Entries this node, as leader, joined into another's log entry (merge.py).
         self.entries_merged = 0
+        # Gaps between two ticks of this thread longer than each of TICK_STALLS (seconds): no
+        # heartbeat, keep-alive or answer left this node meanwhile, so past the contact
+        # timeout its peers counted it down (a long apply, a dump load, a starved machine).
+        self.tick_stalls = dict.fromkeys(TICK_STALLS, 0)
+        self.longest_tick_gap = 0.0
+        self._last_tick: float | None = None
         self._init_reads()
         with _CONSTRUCTION_HOOK:
             create_journal, serializer = pysyncobj.syncobj.createJournal, pysyncobj.syncobj.Serializer
@@ -569,6 +578,10 @@ class Voter(SyncObj):
                 and self._SyncObj__getCurrentLogIndex() > self.raftCommitIndex)
 
     def _on_tick(self) -> None:
+        now = time.monotonic()
+        if self._last_tick is not None and now - self._last_tick > TICK_STALLS[0]:
+            self._note_stall(now - self._last_tick)
+        self._last_tick = now
         # After this tick's apply: whatever it appended waits for the next tick's commit.
         self.lone_and_applied = (not self.otherNodes and self._isLeader()
                                  and self.raftLastApplied >= self._SyncObj__getCurrentLogIndex())
@@ -586,6 +599,15 @@ class Voter(SyncObj):
             for node in list(self.otherNodes):
                 transport.send(node, _KEEPALIVE)
         self._report_role()
+
+    def _note_stall(self, gap: float) -> None:
+        for threshold in TICK_STALLS:
+            if gap > threshold:
+                self.tick_stalls[threshold] += 1
+        self.longest_tick_gap = max(self.longest_tick_gap, gap)
+        if gap > self._tuning.connection_timeout / 2:
+            log.warning("the Raft tick thread stalled %.2f s (peers count a node down after %.1f s of silence)",
+                        gap, self._tuning.connection_timeout)
 
     def on_state_changed(self, old: int, new: int) -> None:
         self._report_role()
@@ -1007,6 +1029,8 @@ class ReplicatedLog:
             "uptime": round(now - raft.started, 3),
             "entries_merged": raft.entries_merged,
             "read_index": dict(raft.read_index_counts),
+            "tick_stalls": dict(raft.tick_stalls),
+            "longest_tick_gap": round(raft.longest_tick_gap, 3),
             # Silent longer than this, a peer's link is dropped (tuning.connection_timeout).
             "contact_timeout": self._tuning.connection_timeout,
         }
