@@ -149,7 +149,8 @@ def test_prometheus_scrapes_every_node_and_the_dashboard_sees_them(stack):
         assert time.monotonic() < deadline + 30, f"Prometheus did not scrape {leader} again: {sample}"
         time.sleep(0.5)
     (voters_up,) = answer("Voters up (leader's view)")
-    assert voters_up["value"][1] == "3", (voters_up, stack.prometheus("/api/v1/query", query="synapse_voter_up[30s]"))
+    assert voters_up["value"][1] == "3", (voters_up, stack.prometheus("/api/v1/query", query="synapse_voter_up[30s]"),
+                                          stack.prometheus("/api/v1/query", query="synapse_raft_longest_tick_gap_seconds"))
 
 
 def leader_view_all_up(stack: Stack) -> str:
@@ -159,7 +160,8 @@ def leader_view_all_up(stack: Stack) -> str:
     leaders = [n for n, (code, body) in statuses.items() if code == 200 and body["is_leader"]]
     assert len(leaders) == 1, statuses
     members = statuses[leaders[0]][1]["members"]
-    assert all(m["up"] for m in members), (leaders[0], members)
+    assert all(m["up"] for m in members), (leaders[0], members, stack.prometheus(
+        "/api/v1/query", query="synapse_raft_longest_tick_gap_seconds"))
     return leaders[0]
 
 
