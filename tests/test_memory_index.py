@@ -75,6 +75,11 @@ class LosingCollection:
 
 
 def make_index(tmp_path, state: State, lost: set[str], for_good: bool = False):
+    """An index over a Chroma directory an earlier process (another client) filled with the
+    state's records: what a node finds at start."""
+    earlier = MemoryIndex(ChromaBackend("chroma", tmp_path, "n1"), lambda fn: fn(state))
+    earlier._reconcile_now()
+    earlier.stop()
     backend = ChromaBackend("chroma", tmp_path, "n1")
     index = MemoryIndex(backend, lambda fn: fn(state))
     wrapped: dict[str, LosingCollection] = {}
@@ -123,6 +128,16 @@ def test_records_sharing_one_vector_are_not_taken_for_missing(tmp_path):
     index, wrapped = make_index(tmp_path, State(twins + [record(i) for i in range(10, 20)]), lost=set())
     index._reconcile_now()
     assert index.repaired == 0 and wrapped[NS].deleted == []
+    index.stop()
+
+
+def test_records_written_by_this_client_are_not_queried_again(tmp_path):
+    # A deleted index directory, rebuilt at start: every record is this reconcile's own write.
+    index = MemoryIndex(ChromaBackend("chroma", tmp_path, "n1"), lambda fn: fn(State([record(i) for i in range(10)])))
+    queried = []
+    index._unfound = lambda col, records: queried.extend(records) or []
+    index._reconcile_now()
+    assert queried == [] and index.backend.opens == 1
     index.stop()
 
 

@@ -405,8 +405,10 @@ class MemoryIndex:
             live.add(collection_name(ns))
             col = self.backend.collection(ns, space["model"], space["dim"], create=True)
             held = self._held(col)
-            seen: dict[str, int] = {}  # id -> the mod_index the index now holds
-            stale, after = [], None
+            seen, stale, after = set(), [], None
+            # id -> mod_index of the records Chroma held from before it was opened (the ones it
+            # loaded from its files); what this reconcile writes is not in doubt.
+            loaded: dict[str, int] = {}
             while True:
                 rows = self._read(lambda p: p.memory_scan_rows(ns, "", RECONCILE_PAGE, after))
                 if not rows:
@@ -414,8 +416,10 @@ class MemoryIndex:
                 for key, raw in rows:
                     _, record_id = memory.split_record_key(key)
                     record = memory.decode_record(ns, record_id, raw, keys.unpack)
-                    seen[record_id] = record.mod_index
-                    if held.get(record_id) != record.mod_index:
+                    seen.add(record_id)
+                    if held.get(record_id) == record.mod_index:
+                        loaded[record_id] = record.mod_index
+                    else:
                         stale.append(record)
                         if len(stale) >= WRITE_BATCH:
                             self._upsert(col, stale)
@@ -427,25 +431,27 @@ class MemoryIndex:
             for start in range(0, len(strays), WRITE_BATCH):
                 col.delete(ids=strays[start:start + WRITE_BATCH])
             if self.backend.opens != self._verified_opens:
-                self._verify(ns, col, seen)
+                self._verify(ns, col, loaded)
         self.backend.drop_others(live)
         self._verified_opens = self.backend.opens
 
-    def _verify(self, ns: str, col, indexed: dict[str, int]) -> None:
-        """Every record of ``ns`` the reconcile left indexed (``indexed``: id -> mod_index; a
+    def _verify(self, ns: str, col, loaded: dict[str, int]) -> None:
+        """Every record of ``ns`` Chroma loaded from its files (``loaded``: id -> mod_index; a
         record changed since is the writer's next job) is found by its own vector; one the
         vector index lacks is deleted and added again. Chroma 1.5.9's embedded index, reopened,
         sometimes lacks a record its metadata holds — no query finds it, whatever k or filter
         (DESIGN.md, "Measured cliffs") — and the id comparison above cannot see that. Once
         per Chroma client made (at start; with a server, again after a failure): a reconcile
         for a long backlog, in the same client, would pay a query per record for nothing."""
+        if not loaded:
+            return
         after, missing = None, []
         while True:
             rows = self._read(lambda p: p.memory_scan_rows(ns, "", VERIFY_PAGE, after))
             if not rows:
                 break
             records = [memory.decode_record(ns, memory.split_record_key(key)[1], raw, keys.unpack) for key, raw in rows]
-            missing += self._unfound(col, [r for r in records if indexed.get(r.id) == r.mod_index])
+            missing += self._unfound(col, [r for r in records if loaded.get(r.id) == r.mod_index])
             after = memory.split_record_key(rows[-1][0])[1]
         for attempt in range(VERIFY_REPAIRS):
             if not missing:
