@@ -131,13 +131,20 @@ def test_records_sharing_one_vector_are_not_taken_for_missing(tmp_path):
     index.stop()
 
 
-def test_records_written_by_this_client_are_not_queried_again(tmp_path):
-    # A deleted index directory, rebuilt at start: every record is this reconcile's own write.
-    index = MemoryIndex(ChromaBackend("chroma", tmp_path, "n1"), lambda fn: fn(State([record(i) for i in range(10)])))
-    queried = []
-    index._unfound = lambda col, records: queried.extend(records) or []
+def test_a_record_just_written_is_checked_and_added_again_if_missing(tmp_path):
+    # A deleted index directory rebuilt at start: the reconcile's own writes are checked as
+    # they are written (a live index has lacked a record just written, too).
+    state = State([record(i) for i in range(10)])
+    backend = ChromaBackend("chroma", tmp_path, "n1")
+    index = MemoryIndex(backend, lambda fn: fn(state))
+    collection, wrapped = backend.collection, {}
+
+    def losing(ns, model, dim, create):
+        return wrapped.setdefault(ns, LosingCollection(collection(ns, model, dim, create), {"r003"}))
+
+    backend.collection = losing
     index._reconcile_now()
-    assert queried == [] and index.backend.opens == 1
+    assert index.repaired == 1 and wrapped[NS].deleted == ["r003"] and wrapped[NS].lost == set()
     index.stop()
 
 

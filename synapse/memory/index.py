@@ -64,6 +64,11 @@ def _vector(record: MemoryRecord):
     return load("numpy").frombuffer(record.vec, dtype="<f4")
 
 
+def _add(col, records: list[MemoryRecord]) -> None:
+    col.upsert(ids=[r.id for r in records], embeddings=load("numpy").stack([_vector(r) for r in records]),
+               metadatas=[_metadata(r) for r in records])
+
+
 class ChromaBackend:
     """One Chroma database for this node: embedded (``PersistentClient`` on a directory only
     this process opens — two processes on one path corrupted it) or a Chroma server
@@ -390,10 +395,27 @@ class MemoryIndex:
             for start in range(0, len(upserts), WRITE_BATCH):
                 self._upsert(col, upserts[start:start + WRITE_BATCH])
 
-    @staticmethod
-    def _upsert(col, records: list[MemoryRecord]) -> None:
-        col.upsert(ids=[r.id for r in records], embeddings=load("numpy").stack([_vector(r) for r in records]),
-                   metadatas=[_metadata(r) for r in records])
+    def _upsert(self, col, records: list[MemoryRecord]) -> None:
+        """Writes ``records``, then checks the vector index finds each by its own vector: Chroma
+        1.5.9's index has lacked a record just written by a live process, as well as one
+        loaded from its files (DESIGN.md, "Measured cliffs")."""
+        _add(col, records)
+        self._repair(col, self._unfound(col, records))
+
+    def _repair(self, col, missing: list[MemoryRecord]) -> None:
+        """Deletes and adds again the records the vector index lacks, until it finds them."""
+        for _ in range(VERIFY_REPAIRS):
+            if not missing:
+                return
+            log.warning("memory index: %d record(s) of namespace %r missing from the vector index (e.g. %r); "
+                        "adding them again", len(missing), missing[0].ns, missing[0].id)
+            self.repaired += len(missing)
+            col.delete(ids=[r.id for r in missing])
+            _add(col, missing)
+            missing = self._unfound(col, missing)
+        if missing:
+            raise IndexUnavailable(f"{len(missing)} record(s) of namespace {missing[0].ns!r} (e.g. {missing[0].id!r}) "
+                                   f"are still missing from the vector index after {VERIFY_REPAIRS} repairs")
 
     def _reconcile_now(self) -> None:
         """Makes Chroma hold exactly the state's records (each at its ``mod_index``)."""
@@ -453,18 +475,7 @@ class MemoryIndex:
             records = [memory.decode_record(ns, memory.split_record_key(key)[1], raw, keys.unpack) for key, raw in rows]
             missing += self._unfound(col, [r for r in records if loaded.get(r.id) == r.mod_index])
             after = memory.split_record_key(rows[-1][0])[1]
-        for attempt in range(VERIFY_REPAIRS):
-            if not missing:
-                return
-            log.warning("memory index: %d record(s) of namespace %r missing from the vector index (e.g. %r); "
-                        "adding them again", len(missing), ns, missing[0].id)
-            self.repaired += len(missing)
-            col.delete(ids=[r.id for r in missing])
-            self._upsert(col, missing)
-            missing = self._unfound(col, missing)
-        if missing:
-            raise IndexUnavailable(f"{len(missing)} record(s) of namespace {ns!r} (e.g. {missing[0].id!r}) are still "
-                                   f"missing from the vector index after {VERIFY_REPAIRS} repairs")
+        self._repair(col, missing)
 
     @staticmethod
     def _unfound(col, records: list[MemoryRecord]) -> list[MemoryRecord]:
