@@ -194,7 +194,16 @@ class Cluster:
             n.start()
         self.wait_ready(timeout)
         self.token = (self.nodes[0].data_dir / "root.token").read_text().strip()
+        self.wait_named(timeout)
         return self
+
+    def wait_named(self, timeout: float = 15.0) -> None:
+        """Until every live node names every member (its node id and API address applied).
+        Ready is not registered: a node writes its own address after it is ready, and until
+        each node has applied every registration its status names no leader or member (a CI
+        run's overview once found n3 still unnamed)."""
+        wait_until(lambda: all(m["node_id"] and m["api"] for s in self.statuses().values() for m in s["members"]),
+                   timeout, "every node to name every member")
 
     def worker(self, worker_id: str, slots: int = 2, extra: list[str] | None = None) -> WorkerProc:
         """An execution node joining this cluster (not started)."""
