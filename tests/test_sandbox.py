@@ -6,8 +6,8 @@ left afterwards (processes, cgroups, working directories).
 Limits are shown by tasks that hit them: a CPU loop, a memory hog, a bounded fork loop
 (never an unbounded fork bomb: if the limit were not enforced, the test must not take the
 machine down), an output flood, a command that ignores SIGTERM and leaves a detached
-grandchild. The container driver needs a Docker engine, which this machine does not have:
-the test checks that it says so. About 20 s."""
+grandchild. The container driver needs a Docker engine: where none is reachable, a test
+checks that it says so (tests/test_container_driver.py runs it against one). About 20 s."""
 
 from __future__ import annotations
 
