@@ -8,10 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from synapse.chaos.cluster import ClusterUnderTest
 from synapse.chaos.netns import unavailable_reason
 from synapse.chaos.runner import Run, RunConfig, write_report
 
@@ -51,3 +53,20 @@ def test_the_command_refuses_network_faults_on_loopback(tmp_path):
                         "--nemesis", "partition-halves", "--duration", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "network namespaces" in r.stderr
+
+
+def test_a_node_restarted_from_a_thread_that_ends_keeps_running(tmp_path):
+    """The nemesis thread restarts nodes and then returns at the end of a run. A node must
+    outlive the thread that asked for it: the parent-death signal that ties a node to the
+    controller fires when the forking thread ends (a CI run's restarted nodes died so, silently,
+    just before the final checks)."""
+    cluster = ClusterUnderTest(1, tmp_path / "c", "loopback")
+    try:
+        starter = threading.Thread(target=cluster.start, args=(1,))
+        starter.start()
+        starter.join()
+        cluster.wait_ready(30)  # seconds after the starting thread ended: a node killed with it never answers
+        assert cluster.alive(1), cluster.data_dir(1)
+    finally:
+        cluster.close()
+    assert not cluster.alive(1)

@@ -9,6 +9,7 @@ mode the topology tears down its namespaces too. It only ever touches what it st
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import ctypes
 import http.client
 import json
@@ -51,6 +52,12 @@ class ClusterUnderTest:
         self.clock: dict[int, str | None] = {}  # the faketime spec each node runs under
         self.checkpoint_interval = checkpoint_interval
         self._token = ""
+        # Loopback nodes are started from this one thread, which lives until close(): the
+        # parent-death signal (_die_with_parent) fires when the *thread* that forked the node
+        # ends, not the process. Started from the nemesis thread, the nodes it restarted were
+        # SIGKILLed when that thread returned at the end of a run (a CI run's n1 and n2 died
+        # silently before the final checks, and finish() had already found them alive).
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chaos-spawn")
         atexit.register(self.close)
 
     @property
@@ -83,7 +90,8 @@ class ClusterUnderTest:
         if self.topology is not None:
             self.procs[i] = self.topology.popen(i, args, stdout=log, stderr=subprocess.STDOUT)
         else:
-            self.procs[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.procs[i] = self._spawner.submit(subprocess.Popen, args, stdout=log, stderr=subprocess.STDOUT,
+                                                 preexec_fn=_die_with_parent).result()
         self.paused.discard(i)
         self.clock[i] = clock
 
@@ -201,6 +209,7 @@ class ClusterUnderTest:
                 pass
         if self.topology is not None:
             self.topology.close()
+        self._spawner.shutdown()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -212,7 +221,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def _die_with_parent() -> None:  # in the child, between fork and exec
     """Own session (signals to the controller's group do not reach it), and SIGKILL when the
-    controlling process dies, however it dies: a chaos run never leaves nodes behind."""
+    controlling process dies, however it dies: a chaos run never leaves nodes behind. The
+    kernel sends it when the forking *thread* ends: ClusterUnderTest forks from its spawner."""
     os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
