@@ -241,9 +241,7 @@ class Cluster:
         write a node makes of its own after a start (after its root principal and tokens,
         written by the same task, retried every 0.5 s while there is no leader); without a
         worker or periodic checkpoints, the state then changes only by the test's requests."""
-        ids = {n.node_id for n in self.nodes}
-        wait_until(lambda: ids <= {m["node_id"] for m in self.client().status()["members"]}, timeout,
-                   f"nodes {sorted(ids)} to register themselves")
+        self.wait_named(timeout)
         return self.wait_converged(timeout)
 
     def node(self, node_id: str) -> NodeProc:
