@@ -23,6 +23,7 @@ REF: a commit (anything ``git rev-parse`` takes), or ``.`` for the working tree 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -69,20 +70,34 @@ def checkout(ref: str, tmp: Path) -> tuple[Path, str]:
     return tree, sha[:12]
 
 
+@contextlib.contextmanager
+def source_first(tree: Path):
+    """The processes started inside import synapse from ``tree``: PYTHONPATH comes before the
+    venv's path file."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree) + (os.pathsep + previous if previous else "")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def remove_checkouts(trees: list[Path]) -> None:
+    for tree in trees:
+        if tree != ROOT:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+
+
 class Version:
     def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path, scoped: bool = False,
                  tls: bool = False) -> None:
         self.name, self.ref, self.tree, self.label = name, ref, tree, label
-        # Its nodes import synapse from its own tree: PYTHONPATH comes before the venv's path file.
-        previous = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = str(tree) + (os.pathsep + previous if previous else "")
-        try:
+        with source_first(tree):
             self.cluster = bn.SynapseCluster(root / name, extra=["--worker-slots", "0"], tls=tls).start()
-        finally:
-            if previous is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = previous
         self.token = self.cluster._token()
         self.tls, self.scoped = tls, scoped
         if scoped:
@@ -198,10 +213,7 @@ def main() -> None:
     finally:
         for v in versions:
             v.close()
-        for v in versions:
-            if v.tree != ROOT:
-                subprocess.run(["git", "worktree", "remove", "--force", str(v.tree)], cwd=ROOT, capture_output=True)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+        remove_checkouts([v.tree for v in versions])
     bn.publish(result, args.json, tmp, args.keep, failed, log)
 
 

@@ -116,6 +116,8 @@ def _kill_members(directory: Path) -> None:
                 pinned[pid] = os.pidfd_open(pid)
             except ProcessLookupError:
                 continue
+        if not pinned:
+            return
         still = _members(directory)
         for pid, fd in pinned.items():
             if pid in still:
@@ -134,6 +136,9 @@ class TaskCgroup:
     pids_dir: Path | None
     memory_dir: Path | None
     memory_version: int = 1
+    # Set once kill() has seen no member left: with pids.max at 0 nothing can join again, so a
+    # later kill() (the run's cleanup after the watch already killed) has nothing to do.
+    emptied: bool = False
 
     @property
     def directories(self) -> list[Path]:
@@ -169,11 +174,15 @@ class TaskCgroup:
 
     def kill(self) -> None:
         """SIGKILLs every process of the task, including ones that left its process group."""
+        if self.emptied:
+            return
         deadline = time.monotonic() + _SETTLE_S
+        frozen = False
         if self.pids_dir is not None:
             # No new members from here on: a fork bomb cannot outrun the kill loop.
             try:
                 _write(self.pids_dir / "pids.max", "0")
+                frozen = True
             except OSError:
                 pass
         for d in self.directories:
@@ -186,7 +195,10 @@ class TaskCgroup:
         while True:
             for d in self.directories:
                 _kill_members(d)
-            if not self.members() or time.monotonic() > deadline:
+            if not self.members():
+                self.emptied = frozen
+                break
+            if time.monotonic() > deadline:
                 break
             time.sleep(0.005)
 

@@ -116,7 +116,11 @@ class BwrapDriver(Supervisor):
         self.bwrap = found
         # The sandbox's init is the launcher binary, run inside as the task uid: from where it
         # was built when that uid can reach it, else from a copy in each working directory.
-        self.stage_init = unreachable_part(self.launcher, *(self.identity or (os.geteuid(), os.getegid()))) is not None
+        task_ids = self.identity or (os.geteuid(), os.getegid())
+        self.stage_init = unreachable_part(self.launcher, *task_ids) is not None
+        # Once per driver, not per task (realpath and permission walks: ~5% of a worker's
+        # time per trivial task): the worker's Python does not move while it runs.
+        self.python_binds = _hidden_by_tmpfs(*task_ids)
         problem = _bwrap_probe(self.bwrap, self.identity)
         if problem is not None:
             raise SandboxUnavailable(
@@ -145,7 +149,7 @@ class BwrapDriver(Supervisor):
         argv = [self.bwrap, *_BWRAP_BASE, "--as-pid-1"]
         if job.grants.network:
             argv.append("--share-net")
-        for path in _hidden_by_tmpfs(*(self.identity or (os.geteuid(), os.getegid()))):
+        for path in self.python_binds:
             argv += ["--ro-bind", path, path]
         # After --tmpfs /tmp, so grants under /tmp are visible; read before write, so a
         # writable grant inside a readable one stays writable.
