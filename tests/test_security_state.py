@@ -131,6 +131,38 @@ def test_expiry_is_the_proposers_clock_at_apply(c):
     assert refused["error"] == "unauthorized" and "expired" in refused["message"]
 
 
+def _one_entry(c: Cluster, *sent: tuple[dict, str, int]) -> list[dict]:
+    """(command, token, the proposer's clock) in one entry: its commands share one run of the
+    processor (txn and security ops keep it off the all-puts fast path)."""
+    c.index += 1
+    commands = [dict(command, auth=token, auth_ms=at) for command, token, at in sent]
+    return c.p.apply_entry(c.index, encode_entry(commands)).results
+
+
+def test_a_grant_found_by_one_command_of_an_entry_holds_for_the_next_only_while_it_is_true(c):
+    # The processor remembers each token's grant for the rest of the entry: what the entry
+    # itself changes, and the clock of each command, must still decide.
+    c.role("rw", ["kv:read:", "kv:write:"])
+    c.principal("hal", ["rw"])
+    c.token("hal-1", "hal", ["kv:read:", "kv:write:"], expires_ms=c.now + 10)
+    c.token("hal-2", "hal", ["kv:read:", "kv:write:"])
+    t = c.now
+    revoked = _one_entry(c, (put("a"), "hal-2", t), ({"op": "token_revoke", "accessor": "hal-2"}, "root", t),
+                         (put("b"), "hal-2", t), (get("a"), "hal-1", t))
+    assert [r.get("error") for r in revoked] == [None, None, "unauthorized", None]
+    narrowed = _one_entry(c, (put("c"), "hal-1", t), ({"op": "role_put", "name": "rw", "allow": ["kv:read:"]}, "root", t),
+                          (put("d"), "hal-1", t), (get("c"), "hal-1", t))
+    assert [r.get("error") for r in narrowed] == [None, None, "forbidden", None]
+    # A later command's clock past the token's expiry, an earlier one's before it, one entry.
+    expired = _one_entry(c, (get("c"), "hal-1", t + 9), (get("c"), "hal-1", t + 10), (get("c"), "hal-1", t + 5))
+    assert [r.get("error") for r in expired] == [None, "unauthorized", None]
+    assert "expired" in expired[1]["message"]
+    gone = _one_entry(c, (get("c"), "hal-1", t), ({"op": "principal_delete", "name": "hal"}, "root", t),
+                      (get("c"), "hal-1", t))
+    assert [r.get("error") for r in gone] == [None, None, "unauthorized"]
+    assert c.p.get("b") is None and c.p.get("d") is None
+
+
 def test_a_revoked_or_unknown_token_and_a_deleted_principal_are_refused(c):
     c.role("w", ["kv:write:"])
     c.principal("gus", ["w"])

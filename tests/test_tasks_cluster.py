@@ -250,3 +250,32 @@ def test_a_worker_stopped_on_purpose_hands_its_task_to_another_at_once(cluster):
     assert workers["w1"]["state"] == "down" and workers["w1"]["reason"] == "left"
     task = _ended(client, task_id)
     assert task["state"] == "succeeded" and task["worker"] == "w2" and task["attempts"] == 1
+
+
+def test_the_heartbeat_revokes_a_cancelled_lease_but_not_one_its_worker_finished(tmp_path):
+    """The long poll answers with the leases the worker must stop. A task the worker itself
+    reported finished is not one of them (it is not running it): answering for it ended the
+    poll at every task's end, a heartbeat round trip per task."""
+    c = Cluster.create(tmp_path / "local", 1, extra=["--worker-slots", "0"]).start()
+    try:
+        client = c.client()
+        client.request("POST", "/v1/workers", {"worker_id": "wy", "instance": "i1", "slots": 2})
+        done, stopped = (client.submit_task({"command": ["true"]})["task_id"] for _ in range(2))
+        leases: dict[str, int] = {}
+
+        def assigned() -> bool:
+            beat = client.request("POST", "/v1/workers/wy/heartbeat", {"epoch": 1, "holding": leases, "wait_s": 1})
+            leases.update({a["task_id"]: a["lease"] for a in beat["assign"]})
+            return len(leases) == 2
+
+        wait_until(assigned, 10, "both assignments")
+        finish = {"kind": "finish", "task_id": done, "lease": leases[done], "at_ms": int(time.time() * 1000),
+                  "outcome": {"status": "succeeded"}}
+        (result,) = client.request("POST", "/v1/workers/wy/reports", {"reports": [finish]})["results"]
+        assert result["ok"] is True
+        client.cancel_task(stopped)
+        beat = client.request("POST", "/v1/workers/wy/heartbeat", {"epoch": 1, "holding": leases, "wait_s": 0})
+        assert beat["revoke"] == {stopped: leases[stopped]}
+        assert client.task(done)["state"] == "succeeded" and client.task(stopped)["state"] == "cancelled"
+    finally:
+        c.close()

@@ -182,9 +182,9 @@ async def heartbeat(request: web.Request) -> web.Response:
     while True:
         news.clear()
         ctx.scheduler.heartbeat(worker_id)
-        worker, leases = ctx.cluster.read(lambda p: (p.worker(worker_id), p.worker_leases(worker_id)))
+        worker, leases, finished = ctx.cluster.read(lambda p: _leases_of(p, worker_id, holding))
         check_up(worker)
-        revoked = {t: lease for t, lease in holding.items() if leases.get(t) != lease}
+        revoked = {t: lease for t, lease in holding.items() if leases.get(t) != lease and t not in finished}
         new = {t: lease for t, lease in leases.items() if holding.get(t) != lease}
         left = deadline - time.monotonic()
         if revoked or new or left <= 0:
@@ -199,6 +199,21 @@ async def heartbeat(request: web.Request) -> web.Response:
                    for t, lease in new.items() if tasks.get(t) is not None]
     return web.json_response({"assign": assignments, "revoke": revoked,
                               "heartbeat_timeout_s": ctx.scheduler.heartbeat_timeout})
+
+
+def _leases_of(p, worker_id: str, holding: dict[str, int]) -> tuple[dict | None, dict[str, int], set[str]]:
+    """Under the state lock: the worker's record, its leases, and the tasks it says it holds
+    whose lease ended with its own finish report. Those it is not running any more: telling
+    it to stop them would only end its poll early — and every task's end did, a heartbeat
+    round trip per task."""
+    leases = p.worker_leases(worker_id)
+    finished = set()
+    for t, lease in holding.items():
+        if leases.get(t) != lease:
+            task = p.task(t)
+            if task is not None and (task.get("result") or {}).get("lease") == lease:
+                finished.add(t)
+    return p.worker(worker_id), leases, finished
 
 
 async def reports(request: web.Request) -> web.Response:

@@ -188,27 +188,37 @@ def _roles_of(principal: dict[str, Any]) -> tuple[str, ...]:
 def grant_of(get: Callable[[bytes], bytes | None], accessor: str, now_ms: int) -> Grant | str:
     """The grant of the token ``accessor`` at ``now_ms``, or why it grants nothing (text):
     unknown or revoked, expired, a token above it gone or expired, its principal gone."""
+    return _grant_until(get, accessor, now_ms)[0]
+
+
+def _grant_until(get: Callable[[bytes], bytes | None], accessor: str,
+                 now_ms: int) -> tuple[Grant | str, int | None]:
+    """``grant_of``, and the first expiry on the token's chain (None: none expires): the
+    same records give the same grant at any time before it."""
     layers: list[tuple[Scope, ...]] = []
     denies: list[Scope] = []
     principal = None
+    soonest: int | None = None
     current, seen = accessor, 0
     while current is not None:
         raw = get(token_key(current))
         if raw is None:
-            return "unknown or revoked token" if current == accessor else f"token {current} above it was revoked"
+            return ("unknown or revoked token" if current == accessor else f"token {current} above it was revoked"), None
         expires_ms, owner, allow, deny, parent, _ = _PARSED.view(raw, _token_view)
         if expires_ms is not None and now_ms >= expires_ms:
-            return "the token expired" if current == accessor else f"token {current} above it expired"
+            return ("the token expired" if current == accessor else f"token {current} above it expired"), None
+        if expires_ms is not None and (soonest is None or expires_ms < soonest):
+            soonest = expires_ms
         if principal is None:
             principal = owner
         layers.append(allow)
         denies.extend(deny)
         current, seen = parent, seen + 1
         if seen > MAX_CHAIN + 1:
-            return "the token's chain is too long"
+            return "the token's chain is too long", None
     raw = get(principal_key(principal))
     if raw is None:
-        return f"its principal {principal!r} was deleted"
+        return f"its principal {principal!r} was deleted", None
     role_allows: list[Scope] = []
     for role in _PARSED.view(raw, _roles_of):
         raw_role = get(role_key(role))
@@ -217,7 +227,7 @@ def grant_of(get: Callable[[bytes], bytes | None], accessor: str, now_ms: int) -
             role_allows.extend(allow)
             denies.extend(deny)
     layers.append(tuple(role_allows))
-    return Grant(principal, accessor, tuple(layers), tuple(denies))
+    return Grant(principal, accessor, tuple(layers), tuple(denies)), soonest
 
 
 def authenticate(get: Callable[[bytes], bytes | None], accessor: str, secret_hash: bytes,
@@ -278,14 +288,27 @@ def required_scopes(command: dict[str, Any]) -> list[Scope]:
     return [Scope("cluster:admin")]  # anything else a token may send: the nodes' own ops
 
 
-def authorize(get: Callable[[bytes], bytes | None], command: dict[str, Any]) -> dict[str, Any] | None:
+def authorize(get: Callable[[bytes], bytes | None], command: dict[str, Any],
+              grants: dict[str, tuple[Grant, int | None]] | None = None) -> dict[str, Any] | None:
     """None if the command may be applied, else its refusal (the same on every node). A
     command without ``auth`` comes from a node itself (checkpoint reports, the scheduler's
-    assignments): the API attaches the sender's token to everything it proposes."""
+    assignments): the API attaches the sender's token to everything it proposes.
+
+    ``grants`` remembers the grants found, with their chains' first expiry, for the commands
+    after this one while the records they came from cannot change: the caller empties it
+    before anything that may write principals, roles or tokens. Only grants are kept, never
+    refusals."""
     accessor = command.get("auth")
     if accessor is None:
         return None
-    grant = grant_of(get, accessor, command["auth_ms"])
+    now_ms = command["auth_ms"]
+    known = grants.get(accessor) if grants is not None else None
+    if known is not None and (known[1] is None or now_ms < known[1]):
+        grant: Grant | str = known[0]
+    else:
+        grant, until = _grant_until(get, accessor, now_ms)
+        if grants is not None and not isinstance(grant, str):
+            grants[accessor] = (grant, until)
     if isinstance(grant, str):
         return {"ok": False, "error": "unauthorized", "message": f"token {accessor}: {grant}"}
     missing = grant.missing(required_scopes(command))
