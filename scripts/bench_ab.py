@@ -92,6 +92,15 @@ def remove_checkouts(trees: list[Path]) -> None:
     subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
 
 
+def versions_arguments(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The options every A/B script takes: the two versions, the rounds, the output."""
+    p.add_argument("--a", required=True, help="the baseline: a commit, or '.' (the working tree)")
+    p.add_argument("--b", default=".", help="the candidate (default: the working tree)")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--json", help="also write the JSON object to this file")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, worktrees) after the run")
+
+
 class Version:
     def __init__(self, name: str, ref: str, tree: Path, label: str, root: Path, scoped: bool = False,
                  tls: bool = False) -> None:
@@ -160,9 +169,7 @@ def summary(version: Version) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", required=True, help="the baseline: a commit, or '.' (the working tree)")
-    p.add_argument("--b", default=".", help="the candidate (default: the working tree)")
-    p.add_argument("--rounds", type=int, default=6)
+    versions_arguments(p, rounds=6)
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per window (default 5)")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--clients", type=int, default=64)
@@ -171,8 +178,6 @@ def main() -> None:
     p.add_argument("--tls", default="", help="versions (a, b or a,b) served over HTTPS with mutual TLS "
                    "(certificates from `synapse tls init`); their clients verify and present certificates")
     p.add_argument("--scoped", default="", help="versions (a, b or a,b) driven with a scoped token instead of the root token")
-    p.add_argument("--json", help="also write the JSON object to this file")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, worktrees) after the run")
     args = p.parse_args()
     tmp = bn._WORKDIR = Path(tempfile.mkdtemp(prefix="synapse-bench-ab-"))
     versions: list[Version] = []

@@ -62,14 +62,10 @@ class Version:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", required=True, help="the baseline: a commit, or '.' (the working tree)")
-    p.add_argument("--b", default=".", help="the candidate (default: the working tree)")
-    p.add_argument("--rounds", type=int, default=4)
+    bench_ab.versions_arguments(p, rounds=4)
     p.add_argument("--tasks", type=int, default=1000, help="trivial tasks per version per round (default 1000)")
     p.add_argument("--submitters", type=int, default=32)
     p.add_argument("--slots", type=int, default=16, help="slots per worker (default 16)")
-    p.add_argument("--json", help="also write the JSON object to this file")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, worktrees) after the run")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, bn._raise_exit)
     atexit.register(bn.kill_all)
