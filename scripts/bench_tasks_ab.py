@@ -54,7 +54,7 @@ class Version:
         cpu = {part: round(statistics.median(r["throughput_detail"]["cpu_ms_per_task"][part] for r in self.rounds), 2)
                for part in PARTS}
         return {"ref": self.ref, "source": self.label, "sandbox": self.sandbox,
-                "tasks_per_s": statistics.median(r["tasks_per_s"] for r in self.rounds),
+                "tasks_per_s": round(statistics.median(r["tasks_per_s"] for r in self.rounds), 1),
                 "cpu_ms_per_task": cpu,
                 "rounds": [{"tasks_per_s": r["tasks_per_s"], "states": r["throughput_detail"]["states"]}
                            for r in self.rounds]}
