@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from synapse.client import SynapseError
 from tests.harness import Cluster, scrape, wait_until
 
 HEARTBEAT_TIMEOUT = 2.0
@@ -277,5 +278,9 @@ def test_the_heartbeat_revokes_a_cancelled_lease_but_not_one_its_worker_finished
         beat = client.request("POST", "/v1/workers/wy/heartbeat", {"epoch": 1, "holding": leases, "wait_s": 0})
         assert beat["revoke"] == {stopped: leases[stopped]}
         assert client.task(done)["state"] == "succeeded" and client.task(stopped)["state"] == "cancelled"
+        # Only task ids are held: anything else is named, not looked up.
+        with pytest.raises(SynapseError) as bad:
+            client.request("POST", "/v1/workers/wy/heartbeat", {"epoch": 1, "holding": {"no such/id": 1}})
+        assert bad.value.status == 400 and "holding" in str(bad.value)
     finally:
         c.close()

@@ -162,6 +162,11 @@ async def heartbeat(request: web.Request) -> web.Response:
     holding = body.get("holding", {})
     if not isinstance(holding, dict) or not all(isinstance(v, int) for v in holding.values()):
         raise ApiError(400, "bad_request", "holding must map task ids to the leases the worker runs them under")
+    for task_id in holding:
+        try:
+            check_id(task_id, "holding")
+        except CommandError as e:
+            raise ApiError(400, "bad_request", f"{e}; holding maps the ids of the tasks the worker runs to their leases") from None
     wait = body.get("wait_s", 0)
     if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "bad_request", f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
