@@ -166,29 +166,31 @@ def _run(tmp_path: Path, **kw) -> dict:
 MEMORY_CHECKS = ("memory_no_lost", "memory_no_duplicates", "memory_recall", "memory_index")
 
 
-def _assert_memory_passed(result: dict, every_kind: bool = True) -> None:
-    """Every check passed, the memory ones included, on records every node held. With
-    ``every_kind``: batches, duplicates, forgets and recalls were all answered (a run under
-    partitions may answer too few operations for each kind to be sure to appear)."""
+# Each kind of operation acknowledged this many times at least: the load goes on past the
+# duration until it is (RunConfig.min_acknowledged), so a slow machine still yields a history
+# worth judging instead of a failure counting what fitted in six seconds.
+ENOUGH = 6
+
+
+def _assert_memory_passed(result: dict) -> None:
+    """Every check passed, the memory ones included, on records every node held; and every
+    kind of memory operation was acknowledged: batches, duplicates, forgets, recalls."""
     failed = {k: v for k, v in result["checks"].items() if not v["ok"]}
     assert not failed, json.dumps(failed, indent=1)[:4000]
     checks = result["checks"]
-    assert set(MEMORY_CHECKS) <= set(checks)
-    assert checks["memory_no_lost"]["acknowledged"] > 5
+    assert set(MEMORY_CHECKS) | {"enough_acknowledged"} <= set(checks)
+    assert checks["memory_no_lost"]["acknowledged"] >= 3 * ENOUGH and checks["memory_recall"]["recalls"] >= ENOUGH
     assert checks["memory_index"]["sampled"] > 0 and checks["memory_index"]["nodes"] == 3
-    if not every_kind:
-        return
-    assert checks["memory_no_lost"]["acknowledged"] > 20 and checks["memory_recall"]["recalls"] > 5
     history = [o for o in result["history"] if o["outcome"] == OK]
-    assert any(o["kind"] == REMEMBER and len(o["value"]) > 1 for o in history), "no batch was acknowledged"
-    assert any(o["kind"] == REMEMBER and o["output"][0][2] for o in history), "no duplicate was answered"
-    assert any(o["kind"] == FORGET and o["output"] for o in history), "nothing was forgotten"
-    assert any(o["kind"] in ("read", "write", "cas") for o in history), "the kv workload stopped"
+    assert sum(o["kind"] == REMEMBER and len(o["value"]) > 1 for o in history) >= ENOUGH, "too few batches"
+    assert sum(o["kind"] == REMEMBER and o["output"][0][2] for o in history) >= ENOUGH, "too few duplicates"
+    assert sum(o["kind"] == FORGET and o["output"] for o in history) >= ENOUGH, "too little forgotten"
+    assert sum(o["kind"] in ("read", "write", "cas") for o in history) >= 3 * ENOUGH, "the kv workload stopped"
 
 
 def test_loopback_run_with_memory_operations_under_kills(tmp_path):
     result = _run(tmp_path, duration=6.0, clients=6, keys=4, nemeses=("kill", "kill-leader"), mode="loopback",
-                  seed=11, fault_every=(0.5, 1.0), fault_for=(0.5, 1.5), memory_ops=0.5)
+                  seed=11, fault_every=(0.5, 1.0), fault_for=(0.5, 1.5), memory_ops=0.5, min_acknowledged=ENOUGH)
     _assert_memory_passed(result)
     assert any(f["kind"].startswith("kill") for f in result["faults"]), "the nemesis made no fault"
 
@@ -196,8 +198,9 @@ def test_loopback_run_with_memory_operations_under_kills(tmp_path):
 @pytest.mark.skipif(unavailable_reason() is not None, reason=f"needs network namespaces: {unavailable_reason()}")
 def test_netns_run_with_memory_operations_under_partitions(tmp_path):
     result = _run(tmp_path, duration=6.0, clients=6, keys=4, nemeses=("partition-halves", "isolate-leader"),
-                  mode="netns", seed=12, fault_every=(0.5, 1.0), fault_for=(1.0, 2.0), memory_ops=0.5)
-    _assert_memory_passed(result, every_kind=False)
+                  mode="netns", seed=12, fault_every=(0.5, 1.0), fault_for=(1.0, 2.0), memory_ops=0.5,
+                  min_acknowledged=ENOUGH)
+    _assert_memory_passed(result)
     assert any(f["kind"] in ("partition-halves", "isolate-leader") for f in result["faults"])
 
 

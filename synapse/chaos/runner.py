@@ -73,6 +73,13 @@ class RunConfig:
     request_timeout: float = 2.0
     memory_ops: float = 0.0  # the share of client operations that are memory operations (0: none)
     memory_namespaces: int = 3
+    # The load goes on past ``duration``, faults included, until every kind of operation the
+    # workload sends was acknowledged this many times (``acknowledged_kinds``), and stops at
+    # ``max_duration`` (0: 10 × duration) whatever happened. A run on a starved machine then
+    # still judges a history with something in it, instead of passing on one that holds
+    # almost nothing (0: stop at ``duration``).
+    min_acknowledged: int = 0
+    max_duration: float = 0.0
 
 
 @dataclass
@@ -96,6 +103,8 @@ class RunResult:
     workdir: str
     duration_s: float
     history: list[dict] = field(default_factory=list)
+    load_s: float = 0.0  # seconds the clients ran: the duration, or longer with min_acknowledged
+    acknowledged: dict = field(default_factory=dict)  # acknowledged_kinds of the history
 
 
 class Run:
@@ -108,6 +117,9 @@ class Run:
             raise ValueError(f"{', '.join(sorted(network))} need network namespaces (--mode netns, as root)")
         if not 0 <= config.memory_ops <= 1 or config.memory_namespaces < 1:
             raise ValueError("memory_ops is a share from 0 to 1, and memory operations need at least one namespace")
+        if config.min_acknowledged < 0 or config.max_duration < 0 or 0 < config.max_duration < config.duration:
+            raise ValueError(f"min_acknowledged ({config.min_acknowledged}) must be 0 or more and max_duration "
+                             f"({config.max_duration}) 0 or at least the duration ({config.duration})")
         if "clock" in config.nemeses and shutil.which("faketime") is None:
             raise ValueError("the clock nemesis needs libfaketime's `faketime` (Debian: apt-get install faketime)")
         self.config = config
@@ -448,9 +460,10 @@ class Run:
     # --- the run ---
 
     def execute(self, progress: Callable[[float, float], None] | None = None) -> RunResult:
-        """The whole run: faults on a random schedule for ``duration`` seconds.
-        ``progress(seconds of load so far, duration)`` about twice a second while the load
-        runs, the last time at the full duration (judging the history takes longer still)."""
+        """The whole run: faults on a random schedule for ``duration`` seconds (or longer, with
+        ``min_acknowledged``). ``progress(seconds of load so far, seconds it may last)`` about
+        twice a second while the load runs, the last time with both at the seconds it ran
+        (judging the history takes longer still)."""
         self.start(scheduled_faults=True)
         try:
             self._hold(progress)
@@ -459,16 +472,32 @@ class Run:
         return result
 
     def _hold(self, progress: Callable[[float, float], None] | None) -> None:
-        """Sleeps for the run's duration, telling ``progress`` the seconds gone by."""
-        duration = self.config.duration
-        if progress is None:
-            time.sleep(duration)
-            return
+        """Waits while the load runs: the run's duration, then (with ``min_acknowledged``)
+        until enough of every kind was acknowledged or ``max_duration`` passed, telling
+        ``progress`` the seconds gone by."""
+        cfg = self.config
         began = time.monotonic()
-        while (elapsed := time.monotonic() - began) < duration:
-            progress(elapsed, duration)
-            time.sleep(min(_PROGRESS_EVERY, duration - elapsed))
-        progress(duration, duration)
+        while (elapsed := time.monotonic() - began) < cfg.duration:
+            if progress:
+                progress(elapsed, cfg.duration)
+            time.sleep(min(_PROGRESS_EVERY, cfg.duration - elapsed))
+        longest, ran = cfg.max_duration or 10 * cfg.duration, cfg.duration
+        while not self._enough_acknowledged() and (ran := time.monotonic() - began) < longest:
+            if progress:
+                progress(ran, longest)
+            time.sleep(min(0.1, longest - ran))
+        if progress:
+            progress(ran, ran)
+
+    def workload_kinds(self) -> tuple[str, ...]:
+        """Every kind of operation this run's clients send, as ``acknowledged_kinds`` names them."""
+        memory = MEMORY_WORKLOAD_KINDS if self.config.memory_ops else ()
+        return (KV_WORKLOAD_KINDS if self.config.memory_ops < 1 else ()) + memory
+
+    def _enough_acknowledged(self) -> bool:
+        with self._lock:
+            counts = acknowledged_kinds(self.history)
+        return all(counts.get(kind, 0) >= self.config.min_acknowledged for kind in self.workload_kinds())
 
     def start(self, scheduled_faults: bool = False) -> None:
         """Starts the cluster, the clients and the leader monitor (and, if asked, the random
@@ -495,6 +524,7 @@ class Run:
     def finish(self) -> RunResult:
         """Stops the clients, heals everything, judges the history, tears the cluster down."""
         cfg = self.config
+        load_s = round(time.monotonic() - self._t0, 2)
         try:
             self._stop.set()
             for t in self._threads:
@@ -515,12 +545,20 @@ class Run:
         return RunResult(
             ok=ok, config=asdict(cfg), ops=counts, faults=[asdict(f) for f in self.faults], leaders=self.leaders,
             checks=checks, workdir=str(self.workdir), duration_s=round(time.monotonic() - self._started, 2),
-            history=[_op_json(o) for o in self.history],
+            history=[_op_json(o) for o in self.history], load_s=load_s, acknowledged=acknowledged_kinds(self.history),
         )
 
     def _judge(self) -> dict:
         c = self.cluster
         checks: dict = {}
+        if self.config.min_acknowledged:
+            # Asked for: a history too thin to judge (a starved machine) fails the run by name.
+            counts = acknowledged_kinds(self.history)
+            short = {k: counts.get(k, 0) for k in self.workload_kinds() if counts.get(k, 0) < self.config.min_acknowledged}
+            checks["enough_acknowledged"] = {
+                "ok": not short, "wanted": self.config.min_acknowledged,
+                "detail": (f"TOO FEW ACKNOWLEDGED within max_duration: {short}" if short else
+                           f"every kind acknowledged at least {self.config.min_acknowledged} times")}
         verdict = check([op for op in self.history if op.kind in KV_KINDS])
         checks["linearizable"] = {"ok": verdict.ok, "keys": verdict.keys,
                                   "failures": [f.explain() for f in verdict.failures],
@@ -690,6 +728,8 @@ class _Memories:
 # a text already held (a duplicate), a forget or a recall. The history's kinds are coarser (a
 # batch and a duplicate are remembers).
 MEMORY_BATCH_KIND, MEMORY_DUPLICATE_KIND = "remember-batch", "remember-duplicate"
+KV_WORKLOAD_KINDS = (READ, WRITE, CAS)
+MEMORY_WORKLOAD_KINDS = (REMEMBER, MEMORY_BATCH_KIND, MEMORY_DUPLICATE_KIND, FORGET, RECALL)
 _MEMORY_MIX = ((0.4, REMEMBER), (0.6, MEMORY_BATCH_KIND), (0.67, MEMORY_DUPLICATE_KIND), (0.8, FORGET), (1.0, RECALL))
 
 
@@ -710,6 +750,24 @@ def memory_vector(record_id: str) -> list[float]:
     raw = hashlib.blake2b(record_id.encode(), digest_size=4 * MEMORY_DIM).digest()
     vector = [round(int.from_bytes(raw[4 * k:4 * k + 4], "big") / (1 << 31) - 1, 6) for k in range(MEMORY_DIM)]
     return vector if any(vector) else [1.0] + vector[1:]
+
+
+def acknowledged_kinds(history: list[Op]) -> dict[str, int]:
+    """Acknowledged operations per kind of the workload: reads, writes and compare-and-sets
+    answered; remembers of one record, of a batch, and answered as a duplicate; forgets that
+    forgot a record; recalls answered."""
+    counts: dict[str, int] = {}
+    for op in history:
+        if op.outcome != OK:
+            continue
+        kind = op.kind
+        if kind == REMEMBER:
+            kind = (MEMORY_DUPLICATE_KIND if any(dup for _, _, dup in op.output) else
+                    MEMORY_BATCH_KIND if len(op.value) > 1 else REMEMBER)
+        elif kind == FORGET and not op.output:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _memory_text(record_id: str) -> str:
@@ -766,7 +824,7 @@ def _timeline_html(result: RunResult) -> str:
                        for name, v in result.checks.items())
     return (f"<!doctype html><meta charset=utf-8><title>Synapse chaos run</title>"
             f"<h1>Synapse chaos run: {'PASSED' if result.ok else 'FAILED'}</h1>"
-            f"<p>{result.config['nodes']} nodes ({result.config['mode']}), {result.config['duration']} s, "
+            f"<p>{result.config['nodes']} nodes ({result.config['mode']}), {result.load_s} s of load, "
             f"{result.config['clients']} clients, nemeses {', '.join(result.config['nemeses'])}, seed {result.config['seed']}; "
             f"operations {result.ops}</p><ul>{verdicts}</ul>"
             f"<p>Timeline (green ok, grey failed, orange unknown; red bands faults; blue lines leader changes):</p>"

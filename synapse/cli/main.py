@@ -565,8 +565,11 @@ def chaos() -> None:
 @click.option("--runs", type=click.IntRange(1, 10_000), default=1, help="Runs, each with its own cluster and seed.")
 @click.option("--seed", type=int, default=None, help="Seed of the first run (default: random).")
 @click.option("--memory-ops", type=click.FloatRange(0, 1), default=0.0, help="Share of client operations that are agent-memory operations (remember, batches, forget, linearizable recall by vector), checked for lost and duplicated memories, recalls and each node's index (default 0: none; they slow every node: Chroma runs in each).")
+@click.option("--min-acknowledged", type=click.IntRange(0, 1_000_000), default=0, help="Go on past --duration, faults included, until every kind of operation sent (read, write, cas; with --memory-ops remember, batch, duplicate, forget, recall) was acknowledged this many times; a run that still lacks some at --max-duration fails, naming them (default 0: stop at --duration).")
+@click.option("--max-duration", type=float, default=0.0, help="With --min-acknowledged: the load stops here anyway (default 0: 10 x --duration).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("chaos-runs"), help="Where each run's result.json, report.html and node logs go.")
-def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, memory_ops, out) -> None:
+def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, memory_ops, min_acknowledged,
+              max_duration, out) -> None:
     """Start a cluster, load it, break it, heal it, and check: linearizability per key, no
     acknowledged write lost, convergence of every node, the audit chain of every node.
     Exits 1 if any run found a violation."""
@@ -576,6 +579,9 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, me
     from synapse.chaos.runner import ALL_NEMESES, LOOPBACK_NEMESES, Run, RunConfig, write_report
     from synapse.cli.progress import bars
 
+    if max_duration < 0 or 0 < max_duration < duration:
+        raise click.UsageError(f"--max-duration ({max_duration}) must be 0 (10 x --duration) or at least "
+                               f"--duration ({duration})")
     reason = unavailable_reason() if mode != "loopback" else None
     if mode == "auto":
         mode = "loopback" if reason else "netns"
@@ -595,7 +601,8 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, me
         within = shown.bar("run", total=duration, unit="s")
         for n in range(runs):
             config = RunConfig(nodes=nodes, duration=duration, clients=clients, keys=keys, nemeses=tuple(chosen),
-                               mode=mode, seed=seed + n, mix=mix, memory_ops=memory_ops)
+                               mode=mode, seed=seed + n, mix=mix, memory_ops=memory_ops,
+                               min_acknowledged=min_acknowledged, max_duration=max_duration)
             name = f"run {n + 1}/{runs} (seed {seed + n})"
             within.restart(duration, f"{name}: load and faults")
 
@@ -603,6 +610,8 @@ def chaos_run(nodes, duration, clients, keys, nemesis, mode, mix, runs, seed, me
                 within(elapsed, total)
                 if elapsed >= total:  # the load is over; healing and checking take a while longer
                     within.describe(f"{name}: checking")
+                elif elapsed >= duration:
+                    within.describe(f"{name}: load goes on until {min_acknowledged} of each kind are acknowledged")
 
             try:
                 result = Run(config, out / f"run-{seed + n}").execute(progress=loading)
