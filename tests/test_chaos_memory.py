@@ -207,11 +207,13 @@ def test_netns_run_with_memory_operations_under_partitions(tmp_path):
 def test_the_command_runs_memory_operations(tmp_path):
     r = subprocess.run([sys.executable, "-m", "synapse.cli.main", "chaos", "run", "--mode", "loopback", "--nemesis",
                         "kill", "--duration", "3", "--clients", "4", "--memory-ops", "0.5", "--seed", "4",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                        "--min-acknowledged", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "memory_no_lost ok" in r.stdout and "memory_index ok" in r.stdout
+    assert "memory_no_lost ok" in r.stdout and "memory_index ok" in r.stdout and "enough_acknowledged ok" in r.stdout
     result = json.loads((tmp_path / "run-4" / "result.json").read_text())
-    assert result["config"]["memory_ops"] == 0.5 and result["checks"]["memory_no_lost"]["acknowledged"] > 0
+    assert result["config"]["memory_ops"] == 0.5 and result["config"]["min_acknowledged"] == 2
+    assert set(result["acknowledged"]) == {"read", "write", "cas", "remember", "remember-batch", "remember-duplicate",
+                                           "forget", "recall"} and min(result["acknowledged"].values()) >= 2
     refused = subprocess.run([sys.executable, "-m", "synapse.cli.main", "chaos", "run", "--memory-ops", "2"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--memory-ops" in refused.stderr
