@@ -163,10 +163,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     if not isinstance(holding, dict) or not all(isinstance(v, int) for v in holding.values()):
         raise ApiError(400, "bad_request", "holding must map task ids to the leases the worker runs them under")
     for task_id in holding:
-        try:
-            check_id(task_id, "holding")
-        except CommandError as e:
-            raise ApiError(400, "bad_request", f"{e}; holding maps the ids of the tasks the worker runs to their leases") from None
+        _checked_id(task_id, "holding", "; holding maps the ids of the tasks the worker runs to their leases")
     wait = body.get("wait_s", 0)
     if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "bad_request", f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
@@ -387,11 +384,15 @@ def _leader_only(ctx: ApiContext) -> None:
 
 def _path_id(request: web.Request, name: str) -> str:
     """A task or worker id from the path: a 400 naming it unless it is a valid id."""
-    value = request.match_info[name]
+    return _checked_id(request.match_info[name], name)
+
+
+def _checked_id(value: str, name: str, fix: str = "") -> str:
+    """``value`` if it is a valid id, else a 400 naming ``name`` (and ``fix``, what goes there)."""
     try:
         check_id(value, name)
     except CommandError as e:
-        raise ApiError(400, "bad_request", str(e)) from None
+        raise ApiError(400, "bad_request", f"{e}{fix}") from None
     return value
 
 

@@ -503,7 +503,12 @@ class Run:
             fresh, self._counted = self.history[self._counted:], len(self.history)
         for kind, n in acknowledged_kinds(fresh).items():
             self._acknowledged[kind] = self._acknowledged.get(kind, 0) + n
-        return all(self._acknowledged.get(kind, 0) >= self.config.min_acknowledged for kind in self.workload_kinds())
+        return not self._short_of(self._acknowledged)
+
+    def _short_of(self, acknowledged: dict[str, int]) -> dict[str, int]:
+        """The workload's kinds acknowledged fewer than ``min_acknowledged`` times, with their counts."""
+        return {k: acknowledged.get(k, 0) for k in self.workload_kinds()
+                if acknowledged.get(k, 0) < self.config.min_acknowledged}
 
     def start(self, scheduled_faults: bool = False) -> None:
         """Starts the cluster, the clients and the leader monitor (and, if asked, the random
@@ -541,7 +546,8 @@ class Run:
             self.cluster.heal_all()
             for i in self.cluster.ids:
                 self.cluster.start(i)
-            checks = self._judge()
+            acknowledged = acknowledged_kinds(self.history)
+            checks = self._judge(acknowledged)
         finally:
             self.cluster.close()
         ok = all(v.get("ok") for v in checks.values())
@@ -551,16 +557,15 @@ class Run:
         return RunResult(
             ok=ok, config=asdict(cfg), ops=counts, faults=[asdict(f) for f in self.faults], leaders=self.leaders,
             checks=checks, workdir=str(self.workdir), duration_s=round(time.monotonic() - self._started, 2),
-            history=[_op_json(o) for o in self.history], load_s=load_s, acknowledged=acknowledged_kinds(self.history),
+            history=[_op_json(o) for o in self.history], load_s=load_s, acknowledged=acknowledged,
         )
 
-    def _judge(self) -> dict:
+    def _judge(self, acknowledged: dict[str, int]) -> dict:
         c = self.cluster
         checks: dict = {}
         if self.config.min_acknowledged:
             # Asked for: a history too thin to judge (a starved machine) fails the run by name.
-            counts = acknowledged_kinds(self.history)
-            short = {k: counts.get(k, 0) for k in self.workload_kinds() if counts.get(k, 0) < self.config.min_acknowledged}
+            short = self._short_of(acknowledged)
             checks["enough_acknowledged"] = {
                 "ok": not short, "wanted": self.config.min_acknowledged,
                 "detail": (f"TOO FEW ACKNOWLEDGED within max_duration: {short}" if short else
